@@ -1,0 +1,1 @@
+"""Caching of parametrized weights that is never stale (see :mod:`.cache`)."""

@@ -1,0 +1,26 @@
+"""Hard constraints: trivializations registered through ``torch.nn.utils.parametrize``.
+
+One file per set; each holds the parametrization class (usable directly with
+``register_parametrization``) and the thin public constructor.
+"""
+
+from manifoldparam.hard.base import Parametrization, constraints_of, project
+from manifoldparam.hard.bounded import Bounded, bounded
+from manifoldparam.hard.nonnegative import Nonnegative, nonnegative
+from manifoldparam.hard.orthogonal import Orthogonal, orthogonal, rebase
+from manifoldparam.hard.spd import SPD, spd
+
+__all__ = [
+    "SPD",
+    "Bounded",
+    "Nonnegative",
+    "Orthogonal",
+    "Parametrization",
+    "bounded",
+    "constraints_of",
+    "nonnegative",
+    "orthogonal",
+    "project",
+    "rebase",
+    "spd",
+]

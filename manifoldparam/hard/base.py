@@ -1,0 +1,267 @@
+"""The shared base of every hard constraint, and the one way to register one.
+
+A hard constraint is a *trivialization*: a smooth surjective map ``f: R^d -> M`` from
+unconstrained coordinates (the ``original`` tensor PyTorch stores) onto a set ``M`` (the
+value ``module.weight`` returns). Training any optimizer on the coordinates keeps the
+weight on ``M`` by construction.
+
+The contract every subclass implements (the same as :mod:`torch.nn.utils.parametrize`):
+
+* ``forward(x) = f(x)`` maps coordinates onto the set;
+* ``right_inverse(w)`` returns coordinates ``x`` with ``f(x) == w`` for any ``w`` on the set,
+  so that ``module.weight = w`` works. The *first* call (made by
+  :func:`~torch.nn.utils.parametrize.register_parametrization`) moves the user's current
+  weight to the nearest point of the set instead of rejecting it; every later call rejects a
+  value off the set with a :class:`ValueError` that names the module, the attribute, the
+  distance and the fix, and leaves the weight unchanged;
+* ``d = original.numel()`` equals the dimension of ``M`` (minimal coordinates), so Newton-type
+  optimizers meet no dead directions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "Parametrization",
+    "checked_weight",
+    "constraints_of",
+    "owner_name",
+    "project",
+    "register",
+]
+
+
+def owner_name(module: nn.Module, name: str) -> str:
+    """``"Linear.weight"``: how messages name an attribute."""
+    return f"{type(module).__name__}.{name}"
+
+
+def max_abs(t: Tensor) -> Tensor:
+    """``max|t|`` as a 0-dim tensor (0 for an empty tensor), without a host sync."""
+    return t.abs().amax() if t.numel() else t.new_zeros(())
+
+
+class Parametrization(nn.Module):
+    """Base class of the hard constraints (orthogonal, SPD, box, orthant).
+
+    Subclasses implement :meth:`_map` (coordinates -> set), :meth:`_inverse` (a point of the
+    set -> coordinates; may reset buffers such as a base point), :meth:`project` (nearest
+    point of the set) and :meth:`distance` (how far a tensor is from the set, in the metric
+    the tolerance is stated in). Everything else -- the registration-time projection, the
+    assignment check, :meth:`check` with explanations, caching -- lives here once.
+
+    Args:
+        shape: the shape of the constrained tensor (``module.weight.shape``).
+        atol: how far from the set an assigned value may be and still count as on it. ``None``
+            picks a tolerance from the dtype and size (:meth:`default_atol`).
+    """
+
+    #: Human name of the set, used in messages ("orthogonal", "symmetric positive definite").
+    set_name: str = "constrained set"
+
+    def __init__(
+        self, shape: Sequence[int], *, atol: float | None = None, owner: str | None = None
+    ) -> None:
+        super().__init__()
+        self.shape = torch.Size(shape)
+        self.atol = atol
+        # The first right_inverse (registration) projects; later ones (assignment) check.
+        self._registered = False
+        #: "Linear.weight": names the constrained attribute in every message.
+        self.owner = owner or f"<{type(self).__name__}>"
+
+    # ----------------------------------------------------------------- subclass API
+    def _map(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _inverse(self, w: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def project(self, w: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The nearest point of the set to ``w`` (same shape and dtype)."""
+        raise NotImplementedError
+
+    def distance(self, w: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """A 0-dim tensor: how far ``w`` is from the set (0 on it). No host sync."""
+        raise NotImplementedError
+
+    def default_atol(self, dtype: torch.dtype) -> float:
+        """Tolerance of :meth:`check` and of assignment when ``atol`` is not given."""
+        return 0.0
+
+    @property
+    def manifold(self) -> object | None:
+        """The geoopt manifold this set is (or lies in), or ``None`` where geoopt has none."""
+        return None
+
+    def validate(self, weight: Tensor) -> None:
+        """Registration-time checks beyond the shared ones; raise with a clear message."""
+        if weight.shape != self.shape:
+            raise ValueError(
+                f"{self.owner}: the parametrization was built for shape {tuple(self.shape)} but "
+                f"the tensor has shape {tuple(weight.shape)}; build it with "
+                f"{type(self).__name__}(module.weight.shape, ...)."
+            )
+
+    # ----------------------------------------------------------------- public API
+    def forward(self, x: Tensor) -> Tensor:
+        from manifoldparam.caching.cache import evaluate
+
+        return evaluate(self, x)
+
+    def right_inverse(self, w: Tensor) -> Tensor:
+        _check_finite(w, self.owner, "assigned value" if self._registered else "weight")
+        if not self._registered:
+            w = self.project(w)
+            self._registered = True
+        else:
+            if w.shape != self.shape:
+                raise ValueError(
+                    f"{self.owner} = X: X has shape {tuple(w.shape)}, expected "
+                    f"{tuple(self.shape)}. The weight is unchanged."
+                )
+            ok, why = self.check(w, explain=True)
+            if not ok:
+                raise ValueError(
+                    f"{self.owner} = X: X is not {self.set_name}: {why}. The weight is "
+                    "unchanged. Assign manifoldparam.project(module, name, X) to use the "
+                    "nearest point of the set, or register with a larger atol=."
+                )
+        return self._inverse(w)
+
+    def tolerance(self, dtype: torch.dtype) -> float:
+        return self.default_atol(dtype) if self.atol is None else float(self.atol)
+
+    def violation(self, w: Tensor) -> Tensor:
+        """Distance of ``w`` from the set as a 0-dim tensor (alias of :meth:`distance`)."""
+        return self.distance(w)
+
+    def check(
+        self, w: Tensor, *, atol: float | None = None, explain: bool = False
+    ) -> bool | tuple[bool, str | None]:
+        """Whether ``w`` lies on the set within ``atol`` (geoopt's ``check_point`` style).
+
+        With ``explain=True`` returns ``(ok, reason)``, ``reason`` saying what failed and by how
+        much. This syncs with the host: use it in tests and at assignment, not per step.
+        """
+        tol = self.tolerance(w.dtype) if atol is None else atol
+        if w.shape != self.shape:
+            ok, why = False, f"shape {tuple(w.shape)} != {tuple(self.shape)}"
+        elif not bool(torch.isfinite(w).all()):
+            ok, why = False, "it contains NaN or Inf"
+        else:
+            d = float(self.distance(w.detach()))
+            ok = d <= tol
+            why = None if ok else self._explain(w.detach(), d, tol)
+            if ok:
+                why = self._membership_failure(w.detach())
+                ok = why is None
+        return (ok, why) if explain else ok
+
+    def _explain(self, w: Tensor, d: float, tol: float) -> str:
+        return f"distance {d:.3e} > tolerance {tol:.3e} ({w.dtype})"
+
+    def _membership_failure(self, w: Tensor) -> str | None:
+        """A reason ``w`` is off the set that :meth:`distance` cannot see, or ``None``."""
+        return None
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.shape)}, owner={self.owner}"
+
+
+def _check_finite(w: Tensor, owner: str, what: str) -> None:
+    bad = ~torch.isfinite(w)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{owner}: the {what} contains {int(bad.sum())} NaN/Inf entries of {w.numel()}; "
+            "initialise it with finite values first (e.g. torch.nn.init)."
+        )
+
+
+def checked_weight(module: nn.Module, name: str) -> Tensor:
+    """``module.<name>`` after the registration-time checks every constraint shares.
+
+    Raises, before anything is touched, on: a missing attribute, an attribute that is already
+    parametrized, a geoopt ``ManifoldParameter``, a non-floating or complex dtype, NaN/Inf.
+    """
+    owner = owner_name(module, name)
+    if parametrize.is_parametrized(module, name):
+        raise ValueError(
+            f"{owner} is already parametrized ({module.parametrizations[name]!r}); remove it "
+            "first with torch.nn.utils.parametrize.remove_parametrizations(module, name)."
+        )
+    if name not in module._parameters and name not in module._buffers:
+        have = [n for n, _ in module.named_parameters(recurse=False)]
+        raise AttributeError(
+            f"{type(module).__name__} has no parameter or buffer named {name!r} "
+            f"(its parameters: {have}); pass the attribute's name, e.g. name='weight'."
+        )
+    weight = getattr(module, name)
+    if weight is None:
+        raise AttributeError(f"{owner} is None; there is nothing to constrain.")
+    _reject_manifold_parameter(weight, owner)
+    if not weight.is_floating_point():
+        raise TypeError(
+            f"{owner} has dtype {weight.dtype}; constraints need a real floating tensor: "
+            "convert the module first, e.g. module.float() or module.double()."
+        )
+    _check_finite(weight.detach(), owner, "weight")
+    return weight
+
+
+def register(module: nn.Module, name: str, parametrization: Parametrization) -> nn.Module:
+    """Check ``module.<name>`` and register ``parametrization`` on it through torch.
+
+    The public constructors (:func:`manifoldparam.orthogonal`, ...) are thin wrappers over
+    this; it runs :func:`checked_weight` and :meth:`Parametrization.validate` first, then
+    :func:`torch.nn.utils.parametrize.register_parametrization` (whose first ``right_inverse``
+    call moves the current weight to the nearest point of the set). Returns ``module``.
+    """
+    weight = checked_weight(module, name)
+    parametrization.validate(weight)
+    parametrization.to(device=weight.device, dtype=weight.dtype)
+    parametrize.register_parametrization(module, name, parametrization)
+    return module
+
+
+def _reject_manifold_parameter(weight: Tensor, owner: str) -> None:
+    try:
+        from geoopt import ManifoldParameter, ManifoldTensor
+    except ImportError:  # pragma: no cover - geoopt is a dependency
+        return
+    if isinstance(weight, ManifoldParameter | ManifoldTensor):
+        raise TypeError(
+            f"{owner} is a geoopt {type(weight).__name__} on {weight.manifold}; a Riemannian "
+            "optimizer would retract the unconstrained coordinates (NaN). Either keep geoopt's "
+            "parameter and its optimizer, or constrain a plain tensor: "
+            f"module.{owner.split('.')[-1]} = nn.Parameter(weight.detach().clone())."
+        )
+
+
+def constraints_of(module: nn.Module, name: str) -> list[Parametrization]:
+    """The manifoldparam parametrizations registered on ``module.<name>`` (possibly none)."""
+    if not parametrize.is_parametrized(module, name):
+        return []
+    return [p for p in module.parametrizations[name] if isinstance(p, Parametrization)]
+
+
+def project(module: nn.Module, name: str, value: Tensor) -> Tensor:
+    """The nearest point to ``value`` of the set ``module.<name>`` is constrained to.
+
+    Use it to assign a value that is off the set::
+
+        layer.weight = manifoldparam.project(layer, "weight", torch.randn(4, 4))
+    """
+    found = constraints_of(module, name)
+    if not found:
+        raise ValueError(
+            f"{type(module).__name__}.{name} has no manifoldparam constraint; register one "
+            "first (e.g. manifoldparam.orthogonal(module, name))."
+        )
+    with torch.no_grad():
+        return found[-1].project(value)

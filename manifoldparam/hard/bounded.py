@@ -1,0 +1,142 @@
+r"""Elementwise box constraints through tanh.
+
+Math. With ``low < high`` (scalars or tensors broadcastable to the weight), let
+:math:`m = (\mathrm{low} + \mathrm{high})/2` and :math:`h = (\mathrm{high} - \mathrm{low})/2`:
+
+.. math::
+    W = m + h \tanh(X), \qquad X = \operatorname{atanh}\big((W - m)/h\big).
+
+Coordinates have the weight's shape (the box has full dimension). The set is the closed box:
+in floating point ``tanh`` saturates, so ``W`` can equal a bound (``tanh(10.)`` is exactly
+1.0 in float32); ``right_inverse`` clips the ``atanh`` argument one ulp inside ``(-1, 1)`` so a
+weight on a bound has finite coordinates. Registration clamps the current weight into the box.
+geoopt has no box manifold, so :meth:`Bounded.check` is the membership test.
+
+Example::
+
+    >>> layer = manifoldparam.bounded(nn.Linear(3, 2), "bias", low=-0.5, high=0.5)
+    >>> bool(((layer.bias >= -0.5) & (layer.bias <= 0.5)).all())
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from manifoldparam.hard.base import (
+    Parametrization,
+    checked_weight,
+    max_abs,
+    owner_name,
+    register,
+)
+
+__all__ = ["Bounded", "bounded"]
+
+
+def _as_bound(value: float | Tensor, what: str, owner: str) -> Tensor:
+    t = torch.as_tensor(value).detach()
+    if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.bool)):
+        raise TypeError(f"{owner}: {what} must be a real number or tensor, got {t.dtype}")
+    t = t.to(torch.get_default_dtype() if not t.is_floating_point() else t.dtype)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(
+            f"{owner}: {what} must be finite, got {value}; for a one-sided bound use "
+            "manifoldparam.nonnegative (on the weight minus the bound) or a soft constraint."
+        )
+    return t.clone()
+
+
+class Bounded(Parametrization):
+    """Parametrization onto the box ``low <= W <= high`` (see the module docstring).
+
+    Args:
+        shape: shape of the weight.
+        low, high: finite bounds, scalars or tensors broadcastable to ``shape``, ``low < high``.
+        atol: how far outside the box an assigned value may be; default 0.
+    """
+
+    set_name = "inside its bounds"
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        *,
+        low: float | Tensor,
+        high: float | Tensor,
+        atol: float | None = None,
+        owner: str | None = None,
+    ) -> None:
+        super().__init__(shape, atol=atol, owner=owner)
+        lo, hi = _as_bound(low, "low", self.owner), _as_bound(high, "high", self.owner)
+        try:
+            torch.broadcast_shapes(lo.shape, hi.shape, self.shape)
+            lo, hi = torch.broadcast_tensors(lo, hi)
+        except RuntimeError:
+            raise ValueError(
+                f"{self.owner}: low {tuple(lo.shape)} and high {tuple(hi.shape)} must broadcast "
+                f"to the weight's shape {tuple(self.shape)}"
+            ) from None
+        if torch.broadcast_shapes(lo.shape, self.shape) != self.shape:
+            raise ValueError(
+                f"{self.owner}: bounds of shape {tuple(lo.shape)} would broadcast the weight "
+                f"{tuple(self.shape)} to a larger shape; give bounds of the weight's shape"
+            )
+        bad = ~(lo < hi)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{self.owner}: low must be < high everywhere; {int(bad.sum())} of "
+                f"{bad.numel()} entries have low >= high (e.g. low={float(lo[bad][0])}, "
+                f"high={float(hi[bad][0])})"
+            )
+        self.register_buffer("low", lo.contiguous())
+        self.register_buffer("high", hi.contiguous())
+
+    @property
+    def dim(self) -> int:
+        return self.shape.numel()
+
+    def _map(self, x: Tensor) -> Tensor:
+        mid, half = 0.5 * (self.low + self.high), 0.5 * (self.high - self.low)
+        return mid + half * torch.tanh(x)
+
+    def _inverse(self, w: Tensor) -> Tensor:
+        mid, half = 0.5 * (self.low + self.high), 0.5 * (self.high - self.low)
+        one = 1.0 - torch.finfo(w.dtype).eps
+        return torch.atanh(((w - mid) / half).clamp(-one, one)).expand(self.shape).contiguous()
+
+    def project(self, w: Tensor) -> Tensor:
+        return torch.minimum(torch.maximum(w, self.low), self.high)
+
+    def distance(self, w: Tensor) -> Tensor:
+        return max_abs(torch.relu(self.low - w) + torch.relu(w - self.high))
+
+    def _explain(self, w: Tensor, d: float, tol: float) -> str:
+        outside = int(((w < self.low - tol) | (w > self.high + tol)).sum())
+        return f"{outside} entries lie outside [low, high], up to {d:.3e} beyond a bound"
+
+
+def bounded(
+    module: nn.Module,
+    name: str = "weight",
+    *,
+    low: float | Tensor,
+    high: float | Tensor,
+    atol: float | None = None,
+) -> nn.Module:
+    """Constrain ``module.<name>`` elementwise to ``[low, high]`` through tanh. The current
+    weight is kept, clamped into the box. Returns ``module``::
+
+        manifoldparam.bounded(physics, "damping", low=0.0, high=2.0)
+    """
+    p = Bounded(
+        checked_weight(module, name).shape,
+        low=low,
+        high=high,
+        atol=atol,
+        owner=owner_name(module, name),
+    )
+    return register(module, name, p)

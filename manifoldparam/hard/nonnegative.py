@@ -1,0 +1,119 @@
+r"""Elementwise nonnegativity (the closed orthant) through a positive map.
+
+Math. ``W = g(X)`` elementwise with
+
+* ``"softplus"`` (default): :math:`g(x) = \log(1 + e^x)`, :math:`g^{-1}(y) = y + \log(1 - e^{-y})`;
+  gradients never vanish for moderate :math:`x` and it grows linearly, like the weights it
+  replaces;
+* ``"exp"``: :math:`g(x) = e^x`, :math:`g^{-1}(y) = \log y` (multiplicative updates);
+* ``"square"``: :math:`g(x) = x^2`, :math:`g^{-1}(y) = \sqrt{y}` (reaches 0 exactly, but the
+  gradient vanishes there).
+
+Coordinates have the weight's shape. ``softplus`` and ``exp`` never return a negative number
+(they underflow to 0 at worst); a zero weight entry is mapped to the smallest normal number's
+pre-image so its coordinates stay finite. Registration clamps the current weight at 0.
+
+Example::
+
+    >>> layer = manifoldparam.nonnegative(nn.Linear(4, 3))
+    >>> bool((layer.weight >= 0).all())
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from manifoldparam.hard.base import (
+    Parametrization,
+    checked_weight,
+    max_abs,
+    owner_name,
+    register,
+)
+from manifoldparam.hard.spd import softplus_inverse
+
+__all__ = ["Nonnegative", "nonnegative"]
+
+PositiveMap = Literal["softplus", "exp", "square"]
+_MAPS = ("softplus", "exp", "square")
+
+
+class Nonnegative(Parametrization):
+    """Parametrization onto ``W >= 0`` (see the module docstring).
+
+    Args:
+        shape: shape of the weight.
+        map: ``"softplus"`` (default), ``"exp"`` or ``"square"``.
+        atol: how negative an assigned entry may be; default 0.
+    """
+
+    set_name = "nonnegative"
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        *,
+        map: PositiveMap = "softplus",
+        atol: float | None = None,
+        owner: str | None = None,
+    ) -> None:
+        super().__init__(shape, atol=atol, owner=owner)
+        if map not in _MAPS:
+            raise ValueError(f"{self.owner}: map must be one of {_MAPS}, got {map!r}")
+        self.map = map
+
+    @property
+    def dim(self) -> int:
+        return self.shape.numel()
+
+    def _map(self, x: Tensor) -> Tensor:
+        if self.map == "softplus":
+            return F.softplus(x)
+        if self.map == "exp":
+            return torch.exp(x)
+        return x * x
+
+    def _inverse(self, w: Tensor) -> Tensor:
+        w = w.clamp_min(0.0)
+        if self.map == "softplus":
+            return softplus_inverse(w)
+        if self.map == "exp":
+            return torch.log(w.clamp_min(torch.finfo(w.dtype).tiny))
+        return torch.sqrt(w)
+
+    def project(self, w: Tensor) -> Tensor:
+        return w.clamp_min(0.0)
+
+    def distance(self, w: Tensor) -> Tensor:
+        return max_abs(torch.relu(-w))
+
+    def _explain(self, w: Tensor, d: float, tol: float) -> str:
+        return f"{int((w < -tol).sum())} entries are negative, the lowest {-d:.3e}"
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, map={self.map}"
+
+
+def nonnegative(
+    module: nn.Module,
+    name: str = "weight",
+    *,
+    map: PositiveMap = "softplus",
+    atol: float | None = None,
+) -> nn.Module:
+    """Constrain ``module.<name>`` to be elementwise ``>= 0`` (softplus by default; ``map``
+    picks ``"exp"`` or ``"square"``). The current weight is kept, clamped at 0. Returns
+    ``module``::
+
+        nmf_layer = manifoldparam.nonnegative(nn.Linear(64, 10, bias=False))
+    """
+    p = Nonnegative(
+        checked_weight(module, name).shape, map=map, atol=atol, owner=owner_name(module, name)
+    )
+    return register(module, name, p)

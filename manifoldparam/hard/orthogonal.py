@@ -1,0 +1,254 @@
+r"""Orthogonal and Stiefel weights through the matrix exponential (or the Cayley map).
+
+Math. Write the weight as a tall matrix :math:`W \in \mathbb{R}^{n\times k}`, :math:`k \le n`
+(a wide weight is handled as its transpose; a weight with more than two dims is the matrix
+``(out, in*kh*kw)``, or a batch of matrices over its last two dims with ``batched=True``).
+The set is the Stiefel manifold :math:`\{W : W^\top W = I_k\}` (for :math:`k=n` the orthogonal
+group, of which training keeps the connected component: the sign of :math:`\det W`).
+The map is
+
+.. math::
+    W = \operatorname{NS}\big(B \, \phi(A)\, E_k\big),\qquad
+    A = \begin{pmatrix} S & -C^\top \\ C & 0 \end{pmatrix},
+
+with :math:`B \in O(n)` a fixed base point (a buffer), :math:`E_k` the first :math:`k`
+columns of :math:`I_n`, :math:`\phi = \exp` (default) or the Cayley map
+:math:`(I - A/2)^{-1}(I + A/2)`, and :math:`A` skew-symmetric with the lower-right
+:math:`(n-k)\times(n-k)` block zero. Its free entries (:math:`S` skew :math:`k\times k`,
+:math:`C \in \mathbb{R}^{(n-k)\times k}`) are the coordinates: exactly
+:math:`nk - k(k+1)/2 = \dim \mathrm{St}(n,k)` numbers, so no direction is dead.
+:math:`\operatorname{NS}(W) = W(3I - W^\top W)/2` is one Newton--Schulz step: the identity
+on the manifold to first order (its differential fixes every tangent vector, so gradients are
+unchanged), it squares the float round-off of the exponential away
+(float32 :math:`\max|W^\top W - I|` stays at a few ulps even for huge :math:`\|A\|`).
+
+Assignment ``module.weight = Q`` (``Q`` orthogonal within tolerance) sets :math:`B` to ``Q``
+completed to an orthogonal matrix and the coordinates to zero, so the weight equals ``Q``.
+:func:`rebase` does the same with the current weight (dynamic trivialization).
+
+Example::
+
+    >>> layer = manifoldparam.orthogonal(nn.Linear(64, 32))
+    >>> w = layer.weight                       # 32x64, orthonormal rows
+    >>> torch.allclose(w @ w.T, torch.eye(32), atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from manifoldparam.hard.base import (
+    Parametrization,
+    checked_weight,
+    max_abs,
+    owner_name,
+    register,
+)
+
+__all__ = ["Orthogonal", "orthogonal", "rebase"]
+
+Map = Literal["expm", "cayley"]
+_MAPS = ("expm", "cayley")
+
+
+def _matrix_exp(a: Tensor) -> Tensor:
+    return torch.linalg.matrix_exp(a)
+
+
+def _cayley(a: Tensor, k: int) -> Tensor:
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    rhs = (eye + 0.5 * a)[..., :k]
+    return torch.linalg.solve(eye - 0.5 * a, rhs)
+
+
+class Orthogonal(Parametrization):
+    """Parametrization onto orthogonal / Stiefel matrices (see the module docstring).
+
+    Args:
+        shape: shape of the weight.
+        map: ``"expm"`` (matrix exponential; reaches the whole connected component) or
+            ``"cayley"`` (cheaper; reaches all but the matrices with eigenvalue -1).
+        batched: for a weight with more than two dims, constrain each matrix over the last two
+            dims (torch/geotorch's convention) instead of the flattened ``(out, rest)`` matrix.
+        newton_schulz: Newton--Schulz correction steps after the map (default 1; 0 disables).
+        atol: assignment/check tolerance on ``max|WᵀW - I|``; default ``16·n·eps(dtype)``.
+    """
+
+    set_name = "orthogonal (orthonormal columns/rows)"
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        *,
+        map: Map = "expm",
+        batched: bool = False,
+        newton_schulz: int = 1,
+        atol: float | None = None,
+        owner: str | None = None,
+    ) -> None:
+        super().__init__(shape, atol=atol, owner=owner)
+        if map not in _MAPS:
+            raise ValueError(f"map must be one of {_MAPS}, got {map!r}")
+        if len(self.shape) == 0:
+            raise ValueError("orthogonal needs a tensor with at least one dimension")
+        if batched and len(self.shape) < 3:
+            raise ValueError("batched=True needs a weight with at least 3 dims (a batch of matrices)")
+        self.map = map
+        self.batched = batched
+        self.newton_schulz = int(newton_schulz)
+        if batched:
+            self.batch_shape = self.shape[:-2]
+            rows, cols = self.shape[-2], self.shape[-1]
+        else:
+            self.batch_shape = torch.Size()
+            rows = self.shape[0]
+            cols = math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
+        self.transposed = rows < cols
+        self.n, self.k = max(rows, cols), min(rows, cols)
+        n, k = self.n, self.k
+        # Flat indices (i*n + j) of the free entries of A: i > j and j < k.
+        ii, jj = torch.tril_indices(n, n, offset=-1)
+        keep = jj < k
+        self.register_buffer("index", (ii[keep] * n + jj[keep]).contiguous(), persistent=False)
+        self.register_buffer("base", torch.eye(n).expand(*self.batch_shape, n, n).clone())
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the set per matrix: ``nk - k(k+1)/2``."""
+        return self.n * self.k - self.k * (self.k + 1) // 2
+
+    @property
+    def manifold(self) -> object:
+        import geoopt
+
+        return geoopt.Stiefel()
+
+    def default_atol(self, dtype: torch.dtype) -> float:
+        return 16.0 * max(self.n, 1) * torch.finfo(dtype).eps
+
+    # ------------------------------------------------------------ shape plumbing
+    def _to_tall(self, w: Tensor) -> Tensor:
+        """The weight as a batch of tall n×k matrices."""
+        if self.batched:
+            t = w
+        else:
+            t = w.reshape(self.shape[0], -1)
+        return t.mT if self.transposed else t
+
+    def _from_tall(self, t: Tensor) -> Tensor:
+        if self.transposed:
+            t = t.mT
+        return t.reshape(self.shape)
+
+    def skew(self, x: Tensor) -> Tensor:
+        """The skew-symmetric matrix A of the coordinates ``x`` (shape ``(*batch, dim)``)."""
+        n = self.n
+        flat = x.new_zeros(*x.shape[:-1], n * n).index_copy(-1, self.index, x)
+        a = flat.unflatten(-1, (n, n))
+        return a - a.mT
+
+    # ------------------------------------------------------------ the map
+    def _map(self, x: Tensor) -> Tensor:
+        a = self.skew(x)
+        if self.map == "expm":
+            e = _matrix_exp(a)[..., : self.k]
+        else:
+            e = _cayley(a, self.k)
+        t = self.base @ e
+        for _ in range(self.newton_schulz):
+            t = t @ (1.5 * torch.eye(self.k, dtype=t.dtype, device=t.device) - 0.5 * (t.mT @ t))
+        return self._from_tall(t)
+
+    def _inverse(self, w: Tensor) -> Tensor:
+        t = self._to_tall(w)
+        if self.k < self.n:
+            q, _ = torch.linalg.qr(t, mode="complete")
+            t = torch.cat([t, q[..., self.k :]], dim=-1)
+        self.base = t.detach().clone().contiguous()
+        return w.new_zeros(*self.batch_shape, self.dim)
+
+    def project(self, w: Tensor) -> Tensor:
+        """The polar factor ``U Vᵀ`` of (each matrix of) ``w``: the nearest orthogonal one."""
+        u, _, vh = torch.linalg.svd(self._to_tall(w), full_matrices=False)
+        return self._from_tall(u @ vh)
+
+    def distance(self, w: Tensor) -> Tensor:
+        t = self._to_tall(w)
+        eye = torch.eye(self.k, dtype=t.dtype, device=t.device)
+        return max_abs(t.mT @ t - eye)
+
+    def _explain(self, w: Tensor, d: float, tol: float) -> str:
+        kind = "rows" if self.transposed else "columns"
+        return (
+            f"max|WᵀW - I| over its {kind} is {d:.3e} > tolerance {tol:.3e} "
+            f"({w.dtype}, {self.n}x{self.k})"
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, map={self.map}, matrix={self.n}x{self.k}"
+            f"{' (transposed)' if self.transposed else ''}, batched={self.batched}"
+        )
+
+
+def orthogonal(
+    module: nn.Module,
+    name: str = "weight",
+    *,
+    map: Map = "expm",
+    batched: bool = False,
+    newton_schulz: int = 1,
+    atol: float | None = None,
+) -> nn.Module:
+    """Constrain ``module.<name>`` to be orthogonal (square) or to have orthonormal columns
+    (tall) or rows (wide). The current weight is kept, moved to its polar factor.
+
+    Returns ``module``. See :class:`Orthogonal` for the arguments and the math::
+
+        rnn_cell = manifoldparam.orthogonal(nn.Linear(128, 128, bias=False))
+        conv = manifoldparam.orthogonal(nn.Conv2d(16, 32, 3))   # (32, 144): orthonormal rows
+    """
+    p = Orthogonal(
+        checked_weight(module, name).shape,
+        map=map,
+        batched=batched,
+        newton_schulz=newton_schulz,
+        atol=atol,
+        owner=owner_name(module, name),
+    )
+    return register(module, name, p)
+
+
+@torch.no_grad()
+def rebase(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Dynamic trivialization: move every orthogonal base point to the current weight.
+
+    For each :class:`Orthogonal` in ``model``: ``B <- polar(W)`` (re-projected, so float error
+    does not compound) and coordinates ``<- 0``. The weight is unchanged up to round-off and
+    the map is again evaluated near 0, where it is best conditioned. The optimizer's state of
+    each rebased coordinate tensor (momentum, Adam moments) refers to the old chart, so it is
+    dropped when ``optimizer`` is given. Returns the number of weights rebased.
+    """
+    rebased: list[Tensor] = []
+    for module in model.modules():
+        parametrizations = getattr(module, "parametrizations", None)
+        if not isinstance(parametrizations, nn.ModuleDict):
+            continue
+        for plist in parametrizations.values():
+            p = plist[0] if len(plist) == 1 else None
+            if not isinstance(p, Orthogonal):
+                continue
+            original = plist.original
+            w = p.project(p._map(original))
+            original.copy_(p._inverse(w))
+            rebased.append(original)
+    if optimizer is not None:
+        for original in rebased:
+            optimizer.state.pop(original, None)
+    return len(rebased)
