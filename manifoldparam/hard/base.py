@@ -37,8 +37,12 @@ __all__ = [
 
 
 def owner_name(module: nn.Module, name: str) -> str:
-    """``"Linear.weight"``: how messages name an attribute."""
-    return f"{type(module).__name__}.{name}"
+    """``"Linear.weight"``: how messages name an attribute (the user's class, not the
+    ``ParametrizedLinear`` subclass torch swaps in)."""
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]
+    return f"{cls.__name__}.{name}"
 
 
 def max_abs(t: Tensor) -> Tensor:
@@ -179,7 +183,11 @@ def _check_finite(w: Tensor, owner: str, what: str) -> None:
     if bool(bad.any()):
         raise ValueError(
             f"{owner}: the {what} contains {int(bad.sum())} NaN/Inf entries of {w.numel()}; "
-            "initialise it with finite values first (e.g. torch.nn.init)."
+            + (
+                "initialise it with finite values first (e.g. torch.nn.init)."
+                if what == "weight"
+                else "the weight is unchanged."
+            )
         )
 
 
@@ -191,14 +199,15 @@ def checked_weight(module: nn.Module, name: str) -> Tensor:
     """
     owner = owner_name(module, name)
     if parametrize.is_parametrized(module, name):
+        chain = [type(p).__name__ for p in module.parametrizations[name]]
         raise ValueError(
-            f"{owner} is already parametrized ({module.parametrizations[name]!r}); remove it "
+            f"{owner} is already parametrized ({' -> '.join(chain)}); remove it "
             "first with torch.nn.utils.parametrize.remove_parametrizations(module, name)."
         )
     if name not in module._parameters and name not in module._buffers:
         have = [n for n, _ in module.named_parameters(recurse=False)]
         raise AttributeError(
-            f"{type(module).__name__} has no parameter or buffer named {name!r} "
+            f"{owner.rsplit('.', 1)[0]} has no parameter or buffer named {name!r} "
             f"(its parameters: {have}); pass the attribute's name, e.g. name='weight'."
         )
     weight = getattr(module, name)

@@ -4,7 +4,10 @@ Math. With ``low < high`` (scalars or tensors broadcastable to the weight), let
 :math:`m = (\mathrm{low} + \mathrm{high})/2` and :math:`h = (\mathrm{high} - \mathrm{low})/2`:
 
 .. math::
-    W = m + h \tanh(X), \qquad X = \operatorname{atanh}\big((W - m)/h\big).
+    W = m + h \tanh(X), \qquad X = \operatorname{atanh}\big((W - m)/h\big)
+
+(followed by a clamp to the box that only removes round-off: ``m ± h`` can land one ulp
+outside it).
 
 Coordinates have the weight's shape (the box has full dimension). The set is the closed box:
 in floating point ``tanh`` saturates, so ``W`` can equal a bound (``tanh(10.)`` is exactly
@@ -38,10 +41,12 @@ __all__ = ["Bounded", "bounded"]
 
 
 def _as_bound(value: float | Tensor, what: str, owner: str) -> Tensor:
-    t = torch.as_tensor(value).detach()
-    if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.bool)):
+    # Python numbers are kept in float64 until registration casts them to the weight's dtype
+    # (a float32 -0.05 would be off by 1e-9 on a float64 weight).
+    t = value.detach() if isinstance(value, Tensor) else torch.tensor(value, dtype=torch.float64)
+    if t.is_complex() or not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32)):
         raise TypeError(f"{owner}: {what} must be a real number or tensor, got {t.dtype}")
-    t = t.to(torch.get_default_dtype() if not t.is_floating_point() else t.dtype)
+    t = t if t.is_floating_point() else t.double()
     if not bool(torch.isfinite(t).all()):
         raise ValueError(
             f"{owner}: {what} must be finite, got {value}; for a one-sided bound use "
@@ -101,7 +106,8 @@ class Bounded(Parametrization):
 
     def _map(self, x: Tensor) -> Tensor:
         mid, half = 0.5 * (self.low + self.high), 0.5 * (self.high - self.low)
-        return mid + half * torch.tanh(x)
+        # the clamp only removes round-off: mid ± half can land one ulp outside the box
+        return torch.clamp(mid + half * torch.tanh(x), min=self.low, max=self.high)
 
     def _inverse(self, w: Tensor) -> Tensor:
         mid, half = 0.5 * (self.low + self.high), 0.5 * (self.high - self.low)
@@ -109,7 +115,7 @@ class Bounded(Parametrization):
         return torch.atanh(((w - mid) / half).clamp(-one, one)).expand(self.shape).contiguous()
 
     def project(self, w: Tensor) -> Tensor:
-        return torch.minimum(torch.maximum(w, self.low), self.high)
+        return torch.clamp(w, min=self.low, max=self.high)
 
     def distance(self, w: Tensor) -> Tensor:
         return max_abs(torch.relu(self.low - w) + torch.relu(w - self.high))

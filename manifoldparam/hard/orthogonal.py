@@ -98,7 +98,9 @@ class Orthogonal(Parametrization):
         if len(self.shape) == 0:
             raise ValueError("orthogonal needs a tensor with at least one dimension")
         if batched and len(self.shape) < 3:
-            raise ValueError("batched=True needs a weight with at least 3 dims (a batch of matrices)")
+            raise ValueError(
+                "batched=True needs a weight with at least 3 dims (a batch of matrices)"
+            )
         self.map = map
         self.batched = batched
         self.newton_schulz = int(newton_schulz)

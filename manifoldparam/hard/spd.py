@@ -77,7 +77,9 @@ class SPD(Parametrization):
                 "weight use orthogonal() or a soft constraint."
             )
         if not (min_eigenvalue >= 0.0 and min_eigenvalue < float("inf")):
-            raise ValueError(f"{self.owner}: min_eigenvalue must be finite and >= 0, got {min_eigenvalue}")
+            raise ValueError(
+                f"{self.owner}: min_eigenvalue must be finite and >= 0, got {min_eigenvalue}"
+            )
         self.n = self.shape[-1]
         self.min_eigenvalue = float(min_eigenvalue)
         rows, cols = torch.tril_indices(self.n, self.n)

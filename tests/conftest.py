@@ -1,0 +1,54 @@
+"""Shared oracles and settings: geoopt decides membership, tests are seeded."""
+
+from __future__ import annotations
+
+import geoopt
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    derandomize=True,  # seeded: the same examples on every run
+    deadline=None,
+    max_examples=25,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("ci")
+torch.set_num_threads(2)
+
+
+def atol_for(dtype: torch.dtype, n: int) -> float:
+    """The oracle's tolerance: 1e-10 in float64, ~5·n·eps in float32 (ANCHORS)."""
+    return 1e-10 if dtype == torch.float64 else 5 * max(n, 4) * torch.finfo(dtype).eps
+
+
+def assert_on_stiefel(w: torch.Tensor, atol: float | None = None) -> None:
+    """geoopt's Stiefel check on each matrix (transposed when wide: geoopt needs tall)."""
+    mats = w if w.dim() >= 2 else w.unsqueeze(-1)
+    if mats.shape[-1] > mats.shape[-2]:
+        mats = mats.mT
+    tol = atol if atol is not None else atol_for(w.dtype, mats.shape[-2])
+    ok, why = geoopt.Stiefel().check_point_on_manifold(
+        mats.detach(), atol=tol, rtol=0, explain=True
+    )
+    assert ok, why
+
+
+def assert_spd(w: torch.Tensor, floor: float = 0.0, atol: float | None = None) -> None:
+    """geoopt's SPD check plus a Cholesky factorisation (geoopt passes singular matrices)."""
+    w = w.detach()
+    n = w.shape[-1]
+    tol = atol if atol is not None else atol_for(w.dtype, n) * max(1.0, float(w.abs().max()))
+    ok, why = geoopt.SymmetricPositiveDefinite().check_point_on_manifold(
+        w, atol=tol, rtol=0, explain=True
+    )
+    assert ok, why
+    sym = 0.5 * (w + w.mT)
+    eye = torch.eye(n, dtype=w.dtype)
+    assert bool((torch.linalg.cholesky_ex(sym - floor * eye).info == 0).all()), "no Cholesky factor"
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

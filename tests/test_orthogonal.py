@@ -1,0 +1,233 @@
+"""Orthogonal / Stiefel: membership (geoopt oracle), minimal coordinates, assignment,
+registration keeps the weight, determinant sign, conv layouts, float32 fidelity, rebase."""
+
+from __future__ import annotations
+
+import geoopt
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.autograd import gradcheck
+from torch.autograd.functional import jacobian
+
+import manifoldparam as mp
+from tests.conftest import assert_on_stiefel
+
+MAPS = ["expm", "cayley"]
+DTYPES = [torch.float32, torch.float64]
+
+
+def linear(rows: int, cols: int, dtype: torch.dtype = torch.float64) -> nn.Linear:
+    return nn.Linear(cols, rows, bias=False).to(dtype)
+
+
+def param(module: nn.Module, name: str = "weight") -> mp.Orthogonal:
+    p = module.parametrizations[name][0]
+    assert isinstance(p, mp.Orthogonal)
+    return p
+
+
+@given(
+    rows=st.integers(1, 64),
+    cols=st.integers(1, 64),
+    dtype=st.sampled_from(DTYPES),
+    map=st.sampled_from(MAPS),
+    scale=st.sampled_from([0.0, 1e-6, 1.0, 10.0, 100.0]),
+)
+def test_any_coordinates_land_on_stiefel(rows, cols, dtype, map, scale):
+    layer = mp.orthogonal(linear(rows, cols, dtype), map=map)
+    with torch.no_grad():
+        orig = layer.parametrizations.weight.original
+        orig.copy_(scale * torch.randn_like(orig))
+    w = layer.weight
+    assert w.shape == (rows, cols) and w.dtype == dtype
+    assert_on_stiefel(w)
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (2, 2), (6, 6), (7, 3), (3, 7), (5, 1), (1, 5)])
+def test_minimal_coordinates_have_no_dead_direction(rows, cols):
+    """The original holds exactly dim St(n, k) numbers and the map's Jacobian has full rank:
+    torch's orthogonal stores n² numbers with 21 of 36 dead at n=6 (ANCHORS)."""
+    layer = mp.orthogonal(linear(rows, cols))
+    p = param(layer)
+    n, k = max(rows, cols), min(rows, cols)
+    dim = n * k - k * (k + 1) // 2
+    original = layer.parametrizations.weight.original
+    assert original.shape == (dim,)
+    if dim == 0:
+        return
+    x = 0.3 * torch.randn(dim, dtype=torch.float64)
+    jac = jacobian(p._map, x).reshape(rows * cols, dim)
+    assert int(torch.linalg.matrix_rank(jac)) == dim
+
+
+def test_torch_orthogonal_has_dead_directions():
+    """The failure we fix, reproduced: torch stores 36 numbers for a 15-dim set at n=6."""
+    layer = torch.nn.utils.parametrizations.orthogonal(linear(6, 6))
+    assert layer.parametrizations.weight.original.numel() == 36
+
+
+@pytest.mark.parametrize("map", MAPS)
+@pytest.mark.parametrize("rows,cols", [(5, 5), (6, 3), (3, 6)])
+def test_registration_keeps_an_orthogonal_weight(map, rows, cols):
+    layer = linear(rows, cols)
+    nn.init.orthogonal_(layer.weight)
+    before = layer.weight.detach().clone()
+    mp.orthogonal(layer, map=map)
+    torch.testing.assert_close(layer.weight, before, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("rows,cols", [(5, 5), (6, 3), (3, 6)])
+def test_registration_moves_weight_to_its_polar_factor(rows, cols):
+    layer = linear(rows, cols)
+    w = layer.weight.detach().clone()
+    mp.orthogonal(layer)
+    tall = w if rows >= cols else w.T
+    u, _, vh = torch.linalg.svd(tall, full_matrices=False)
+    polar = u @ vh if rows >= cols else (u @ vh).T
+    torch.testing.assert_close(layer.weight, polar, atol=1e-12, rtol=0)
+
+
+def test_registration_never_resamples():
+    """geotorch#12: registration throws the weight away. Ours is deterministic in it."""
+    a, b = linear(8, 8), linear(8, 8)
+    b.load_state_dict(a.state_dict())
+    torch.manual_seed(1)
+    mp.orthogonal(a)
+    torch.manual_seed(2)
+    mp.orthogonal(b)
+    torch.testing.assert_close(a.weight, b.weight, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("map", MAPS)
+@pytest.mark.parametrize("rows,cols", [(4, 4), (6, 2), (2, 6)])
+def test_assigning_an_orthogonal_matrix_sets_the_weight(map, rows, cols):
+    layer = mp.orthogonal(linear(rows, cols), map=map)
+    q = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), dtype=torch.float64))[0]
+    q = q if rows >= cols else q.T
+    layer.weight = q
+    torch.testing.assert_close(layer.weight, q, atol=1e-13, rtol=0)
+    assert bool((layer.parametrizations.weight.original == 0).all())
+
+
+def test_assigning_off_the_set_raises_and_keeps_the_weight():
+    layer = mp.orthogonal(linear(4, 4))
+    before = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"Linear\.weight.*not orthogonal.*max\|WᵀW - I\|") as e:
+        layer.weight = 2 * torch.eye(4, dtype=torch.float64)
+    assert "manifoldparam.project" in str(e.value)
+    torch.testing.assert_close(layer.weight, before, atol=0, rtol=0)
+    # the projection helper gives the nearest point, which assigns
+    layer.weight = mp.project(layer, "weight", 2 * torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(layer.weight, torch.eye(4, dtype=torch.float64), atol=1e-14, rtol=0)
+
+
+def test_assignment_tolerance_is_dtype_aware():
+    """A float32 QR factor (error ~1e-6) is accepted; the same error in float64 is not."""
+    q32 = torch.linalg.qr(torch.randn(64, 64))[0]
+    layer32 = mp.orthogonal(linear(64, 64, torch.float32))
+    layer32.weight = q32
+    q64 = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64))[0]
+    layer64 = mp.orthogonal(linear(64, 64))
+    with pytest.raises(ValueError):
+        layer64.weight = q64 + 1e-6
+    layer64.weight = q64
+
+
+@pytest.mark.parametrize("map", MAPS)
+def test_training_keeps_the_determinant_sign(map):
+    layer = mp.orthogonal(linear(5, 5), map=map)
+    reflection = torch.diag(torch.tensor([-1.0, 1, 1, 1, 1], dtype=torch.float64))
+    layer.weight = reflection
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    target = torch.randn(5, 5, dtype=torch.float64)
+    for _ in range(20):
+        opt.zero_grad()
+        ((layer.weight - target) ** 2).sum().backward()
+        opt.step()
+    assert not torch.allclose(layer.weight, reflection)
+    assert float(torch.linalg.det(layer.weight.detach())) == pytest.approx(-1.0, abs=1e-10)
+    assert_on_stiefel(layer.weight)
+
+
+def test_conv_kernel_is_the_flattened_matrix_by_default():
+    conv = mp.orthogonal(nn.Conv2d(4, 8, 3).double())
+    w = conv.weight.reshape(8, -1)  # 8 x 36: orthonormal rows
+    torch.testing.assert_close(w @ w.T, torch.eye(8, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert conv.parametrizations.weight.original.shape == (8 * 36 - 8 * 9 // 2,)
+
+
+def test_conv_kernel_batched_option_constrains_each_kxk_matrix():
+    conv = mp.orthogonal(nn.Conv2d(4, 8, 3).double(), batched=True)
+    assert conv.parametrizations.weight.original.shape == (8, 4, 3)  # 3x3 matrices: dim 3
+    assert_on_stiefel(conv.weight)
+
+
+@pytest.mark.parametrize("map", MAPS)
+def test_float32_fidelity_with_huge_originals(map):
+    """max|WᵀW - I| < 5e-4 in float32 even with every original scaled by 100."""
+    layer = mp.orthogonal(linear(128, 128, torch.float32), map=map)
+    with torch.no_grad():
+        orig = layer.parametrizations.weight.original
+        orig.copy_(100 * torch.randn_like(orig))
+    w = layer.weight.detach()
+    err = float((w.T @ w - torch.eye(128)).abs().max())
+    assert err < 5e-4
+    assert_on_stiefel(w)
+
+
+def test_without_newton_schulz_float32_drifts():
+    """The correction is what keeps huge originals exact (the test above would fail)."""
+    layer = mp.orthogonal(linear(128, 128, torch.float32))
+    layer.parametrizations.weight[0].newton_schulz = 0
+    with torch.no_grad():
+        orig = layer.parametrizations.weight.original
+        orig.copy_(100 * torch.randn_like(orig))
+    w = layer.weight.detach()
+    assert float((w.T @ w - torch.eye(128)).abs().max()) > 5e-5
+
+
+@pytest.mark.parametrize("map", MAPS)
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 3), (4, 2), (2, 4)])
+def test_gradcheck(map, rows, cols):
+    p = param(mp.orthogonal(linear(rows, cols), map=map))
+    x = 0.5 * torch.randn(p.dim, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(p._map, (x,))
+
+
+def test_rebase_keeps_the_weight_and_resets_optimizer_state():
+    layer = mp.orthogonal(linear(6, 4))
+    opt = torch.optim.Adam(layer.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        layer.weight.sum().backward()
+        opt.step()
+    before = layer.weight.detach().clone()
+    original = layer.parametrizations.weight.original
+    assert original in opt.state and bool(original.abs().sum() > 0)
+    assert mp.rebase(layer, opt) == 1
+    torch.testing.assert_close(layer.weight, before, atol=1e-12, rtol=0)
+    assert bool((original == 0).all()) and original not in opt.state
+    opt.zero_grad()
+    layer.weight.sum().backward()
+    opt.step()  # training goes on from the new chart
+    assert_on_stiefel(layer.weight)
+
+
+def test_manifold_is_geoopt_stiefel():
+    assert isinstance(param(mp.orthogonal(linear(3, 3))).manifold, geoopt.Stiefel)
+
+
+def test_check_explains():
+    p = param(mp.orthogonal(linear(3, 3)))
+    ok, why = p.check(torch.eye(3, dtype=torch.float64), explain=True)
+    assert ok and why is None
+    ok, why = p.check(3 * torch.eye(3, dtype=torch.float64), explain=True)
+    assert not ok and "max|WᵀW - I|" in why and "8.000e+00" in why
+
+
+def test_unknown_map_is_refused():
+    with pytest.raises(ValueError, match="map must be one of"):
+        mp.orthogonal(linear(3, 3), map="householder")
