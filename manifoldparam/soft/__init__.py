@@ -1,0 +1,58 @@
+"""Soft constraints: MDMM multipliers that reach feasibility with any optimizer.
+
+* the constraint kinds (:mod:`.constraints`), mdmm's names and math without its slack saddle;
+* :class:`MDMM`, the Lagrangian, and :meth:`MDMM.make_optimizer`, which ascends the
+  multipliers through ``maximize=True`` (:mod:`.mdmm`);
+* :func:`dual_update`, the method of multipliers for LBFGS / BFGS / scipy
+  (:mod:`.multipliers`);
+* :func:`constrain`, soft constraints declared on module attributes, and
+  :func:`constraint_report`, hard and soft constraints of a model (:mod:`.attribute`).
+"""
+
+from manifoldparam.soft.attribute import (
+    ConstraintReport,
+    ReportRow,
+    constrain,
+    constraint_report,
+    mean_abs,
+    rms,
+    row_norms,
+    soft_constraints,
+)
+from manifoldparam.soft.constraints import (
+    BoundConstraintHard,
+    Constraint,
+    ConstraintReturn,
+    EqConstraint,
+    MaxConstraint,
+    MaxConstraintHard,
+    MinConstraint,
+    MinConstraintHard,
+    Multiplier,
+)
+from manifoldparam.soft.mdmm import MDMM, MDMMReturn, check_optimizer
+from manifoldparam.soft.multipliers import dual_update
+
+__all__ = [
+    "MDMM",
+    "BoundConstraintHard",
+    "Constraint",
+    "ConstraintReport",
+    "ConstraintReturn",
+    "EqConstraint",
+    "MDMMReturn",
+    "MaxConstraint",
+    "MaxConstraintHard",
+    "MinConstraint",
+    "MinConstraintHard",
+    "Multiplier",
+    "ReportRow",
+    "check_optimizer",
+    "constrain",
+    "constraint_report",
+    "dual_update",
+    "mean_abs",
+    "rms",
+    "row_norms",
+    "soft_constraints",
+]

@@ -1,0 +1,433 @@
+r"""The constraint kinds of the Modified Differential Multiplier Method (MDMM).
+
+Each constraint owns one Lagrange multiplier per element of its function's value and adds
+one term to the Lagrangian minimised over the model's parameters and *maximised* over the
+multipliers (Platt & Barr 1988; the ``mdmm`` package, whose names and math these keep):
+
+.. math::
+
+    \mathcal{L}(\theta, \lambda) = f(\theta)
+        + \sum_i \mathrm{scale}_i \, \psi_i(c_i(\theta), \lambda_i)
+
+* equality and the clamp-based ("hard") kinds: :math:`\psi = \lambda c + d\,c^2/2` with
+  ``EqConstraint``: :math:`c = \mathrm{value} - \mathrm{fn}`, ``MaxConstraintHard``:
+  :math:`c = \min(\mathrm{fn}, \max) - \mathrm{fn}`, ``MinConstraintHard``:
+  :math:`c = \max(\mathrm{fn}, \min) - \mathrm{fn}`, ``BoundConstraintHard``:
+  :math:`c = \mathrm{clamp}(\mathrm{fn}, \min, \max) - \mathrm{fn}` (exactly mdmm's);
+* ``MaxConstraint`` / ``MinConstraint`` (:math:`c = \max - \mathrm{fn}` or
+  :math:`\mathrm{fn} - \min`, feasible when :math:`c \ge 0`): mdmm writes
+  :math:`c - s^2` with a slack variable :math:`s`, whose gradient vanishes at :math:`s = 0`
+  -- a constraint that starts violated stays an *equality* for ever (min x² s.t. x ≤ 1 from
+  x = 2 ends at 1, not 0). Here the slack is minimised out in closed form (Rockafellar's
+  augmented Lagrangian), which equals mdmm's term at the optimal slack and has no saddle:
+
+  .. math::
+
+      \psi(c, \lambda) = \frac{\min(\lambda + d\,c,\ 0)^2 - \lambda^2}{2d}
+      \quad (= \lambda c + d c^2/2 \text{ while active}, \ -\lambda^2/2d \text{ once slack}).
+
+  Its multiplier keeps mdmm's sign (:math:`\lambda \le 0` at a solution) and decays to 0
+  by itself when the constraint is inactive; it needs ``damping > 0``.
+
+``.infs`` (:attr:`ConstraintReturn.inf`) is always the *true* infeasibility
+``projection_of_fn_onto_the_feasible_set - fn``: 0 exactly when the constraint holds, whose
+absolute value is the distance to feasibility (mdmm reports ``c - s²`` for the slack kinds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BoundConstraintHard",
+    "Constraint",
+    "ConstraintReturn",
+    "EqConstraint",
+    "MaxConstraint",
+    "MaxConstraintHard",
+    "MinConstraint",
+    "MinConstraintHard",
+    "Multiplier",
+]
+
+
+def _rebuild_multiplier(data: Tensor, requires_grad: bool) -> Multiplier:
+    return Multiplier(data, requires_grad)
+
+
+class Multiplier(nn.Parameter):
+    """A Lagrange multiplier: an ``nn.Parameter`` that optimizers must *ascend*.
+
+    The type lets :mod:`manifoldparam.soft` recognise multipliers inside any optimizer (and
+    refuse a line-search optimizer, or descent, on them); it survives ``copy.deepcopy`` and
+    pickling. ``state_dict`` stores it as a plain tensor.
+    """
+
+    def __reduce_ex__(self, proto: Any) -> Any:  # keep the type through pickle
+        return (_rebuild_multiplier, (self.data, self.requires_grad))
+
+
+@dataclass
+class ConstraintReturn:
+    """What one constraint returns: its Lagrangian term, ``fn``'s value, the infeasibility."""
+
+    value: Tensor
+    fn_value: Tensor
+    inf: Tensor
+
+
+def _fn_name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+class Constraint(nn.Module):
+    """Base of the constraint kinds: a function, its multiplier(s), ``scale`` and ``damping``.
+
+    Args:
+        fn: a differentiable callable returning a tensor of shape ``shape``. Called with no
+            argument (mdmm style), or, for a constraint declared on a module attribute with
+            :func:`manifoldparam.soft.constrain`, with the attribute's current (parametrized)
+            value.
+        scale: multiplies the constraint's whole Lagrangian term (mdmm's ``scale``).
+        damping: the quadratic damping / augmented-Lagrangian penalty :math:`d`.
+        shape: shape of ``fn``'s value; one multiplier per element (default: a scalar).
+
+    A subclass defines :meth:`infeasibility` and, if it is not of the
+    :math:`\\lambda c + d c^2/2` form, :meth:`term`.
+    """
+
+    #: "==", "<=", ">=" or "in": how :meth:`describe` prints the kind.
+    relation: ClassVar[str] = "=="
+    #: Whether the multiplier is projected onto ``λ <= 0`` by :func:`dual_update`.
+    nonpositive_multiplier: ClassVar[bool] = False
+
+    scale: Tensor
+    damping: Tensor
+
+    def __init__(
+        self,
+        fn: Callable[..., Tensor],
+        scale: float = 1.0,
+        damping: float = 1.0,
+        *,
+        shape: Sequence[int] = (),
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not callable(fn):
+            raise TypeError(
+                f"{type(self).__name__}: fn must be callable (a function returning a tensor), "
+                f"got {type(fn).__name__}; e.g. {type(self).__name__}(lambda: w.norm(), ...)."
+            )
+        self.fn = fn
+        dtype = dtype or torch.get_default_dtype()
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=dtype))
+        self.register_buffer("damping", torch.as_tensor(damping, dtype=dtype))
+        for what, v in (("scale", self.scale), ("damping", self.damping)):
+            if v.dim() != 0 or not bool(torch.isfinite(v)) or bool(v < 0):
+                raise ValueError(
+                    f"{type(self).__name__}: {what} must be a finite number >= 0, got {v}."
+                )
+        self.lmbda = Multiplier(torch.zeros(tuple(shape), dtype=dtype))
+        #: (module, attribute) when declared on a module attribute, else None.
+        self.target: tuple[nn.Module, str] | None = None
+        #: "Linear.weight" style name of the target, used in messages.
+        self.owner: str | None = None
+
+    # ------------------------------------------------------------------ the math
+    def infeasibility(self, fn_value: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The signed constraint value :math:`c` entering the Lagrangian."""
+        raise NotImplementedError
+
+    def violation(self, fn_value: Tensor) -> Tensor:
+        """The true infeasibility ``projection(fn) - fn`` (0 when satisfied)."""
+        return self.infeasibility(fn_value)
+
+    def term(self, c: Tensor) -> Tensor:
+        """:math:`\\psi(c, \\lambda) = \\lambda c + d c^2 / 2`, summed over elements."""
+        l_term = self.lmbda * c
+        damp_term = self.damping * c**2 / 2
+        return (self.scale * (l_term + damp_term)).sum()
+
+    def dual_target(self, c: Tensor, step: Tensor | float) -> Tensor:
+        """The method-of-multipliers update :math:`\\lambda + \\rho c` (projected if needed)."""
+        new = self.lmbda + step * c
+        return new.clamp(max=0) if self.nonpositive_multiplier else new
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> Tensor:
+        """``fn()`` (or ``fn(module.<name>)``), checked to be a tensor of the right shape."""
+        if self.target is not None:
+            module, name = self.target
+            out = self.fn(getattr(module, name))
+        else:
+            out = self.fn()
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"{self.describe()}: fn returned {type(out).__name__}, not a tensor; return a "
+                "differentiable torch.Tensor computed from the parameters."
+            )
+        if out.shape != self.lmbda.shape:
+            raise ValueError(
+                f"{self.describe()}: fn returned a tensor of shape {tuple(out.shape)} but the "
+                f"constraint has multipliers of shape {tuple(self.lmbda.shape)}. "
+                + (
+                    "A scalar is needed: reduce fn's value (e.g. .sum() or .mean()) or, for "
+                    f"one constraint per element, pass shape={tuple(out.shape)}."
+                    if self.lmbda.dim() == 0
+                    else "Make fn return that shape or rebuild the constraint with "
+                    f"shape={tuple(out.shape)}."
+                )
+            )
+        return out
+
+    def forward(self) -> ConstraintReturn:
+        fn_value = self.evaluate()
+        c = self.infeasibility(fn_value)
+        return ConstraintReturn(self.term(c), fn_value, self.violation(fn_value))
+
+    # ------------------------------------------------------------------ naming
+    def bound_repr(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """``"EqConstraint(mean_abs(Linear.weight) == 1)"``: how messages name it."""
+        arg = f"({self.owner})" if self.owner else "()"
+        return f"{type(self).__name__}({_fn_name(self.fn)}{arg} {self.bound_repr()})"
+
+    def extra_repr(self) -> str:
+        shape = f", shape={tuple(self.lmbda.shape)}" if self.lmbda.dim() else ""
+        return (
+            f"{_fn_name(self.fn)}({self.owner or ''}) {self.bound_repr()}, "
+            f"scale={float(self.scale):g}, damping={float(self.damping):g}{shape}"
+        )
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # An mdmm checkpoint has a slack variable we eliminate in closed form: drop it.
+        state_dict.pop(prefix + "slack", None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def _bound(value: float | Tensor, dtype: torch.dtype | None) -> Tensor:
+    return torch.as_tensor(value, dtype=dtype or torch.get_default_dtype())
+
+
+def _fmt(t: Tensor) -> str:
+    return f"{float(t):g}" if t.numel() == 1 else f"<tensor {tuple(t.shape)}>"
+
+
+class EqConstraint(Constraint):
+    """``fn == value``: :math:`c = \\mathrm{value} - \\mathrm{fn}`.
+
+    Example (mdmm's)::
+
+        c = EqConstraint(lambda: layer.weight.abs().mean(), 1.0, damping=10)
+    """
+
+    relation = "=="
+    value: Tensor
+
+    def __init__(
+        self,
+        fn: Callable[..., Tensor],
+        value: float | Tensor,
+        scale: float = 1.0,
+        damping: float = 1.0,
+        *,
+        shape: Sequence[int] = (),
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(fn, scale, damping, shape=shape, dtype=dtype)
+        self.register_buffer("value", _bound(value, dtype))
+
+    def infeasibility(self, fn_value: Tensor) -> Tensor:
+        return self.value - fn_value
+
+    def bound_repr(self) -> str:
+        return f"== {_fmt(self.value)}"
+
+
+class _Inequality(Constraint):
+    """Slack-free inequality ``c >= 0`` with the closed-form augmented Lagrangian term."""
+
+    nonpositive_multiplier = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not bool(self.damping > 0):
+            raise ValueError(
+                f"{type(self).__name__}(damping=0): the slack-free inequality needs damping > 0 "
+                "(it is the augmented Lagrangian's penalty). Use a positive damping, or "
+                f"{type(self).__name__}Hard for an undamped clamp-based constraint."
+            )
+
+    def term(self, c: Tensor) -> Tensor:
+        d = self.damping
+        t = (self.lmbda + d * c).clamp(max=0)
+        return (self.scale * ((t * t - self.lmbda * self.lmbda) / (2 * d))).sum()
+
+
+class MaxConstraint(_Inequality):
+    """``fn <= max`` without mdmm's slack saddle: :math:`c = \\max - \\mathrm{fn} \\ge 0`.
+
+    Example::
+
+        c = MaxConstraint(lambda: layer.weight.norm(), 3.0, damping=10)
+    """
+
+    relation = "<="
+    max: Tensor
+
+    def __init__(
+        self,
+        fn: Callable[..., Tensor],
+        max: float | Tensor,
+        scale: float = 1.0,
+        damping: float = 1.0,
+        *,
+        shape: Sequence[int] = (),
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(fn, scale, damping, shape=shape, dtype=dtype)
+        self.register_buffer("max", _bound(max, dtype))
+
+    def infeasibility(self, fn_value: Tensor) -> Tensor:
+        return self.max - fn_value
+
+    def violation(self, fn_value: Tensor) -> Tensor:
+        return fn_value.clamp(max=self.max) - fn_value
+
+    def bound_repr(self) -> str:
+        return f"<= {_fmt(self.max)}"
+
+
+class MinConstraint(_Inequality):
+    """``fn >= min`` without mdmm's slack saddle: :math:`c = \\mathrm{fn} - \\min \\ge 0`.
+
+    Example::
+
+        c = MinConstraint(lambda: layer.weight.norm(), 1.0, damping=10)
+    """
+
+    relation = ">="
+    min: Tensor
+
+    def __init__(
+        self,
+        fn: Callable[..., Tensor],
+        min: float | Tensor,
+        scale: float = 1.0,
+        damping: float = 1.0,
+        *,
+        shape: Sequence[int] = (),
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(fn, scale, damping, shape=shape, dtype=dtype)
+        self.register_buffer("min", _bound(min, dtype))
+
+    def infeasibility(self, fn_value: Tensor) -> Tensor:
+        return fn_value - self.min
+
+    def violation(self, fn_value: Tensor) -> Tensor:
+        return fn_value.clamp(min=self.min) - fn_value
+
+    def bound_repr(self) -> str:
+        return f">= {_fmt(self.min)}"
+
+
+class MaxConstraintHard(Constraint):
+    """``fn <= max`` as mdmm's clamp: :math:`c = \\min(\\mathrm{fn}, \\max) - \\mathrm{fn}`.
+
+    No slack; the multiplier only grows while violated (an exact-penalty flavour).
+    """
+
+    relation = "<="
+    max: Tensor
+
+    def __init__(
+        self,
+        fn: Callable[..., Tensor],
+        max: float | Tensor,
+        scale: float = 1.0,
+        damping: float = 1.0,
+        *,
+        shape: Sequence[int] = (),
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(fn, scale, damping, shape=shape, dtype=dtype)
+        self.register_buffer("max", _bound(max, dtype))
+
+    def infeasibility(self, fn_value: Tensor) -> Tensor:
+        return fn_value.clamp(max=self.max) - fn_value
+
+    def bound_repr(self) -> str:
+        return f"<= {_fmt(self.max)} (hard)"
+
+
+class MinConstraintHard(Constraint):
+    """``fn >= min`` as mdmm's clamp: :math:`c = \\max(\\mathrm{fn}, \\min) - \\mathrm{fn}`."""
+
+    relation = ">="
+    min: Tensor
+
+    def __init__(
+        self,
+        fn: Callable[..., Tensor],
+        min: float | Tensor,
+        scale: float = 1.0,
+        damping: float = 1.0,
+        *,
+        shape: Sequence[int] = (),
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(fn, scale, damping, shape=shape, dtype=dtype)
+        self.register_buffer("min", _bound(min, dtype))
+
+    def infeasibility(self, fn_value: Tensor) -> Tensor:
+        return fn_value.clamp(min=self.min) - fn_value
+
+    def bound_repr(self) -> str:
+        return f">= {_fmt(self.min)} (hard)"
+
+
+class BoundConstraintHard(Constraint):
+    """``min <= fn <= max`` as mdmm's clamp: :math:`c = \\mathrm{clamp}(fn, \\min, \\max) - fn`.
+
+    Example::
+
+        c = BoundConstraintHard(lambda: w.mean(), -0.1, 0.1)
+    """
+
+    relation = "in"
+    min: Tensor
+    max: Tensor
+
+    def __init__(
+        self,
+        fn: Callable[..., Tensor],
+        min: float | Tensor,
+        max: float | Tensor,
+        scale: float = 1.0,
+        damping: float = 1.0,
+        *,
+        shape: Sequence[int] = (),
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(fn, scale, damping, shape=shape, dtype=dtype)
+        self.register_buffer("min", _bound(min, dtype))
+        self.register_buffer("max", _bound(max, dtype))
+        if bool((self.min > self.max).any()):
+            raise ValueError(
+                f"BoundConstraintHard: min {_fmt(self.min)} > max {_fmt(self.max)}; swap them."
+            )
+
+    def infeasibility(self, fn_value: Tensor) -> Tensor:
+        return fn_value.clamp(self.min, self.max) - fn_value
+
+    def bound_repr(self) -> str:
+        return f"in [{_fmt(self.min)}, {_fmt(self.max)}] (hard)"

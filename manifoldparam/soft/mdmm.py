@@ -1,0 +1,248 @@
+r"""``MDMM``: the Lagrangian of several constraints, and an optimizer that ascends the multipliers.
+
+.. math::
+
+    \mathcal{L}(\theta, \lambda) = f(\theta) + \sum_i \mathrm{scale}_i\,
+        \psi_i(c_i(\theta), \lambda_i), \qquad
+    \min_\theta \max_\lambda \mathcal{L}
+
+mdmm's API (``import manifoldparam as mdmm`` runs its README unchanged)::
+
+    constraint = mdmm.EqConstraint(fn_of_params, 1)
+    mdmm_module = mdmm.MDMM([constraint])
+    opt = mdmm_module.make_optimizer(model.parameters(), lr=2e-3)
+    ...
+    mdmm_return = mdmm_module(loss)
+    opt.zero_grad()
+    mdmm_return.value.backward()
+    opt.step()
+
+Differences from mdmm 0.1.3, where it is wrong: the multipliers ascend through a
+``maximize=True`` param group with no weight decay (never a negative learning rate, which
+AdamW's decay, OneCycleLR/CyclicLR and ReduceLROnPlateau break); extra optimizer kwargs reach
+the primal parameters only; the inequality kinds have no slack saddle; ``.infs`` is the true
+infeasibility. Any optimizer that holds a multiplier is checked before each step (a global
+``torch.optim`` step pre-hook, one dictionary lookup per step): descent on a multiplier, a
+positive weight decay on one, a non-positive learning rate (e.g. set by a scheduler) or a
+line-search / quasi-Newton optimizer holding one raise a :class:`ValueError` that says why
+and what to do instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn, optim
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from manifoldparam.soft.constraints import Constraint, Multiplier
+
+__all__ = ["MDMM", "MDMMReturn", "check_optimizer"]
+
+
+@dataclass
+class MDMMReturn:
+    """The Lagrangian ``value`` to backpropagate, each ``fn``'s value, each true infeasibility."""
+
+    value: Tensor
+    fn_values: list[Tensor]
+    infs: list[Tensor]
+
+
+class MDMM(nn.ModuleList):
+    """The constraints of one problem; calling it with the loss returns the Lagrangian.
+
+    Args:
+        constraints: the constraints (any iterable of :class:`Constraint`).
+        check_finite: raise a :class:`ValueError` naming the constraint when a constraint
+            term is NaN/Inf (one host sync per call; pass ``False`` to skip it).
+
+    Example::
+
+        mdmm = MDMM([EqConstraint(lambda: w.sum(), 1.0, damping=10)])
+        opt = mdmm.make_optimizer([w], optimizer=torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+        for _ in range(1000):
+            out = mdmm(loss_fn(w))
+            opt.zero_grad()
+            out.value.backward()
+            opt.step()
+    """
+
+    def __init__(self, constraints: Iterable[Constraint] = (), *, check_finite: bool = True):
+        constraints = list(constraints)
+        for i, c in enumerate(constraints):
+            if not isinstance(c, Constraint):
+                raise TypeError(
+                    f"MDMM: item {i} is a {type(c).__name__}, not a constraint; build it with "
+                    "EqConstraint / MaxConstraint / ... or manifoldparam.soft.constrain()."
+                )
+        super().__init__(constraints)
+        self.check_finite = check_finite
+
+    def __iter__(self) -> Iterator[Constraint]:  # typed iteration
+        return super().__iter__()  # type: ignore[return-value]
+
+    def multipliers(self) -> list[Multiplier]:
+        """The Lagrange multipliers, one tensor per constraint, in order."""
+        return [c.lmbda for c in self]
+
+    def forward(self, loss: Tensor) -> MDMMReturn:
+        """``loss + Σ scale·ψ(c, λ)`` with each ``fn``'s value and true infeasibility."""
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(
+                f"MDMM(loss): the loss must be a 0-dim tensor, got {shape}; reduce it first "
+                "(e.g. loss.mean())."
+            )
+        value = loss.clone()
+        fn_values, infs = [], []
+        total: Tensor | None = None
+        for c in self:
+            r = c()
+            value += r.value
+            total = r.value if total is None else total + r.value.detach()
+            fn_values.append(r.fn_value)
+            infs.append(r.inf)
+        if self.check_finite and total is not None and not bool(torch.isfinite(total)):
+            self._raise_not_finite(fn_values)
+        return MDMMReturn(value, fn_values, infs)
+
+    def _raise_not_finite(self, fn_values: list[Tensor]) -> None:
+        for c, v in zip(self, fn_values, strict=True):
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(
+                    f"{c.describe()}: fn returned a non-finite value ({v.detach()}); the "
+                    "Lagrangian would turn every parameter into NaN. Check fn's inputs "
+                    "(division by zero, sqrt/log of 0) or lower the learning rate."
+                )
+            if not bool(torch.isfinite(c.lmbda).all()):
+                raise ValueError(
+                    f"{c.describe()}: its multiplier is not finite ({c.lmbda.detach()}); the "
+                    "dual ascent diverged. Raise damping or lower the multipliers' lr."
+                )
+        raise ValueError(
+            "MDMM: a constraint term is not finite; raise damping or lower the learning rate."
+        )
+
+    @torch.no_grad()
+    def violation(self) -> Tensor:
+        """The largest true infeasibility ``max |projection(fn) - fn|`` over all constraints."""
+        vals = [c.violation(c.evaluate()).abs().amax() for c in self]
+        return torch.stack(vals).amax() if vals else torch.zeros(())
+
+    def make_optimizer(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        *,
+        optimizer: Callable[..., optim.Optimizer] = optim.Adamax,
+        lr: float = 2e-3,
+        dual_lr: float | None = None,
+        **optimizer_kwargs: Any,
+    ) -> optim.Optimizer:
+        """One optimizer: descent on ``params``, ascent (``maximize=True``) on the multipliers.
+
+        ``optimizer_kwargs`` (``weight_decay``, ``betas``, ...) apply to ``params`` only; the
+        multipliers' group gets ``lr=dual_lr`` (default ``lr``), ``maximize=True`` and
+        ``weight_decay=0``. ``optimizer`` must accept ``maximize`` (every first-order
+        ``torch.optim`` optimizer does); for LBFGS and other line-search or second-order
+        optimizers use the method of multipliers (:func:`manifoldparam.soft.dual_update`).
+        """
+        name = getattr(optimizer, "__name__", None) or type(optimizer).__name__
+        try:
+            accepted = inspect.signature(optimizer).parameters
+        except (TypeError, ValueError):  # pragma: no cover - builtins without signature
+            accepted = {}
+        if "maximize" not in accepted:
+            raise ValueError(
+                f"MDMM.make_optimizer(optimizer={name}): it has no maximize= option, so it "
+                "cannot ascend the multipliers (and line-search or quasi-Newton methods "
+                "diverge on a Lagrangian that is linear in them). Use the method of "
+                f"multipliers: {name} on the model's parameters alone, minimising "
+                "mdmm(loss).value, then manifoldparam.soft.dual_update(mdmm) after each solve."
+            )
+        params = list(params)
+        if params and isinstance(params[0], dict):
+            groups = [{**optimizer_kwargs, **g} for g in params]
+        else:
+            groups = [{"params": params, **optimizer_kwargs}]
+        for g in groups:
+            g.setdefault("lr", lr)
+        dual: dict[str, Any] = {
+            "params": self.multipliers(),
+            "lr": lr if dual_lr is None else dual_lr,
+            "maximize": True,
+        }
+        if "weight_decay" in accepted:
+            dual["weight_decay"] = 0.0
+        return optimizer([*groups, dual])
+
+
+# ---------------------------------------------------------------------------- the guard
+_SAFE_TYPES: weakref.WeakKeyDictionary[optim.Optimizer, tuple[int, tuple[int, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _multiplier_groups(optimizer: optim.Optimizer) -> tuple[int, ...]:
+    return tuple(
+        i
+        for i, g in enumerate(optimizer.param_groups)
+        if any(isinstance(p, Multiplier) for p in g["params"])
+    )
+
+
+def check_optimizer(optimizer: optim.Optimizer) -> None:
+    """Raise a :class:`ValueError` if ``optimizer`` would mishandle a Lagrange multiplier.
+
+    Runs before every ``optimizer.step()`` of every optimizer (a global step pre-hook that
+    :mod:`manifoldparam.soft` installs); it scans the parameter groups once per optimizer and
+    per change in their number, then only re-reads the multiplier groups' hyperparameters.
+    """
+    groups = optimizer.param_groups
+    cached = _SAFE_TYPES.get(optimizer)
+    if cached is None or cached[0] != len(groups):
+        cached = (len(groups), _multiplier_groups(optimizer))
+        _SAFE_TYPES[optimizer] = cached
+    for i in cached[1]:
+        g = groups[i]
+        kind = type(optimizer).__name__
+        if "maximize" not in g:
+            raise ValueError(
+                f"{kind} holds Lagrange multipliers, but it cannot ascend them: line-search "
+                "and quasi-Newton optimizers diverge on the Lagrangian, which is linear in the "
+                "multipliers. Give it the model's parameters only, minimise mdmm(loss).value "
+                "(the augmented Lagrangian at fixed multipliers), and call "
+                "manifoldparam.soft.dual_update(mdmm) after each solve (method of multipliers)."
+            )
+        if not g["maximize"]:
+            raise ValueError(
+                f"{kind} param group {i} holds Lagrange multipliers with maximize=False: it "
+                "would descend on them and the multipliers would run away. Build the optimizer "
+                "with MDMM.make_optimizer(params, optimizer=...), which ascends them."
+            )
+        if g.get("weight_decay", 0.0):
+            raise ValueError(
+                f"{kind} param group {i} holds Lagrange multipliers with weight_decay="
+                f"{g['weight_decay']}: decay biases the multipliers and the constraints are "
+                "not met. Set that group's weight_decay to 0 (MDMM.make_optimizer does)."
+            )
+        lr = g["lr"]
+        if not isinstance(lr, Tensor) and lr <= 0:
+            raise ValueError(
+                f"{kind} param group {i} holds Lagrange multipliers with lr={lr}: they ascend "
+                "through maximize=True and need a positive lr. A learning-rate scheduler that "
+                "sets it (mdmm's negative-lr trick, ReduceLROnPlateau's min_lr=0) must leave "
+                "it positive; e.g. give that scheduler a per-group min_lr > 0."
+            )
+
+
+def _step_pre_hook(optimizer: optim.Optimizer, args: Any, kwargs: Any) -> None:
+    check_optimizer(optimizer)
+
+
+_HOOK = register_optimizer_step_pre_hook(_step_pre_hook)
