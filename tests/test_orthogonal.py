@@ -46,6 +46,25 @@ def test_any_coordinates_land_on_stiefel(rows, cols, dtype, map, scale):
     assert_on_stiefel(w)
 
 
+@given(
+    out_ch=st.integers(1, 12),
+    in_ch=st.integers(1, 4),
+    kernel=st.integers(1, 3),
+    batched=st.booleans(),
+    map=st.sampled_from(MAPS),
+    scale=st.sampled_from([0.0, 1.0, 100.0]),
+)
+def test_conv_kernels_land_on_stiefel(out_ch, in_ch, kernel, batched, map, scale):
+    conv = nn.Conv2d(in_ch, out_ch, kernel).double()
+    mp.orthogonal(conv, map=map, batched=batched)
+    with torch.no_grad():
+        orig = conv.parametrizations.weight.original
+        orig.copy_(scale * torch.randn_like(orig))
+    w = conv.weight
+    assert w.shape == (out_ch, in_ch, kernel, kernel)
+    assert_on_stiefel(w if batched else w.reshape(out_ch, -1))
+
+
 @pytest.mark.parametrize("rows,cols", [(1, 1), (2, 2), (6, 6), (7, 3), (3, 7), (5, 1), (1, 5)])
 def test_minimal_coordinates_have_no_dead_direction(rows, cols):
     """The original holds exactly dim St(n, k) numbers and the map's Jacobian has full rank:
