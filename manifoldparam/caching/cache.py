@@ -1,17 +1,512 @@
-"""Evaluation of a hard constraint's map, with caching (filled in by the caching work)."""
+r"""Caching of constrained weights that is never stale.
+
+Every constrained value ``module.weight`` is made by :func:`evaluate` (``Parametrization.forward``
+calls it). With caching off it is just ``p._map(x)``. With caching on -- inside a
+:func:`cached` block, or for a parametrization put in automatic mode (:func:`auto_cache`) --
+the value is computed once and reused for as long as nothing it depends on has changed.
+
+What is keyed (the contract)
+----------------------------
+``f = p._map`` is a pure function of ``x`` (the ``original`` tensor passed in; under
+``torch.func.functional_call`` that is the substituted tensor) and of ``p``'s own tensors
+(buffers such as ``Orthogonal.base``, and parameters if a subclass has any). A stored value
+``y = f(x)`` is returned for a later read only if all of the following are unchanged:
+
+* the *objects*: the read passes the same tensor ``x`` (checked by identity through a weak
+  reference, so a tensor substituted by ``functional_call`` or a re-assigned buffer is a miss,
+  and a freed tensor whose ``id`` is recycled can never match);
+* their *contents*: ``x._version`` and every buffer's ``_version`` (bumped by every in-place
+  change made through autograd-visible ops: ``optimizer.step()``, ``copy_``/``add_`` under
+  ``no_grad``, :func:`~manifoldparam.rebase`, assignment ``module.weight = Q``), plus
+  ``x.data_ptr()``, ``dtype``, ``device``, ``requires_grad`` (which catch ``x.data = ...``
+  and ``module.to(...)``);
+* no ``torch.optim.Optimizer.step()`` has finished since (a process-wide step counter,
+  advanced by a global optimizer step hook): fused optimizers (``Adam(fused=True)`` and
+  friends) update parameters without bumping their version counters, and third-party
+  optimizers may write through ``.data``;
+* the returned tensor itself was not modified in place (``y._version``);
+* the *mode* the value was made in: grad mode, inference mode and the autocast state of
+  ``x``'s device. Values made under ``torch.no_grad()`` have no graph, so they are stored
+  apart from values made with grad and never returned to a grad-mode read;
+* the *scope*: each outermost :func:`cached` block has its own entries (dropped when it
+  exits); automatic mode has its own.
+
+The one change nothing sees is an in-place write through ``.data`` (``p.data.add_(...)``)
+outside an optimizer step: call :func:`invalidate` after such writes. Changing a
+parametrization's plain Python settings (``p.map = "cayley"``) likewise needs :func:`invalidate`.
+
+Gradients
+---------
+A value read ``T`` times builds one graph for ``f``, not ``T``. The stored value returned to a
+grad-mode read is the output of a small autograd node, :class:`_Reuse`, whose backward runs
+``torch.autograd.grad(y, (x, ...), g, retain_graph=True)`` on ``f``'s own graph. Autograd sums
+the gradients of all ``T`` reads into ``g`` first, so the backward through ``f`` runs once per
+backward pass (``∂L/∂x = J_f(x)ᵀ Σ_t ∂L/∂y_t``, equal to the uncached sum up to round-off), and
+``f``'s graph is never consumed by a backward: a second backward (gradient accumulation, two
+losses built from one forward, an LBFGS closure) works exactly as without a cache. A backward
+with ``create_graph=True`` (Hessian-vector products) differentiates through ``f``'s graph and
+then retires the entry, since a later double backward may free that graph; the next read
+recomputes. In automatic mode, every backward through an entry retires it (its graph is
+released as soon as the last tensor built on it dies), so the cache never holds a graph
+across an optimizer step.
+
+Where it stays out of the way
+-----------------------------
+Caching is bypassed (the map is evaluated every time, as without a cache) inside ``torch.func``
+transforms (``grad``, ``vmap``, ``jvp``, ...), forward-mode AD levels, ``torch.compile`` /
+``torch.export`` tracing, ``torch.jit`` tracing, and under active ``TorchDispatchMode`` s (fake
+and meta tensors, flop counters).
+
+State lives on each parametrization instance (an attribute holding a :class:`_Slot`), not in a
+process-global table: ``copy.deepcopy`` gives the copy an empty cache (with the same automatic
+flag), pickling stores no tensors, and nothing keeps a module alive.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+import weakref
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar, Token
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from manifoldparam.hard.base import Parametrization
 
-__all__ = ["evaluate"]
+__all__ = [
+    "auto_cache",
+    "cached",
+    "cached_closure",
+    "evaluate",
+    "invalidate",
+    "is_auto",
+    "set_auto",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Attribute of a parametrization that holds its cache slot.
+_SLOT_ATTR = "_manifoldparam_cache"
+
+
+class _Scope:
+    """One outermost :func:`cached` block: its identity tags the entries made inside it."""
+
+    __slots__ = ("__weakref__", "slots")
+
+    def __init__(self) -> None:
+        # The slots that stored an entry tagged with this scope (weakly: a module may die first).
+        self.slots: list[weakref.ref[_Slot]] = []
+
+    def close(self) -> None:
+        for ref in self.slots:
+            slot = ref()
+            if slot is not None:
+                slot.drop_scope(self)
+        self.slots.clear()
+
+
+class _AutoToken:
+    """The scope tag of automatic-mode entries."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<auto>"
+
+
+_AUTO = _AutoToken()
+
+_SCOPE: ContextVar[_Scope | None] = ContextVar("manifoldparam_cache_scope", default=None)
+
+
+class _StepCounter:
+    """Counts finished optimizer steps (any ``torch.optim.Optimizer``), through torch's global
+    step post-hook, installed the first time caching is used. Entries made before a step are
+    stale after it, even when the step did not bump version counters (fused optimizers)."""
+
+    __slots__ = ("count", "handle")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.handle: Any = None
+
+    def install(self) -> None:
+        if self.handle is None:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            self.handle = register_optimizer_step_post_hook(self._bump)
+
+    def _bump(self, *_: object) -> None:
+        self.count += 1
+
+
+_STEPS = _StepCounter()
+
+
+def _version(t: Tensor) -> int:
+    """``t._version``; -1 for inference tensors, which keep no version counter."""
+    return -1 if t.is_inference() else t._version
+
+
+class _Entry:
+    """One stored value and everything it was computed from."""
+
+    __slots__ = (
+        "__weakref__",
+        "buffers",
+        "device",
+        "dtype",
+        "epoch",
+        "out",
+        "out_version",
+        "ptr",
+        "requires_grad",
+        "version",
+        "x",
+    )
+
+    def __init__(self, x: Tensor, state: tuple[Tensor, ...], out: Tensor) -> None:
+        self.x = weakref.ref(x)
+        self.epoch = _STEPS.count
+        self.version = _version(x)
+        self.ptr = x.data_ptr()
+        self.dtype = x.dtype
+        self.device = x.device
+        self.requires_grad = x.requires_grad
+        self.buffers = tuple((weakref.ref(t), _version(t)) for t in state)
+        self.out = out
+        self.out_version = _version(out)
+
+    def matches(self, x: Tensor, state: tuple[Tensor, ...]) -> bool:
+        if (
+            self.x() is not x
+            or self.epoch != _STEPS.count
+            or _version(x) != self.version
+            or x.data_ptr() != self.ptr
+            or x.requires_grad != self.requires_grad
+            or x.dtype != self.dtype
+            or x.device != self.device
+            or _version(self.out) != self.out_version
+            or len(state) != len(self.buffers)
+        ):
+            return False
+        for t, (ref, version) in zip(state, self.buffers, strict=True):
+            if ref() is not t or _version(t) != version:
+                return False
+        return True
+
+
+class _Slot:
+    """The cache of one parametrization: its automatic flag and its entries.
+
+    ``entries`` maps ``(scope, grad_enabled, inference_mode, autocast)`` to an :class:`_Entry`;
+    an entry is returned only if :meth:`_Entry.matches` the current read. A copy
+    (``copy.deepcopy``) or an unpickled slot keeps the flag and starts empty.
+    """
+
+    __slots__ = ("__weakref__", "auto", "entries")
+
+    def __init__(self, auto: bool = False) -> None:
+        self.auto = auto
+        self.entries: dict[tuple[Any, ...], _Entry] = {}
+
+    def drop_scope(self, scope: object) -> None:
+        for key in [k for k in self.entries if k[0] is scope]:
+            del self.entries[key]
+
+    def discard(self, entry: _Entry) -> None:
+        for key in [k for k, e in self.entries.items() if e is entry]:
+            del self.entries[key]
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Slot:
+        return _Slot(self.auto)
+
+    def __copy__(self) -> _Slot:
+        return _Slot(self.auto)
+
+    def __reduce__(self) -> tuple[type[_Slot], tuple[bool]]:
+        return (_Slot, (self.auto,))
+
+    def __repr__(self) -> str:
+        return f"_Slot(auto={self.auto}, entries={len(self.entries)})"
+
+
+class _GraphState:
+    """What :class:`_Reuse` needs in backward: ``y = f(x)`` with its graph, and its cache slot."""
+
+    __slots__ = ("drop_on_backward", "entry", "inner", "inputs", "slot")
+
+    def __init__(
+        self, inner: Tensor, inputs: tuple[Tensor, ...], slot: _Slot, drop_on_backward: bool
+    ) -> None:
+        self.inner = inner
+        self.inputs = inputs
+        self.slot = weakref.ref(slot)
+        self.entry: weakref.ref[_Entry] | None = None
+        self.drop_on_backward = drop_on_backward
+
+    def retire(self) -> None:
+        slot = self.slot()
+        entry = self.entry() if self.entry is not None else None
+        if slot is not None and entry is not None:
+            slot.discard(entry)
+
+
+class _Reuse(torch.autograd.Function):
+    """Identity on a stored value ``y = f(x)`` whose backward differentiates ``f``'s own graph.
+
+    ``forward`` returns ``y`` detached; ``backward(g)`` returns
+    ``torch.autograd.grad(y, inputs, g, retain_graph=True, create_graph=<grad mode>)``, so
+    ``f``'s graph survives any number of backward passes (see the module docstring).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, state: _GraphState, *inputs: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.state = state
+        return state.inner.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        state: _GraphState = ctx.state
+        create_graph = torch.is_grad_enabled()
+        grads = torch.autograd.grad(
+            state.inner,
+            state.inputs,
+            grad,
+            retain_graph=True,
+            create_graph=create_graph,
+            allow_unused=True,
+        )
+        if create_graph or state.drop_on_backward:
+            state.retire()
+        return (None, *grads)
+
+
+# --------------------------------------------------------------------------- the hook
+
+
+def _state_tensors(p: nn.Module) -> tuple[Tensor, ...]:
+    """The tensors of ``p`` (buffers, parameters) its map may read besides ``x``."""
+    if p._modules:
+        return (*p.buffers(), *p.parameters())
+    return (
+        *(b for b in p._buffers.values() if b is not None),
+        *(q for q in p._parameters.values() if q is not None),
+    )
+
+
+def _bypass(x: Tensor) -> bool:
+    """Whether caching must step aside: transforms, tracing, compile, dispatch modes."""
+    return (
+        torch._C._functorch.peek_interpreter_stack() is not None
+        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch.autograd.forward_ad._current_level >= 0
+        or torch.jit.is_tracing()
+        or x.is_meta
+    )
+
+
+def _mode_key(x: Tensor) -> tuple[bool, bool, torch.dtype | None]:
+    device_type = x.device.type
+    autocast = (
+        torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    )
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast)
 
 
 def evaluate(p: Parametrization, x: Tensor) -> Tensor:
-    """``p._map(x)``: the single entry point through which every constrained value is made."""
-    return p._map(x)
+    """``p._map(x)``, reused while nothing it depends on has changed (when caching is on).
+
+    The single entry point through which every constrained value is made. Caching is on inside
+    :func:`cached` and for parametrizations in automatic mode (:func:`auto_cache`); otherwise
+    this is exactly ``p._map(x)``. See the module docstring for what is keyed.
+    """
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace ContextVar.get
+        return p._map(x)
+    scope = _SCOPE.get()
+    slot: _Slot | None = p.__dict__.get(_SLOT_ATTR)
+    token: object
+    if scope is None:
+        if slot is None or not slot.auto:
+            return p._map(x)
+        token = _AUTO
+    else:
+        token = scope
+    if _bypass(x):
+        return p._map(x)
+    if slot is None:
+        slot = _Slot()
+        p.__dict__[_SLOT_ATTR] = slot
+        _STEPS.install()
+    key = (token, *_mode_key(x))
+    state = _state_tensors(p)
+    entry = slot.entries.get(key)
+    if entry is not None and entry.matches(x, state):
+        return entry.out
+
+    inner = p._map(x)
+    inputs = tuple(t for t in (x, *state) if t.requires_grad)
+    if inner.requires_grad and inputs:
+        graph = _GraphState(inner, inputs, slot, drop_on_backward=token is _AUTO)
+        out = _Reuse.apply(graph, *inputs)
+        entry = _Entry(x, state, out)
+        graph.entry = weakref.ref(entry)
+    else:
+        out = inner
+        entry = _Entry(x, state, out)
+    if scope is not None and not any(k[0] is scope for k in slot.entries):
+        scope.slots.append(weakref.ref(slot))
+    slot.entries[key] = entry
+    return out
+
+
+# --------------------------------------------------------------------------- public API
+
+
+class cached(contextlib.ContextDecorator):
+    """Compute every constrained weight once inside the block, reuse it, never go stale.
+
+    ::
+
+        with manifoldparam.cached():
+            for t in range(T):                 # module.weight computed once, read T times
+                h = cell(x[t], h)
+            loss.backward()
+            optimizer.step()                   # bumps the originals' versions:
+            model(x2)                          # ... so this read recomputes
+
+    The results -- values and gradients -- equal those of the same code without the block,
+    including after ``optimizer.step()`` inside it, after a ``torch.no_grad()`` read, under
+    ``torch.func.functional_call`` with substituted tensors, with several ``backward()`` calls,
+    and with ``create_graph=True`` (see :mod:`manifoldparam.caching.cache` for what is keyed).
+    Entries are dropped when the outermost block exits. A nested block shares the outer
+    block's entries unless ``fresh=True``. Also usable as a decorator (each call opens a block).
+    """
+
+    def __init__(self, *, fresh: bool = False) -> None:
+        self.fresh = fresh
+        self._tokens: list[tuple[Token[_Scope | None], _Scope | None]] = []
+
+    def _recreate_cm(self) -> cached:
+        return cached(fresh=self.fresh)
+
+    def __enter__(self) -> cached:
+        _STEPS.install()
+        opened: _Scope | None = None
+        if self.fresh or _SCOPE.get() is None:
+            opened = _Scope()
+            self._tokens.append((_SCOPE.set(opened), opened))
+        else:
+            self._tokens.append((_SCOPE.set(_SCOPE.get()), None))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        token, opened = self._tokens.pop()
+        _SCOPE.reset(token)
+        if opened is not None:
+            opened.close()
+
+
+def cached_closure(closure: F) -> F:
+    """Wrap an optimizer closure so that each evaluation runs in a fresh :func:`cached` block.
+
+    For optimizers that evaluate the objective several times per step: ``torch.optim.LBFGS``
+    (``closure()`` with ``backward()`` inside), torchzero (``closure(backward=True)``), torchmin's
+    ``Minimizer`` (``closure()`` without backward; it differentiates, with ``create_graph`` for
+    the Newton and trust-region methods). Arguments pass through unchanged::
+
+        @manifoldparam.cached_closure
+        def closure():
+            optimizer.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+
+    Every parametrized weight is computed once per evaluation however often the model reads it,
+    and each evaluation sees the parameters the optimizer just wrote (even through ``.data``,
+    which version counters cannot see, since nothing is carried over between evaluations).
+    """
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with cached(fresh=True):
+            return closure(*args, **kwargs)
+
+    wrapped.__name__ = getattr(closure, "__name__", "closure")
+    wrapped.__qualname__ = getattr(closure, "__qualname__", "closure")
+    wrapped.__doc__ = getattr(closure, "__doc__", None)
+    wrapped.__wrapped__ = closure  # type: ignore[attr-defined]
+    return wrapped  # type: ignore[return-value]
+
+
+def _parametrizations(obj: nn.Module | Iterable[nn.Module]) -> Iterable[nn.Module]:
+    from manifoldparam.hard.base import Parametrization
+
+    modules = [obj] if isinstance(obj, nn.Module) else list(obj)
+    seen: set[int] = set()
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, Parametrization) and id(m) not in seen:
+                seen.add(id(m))
+                yield m
+
+
+def set_auto(p: nn.Module, enabled: bool = True) -> None:
+    """Put one parametrization in (or out of) automatic mode; leaving it drops its entries."""
+    slot: _Slot | None = p.__dict__.get(_SLOT_ATTR)
+    if slot is None:
+        slot = _Slot()
+        p.__dict__[_SLOT_ATTR] = slot
+    slot.auto = bool(enabled)
+    _STEPS.install()
+    if not enabled:
+        slot.drop_scope(_AUTO)
+
+
+def is_auto(p: nn.Module) -> bool:
+    """Whether ``p`` caches automatically (outside :func:`cached` blocks)."""
+    slot: _Slot | None = p.__dict__.get(_SLOT_ATTR)
+    return bool(slot is not None and slot.auto)
+
+
+def auto_cache(model: nn.Module | Iterable[nn.Module], enabled: bool = True) -> Any:
+    """Automatic caching, without a context, for every constrained weight in ``model``.
+
+    A weight read many times between two optimizer steps is computed once. Any in-place change
+    of an original or of a buffer (``optimizer.step()``, ``rebase``, assignment), a backward
+    through the value, a grad-mode change, ``functional_call`` with other tensors: the next read
+    recomputes. Writes through ``.data`` are invisible to version counters: call
+    :func:`invalidate` after them. ``enabled=False`` turns it off. Returns ``model``::
+
+        model = manifoldparam.auto_cache(model)
+        for x, y in loader:
+            loss = loss_fn(model(x), y)       # an RNN kernel is computed once per step
+            optimizer.zero_grad(); loss.backward(); optimizer.step()
+    """
+    for p in _parametrizations(model):
+        set_auto(p, enabled)
+    return model
+
+
+def invalidate(model: nn.Module | Iterable[nn.Module] | None = None) -> None:
+    """Drop cached values: of every constrained weight in ``model``, or with no argument, every
+    entry of the current :func:`cached` block. Needed only after writes no version counter sees
+    (``original.data.copy_(...)``, changing a parametrization's Python attributes)."""
+    if model is None:
+        scope = _SCOPE.get()
+        if scope is not None:
+            scope.close()
+        return
+    for p in _parametrizations(model):
+        slot: _Slot | None = p.__dict__.get(_SLOT_ATTR)
+        if slot is not None:
+            slot.clear()
