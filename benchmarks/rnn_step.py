@@ -1,0 +1,196 @@
+"""Benchmark: one training step of an orthogonal RNN, cached / uncached / automatic, vs peers.
+
+Run (CPU, 2 threads; about 2-4 minutes with the defaults)::
+
+    python benchmarks/rnn_step.py                       # n=190, T=100, batch 128
+    python benchmarks/rnn_step.py --rounds 3 --no-uncached  # quicker
+
+The model is expRNN's copy-task cell (``examples/copy_task.py``): one-hot inputs (10),
+``h_t = modReLU(W h_{t-1} + U x_t)``, a linear read-out to 9 classes, cross-entropy over all
+T steps. A *training step* is ``zero_grad`` + forward over T steps + ``backward`` + ``step``
+(Adam; geoopt's ``RiemannianAdam`` for geoopt). Variants:
+
+* ``unconstrained``: ``W`` a plain ``nn.Linear`` weight (the reference: ratio 1);
+* ``manifoldparam cached()``: ``manifoldparam.orthogonal`` with the step inside
+  ``manifoldparam.cached()``;
+* ``manifoldparam auto``: the same model after ``manifoldparam.auto_cache(model)``, no block;
+* ``manifoldparam uncached``: no cache: the orthogonal map is evaluated at each of the T steps;
+* ``geotorch + parametrize.cached()``: ``geotorch.orthogonal(rnn, "weight")`` (expm), forward
+  and backward inside torch's ``parametrize.cached()``;
+* ``geoopt RiemannianAdam``: ``W`` a ``geoopt.ManifoldParameter`` on ``Stiefel()`` (no
+  parametrization; the optimizer retracts).
+
+Rounds are interleaved across variants in one process (each round runs ``--steps`` steps of
+every variant, in a rotated order); the table reports the median seconds per step over rounds
+and its ratio to the unconstrained step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from copy_task import N_CLASSES, N_INPUTS, ModReLU, copy_batch  # noqa: E402
+
+import manifoldparam as mp  # noqa: E402
+from manifoldparam.caching import auto_cache, cached  # noqa: E402
+
+
+class RNN(nn.Module):
+    """expRNN's cell with any recurrent module ``rec`` (``h ↦ h Wᵀ``)."""
+
+    def __init__(self, n: int, rec: nn.Module) -> None:
+        super().__init__()
+        self.n = n
+        self.inp = nn.Linear(N_INPUTS, n)
+        self.rec = rec
+        self.act = ModReLU(n)
+        self.out = nn.Linear(n, N_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.inp.weight.T[x] + self.inp.bias
+        h = u.new_zeros(x.shape[1], self.n)
+        hs = []
+        for t in range(x.shape[0]):
+            h = self.act(self.rec(h) + u[t])
+            hs.append(h)
+        return self.out(torch.stack(hs))
+
+
+def orthogonal_linear(n: int) -> nn.Linear:
+    rec = nn.Linear(n, n, bias=False)
+    nn.init.orthogonal_(rec.weight)
+    return rec
+
+
+Step = Callable[[], None]
+
+
+def make_variants(n: int, length: int, batch: int, uncached: bool) -> dict[str, Step]:
+    gen = torch.Generator().manual_seed(0)
+    x, y = copy_batch(batch, length, gen)  # T = length + 20
+    loss_fn = nn.CrossEntropyLoss()
+
+    def trainer(model: nn.Module, opt: torch.optim.Optimizer, ctx: Callable[[], object]) -> Step:
+        def step() -> None:
+            with ctx():  # type: ignore[attr-defined]
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x).reshape(-1, N_CLASSES), y.reshape(-1))
+                loss.backward()
+                opt.step()
+
+        return step
+
+    none = contextlib.nullcontext
+    variants: dict[str, Step] = {}
+    torch.manual_seed(0)
+    plain = RNN(n, orthogonal_linear(n))
+    variants["unconstrained"] = trainer(plain, torch.optim.Adam(plain.parameters(), 1e-3), none)
+
+    torch.manual_seed(0)
+    ours = RNN(n, mp.orthogonal(orthogonal_linear(n)))
+    variants["manifoldparam cached()"] = trainer(
+        ours, torch.optim.Adam(ours.parameters(), 1e-3), cached
+    )
+    torch.manual_seed(0)
+    ours_auto = auto_cache(RNN(n, mp.orthogonal(orthogonal_linear(n))))
+    variants["manifoldparam auto"] = trainer(
+        ours_auto, torch.optim.Adam(ours_auto.parameters(), 1e-3), none
+    )
+    if uncached:
+        torch.manual_seed(0)
+        ours_none = RNN(n, mp.orthogonal(orthogonal_linear(n)))
+        variants["manifoldparam uncached"] = trainer(
+            ours_none, torch.optim.Adam(ours_none.parameters(), 1e-3), none
+        )
+
+    try:
+        import geotorch
+        from torch.nn.utils import parametrize
+
+        torch.manual_seed(0)
+        rec = orthogonal_linear(n)
+        geotorch.orthogonal(rec, "weight")
+        geo = RNN(n, rec)
+        variants["geotorch + parametrize.cached()"] = trainer(
+            geo, torch.optim.Adam(geo.parameters(), 1e-3), parametrize.cached
+        )
+    except ImportError:
+        print("geotorch not installed: skipped", file=sys.stderr)
+
+    import geoopt
+
+    torch.manual_seed(0)
+    rec = orthogonal_linear(n)
+    rec.weight = geoopt.ManifoldParameter(rec.weight.detach().clone(), manifold=geoopt.Stiefel())
+    rgeo = RNN(n, rec)
+    variants["geoopt RiemannianAdam"] = trainer(
+        rgeo, geoopt.optim.RiemannianAdam(rgeo.parameters(), 1e-3), none
+    )
+    return variants
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=190)
+    parser.add_argument("--T", type=int, default=100, help="time steps (= L + 20)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=2, help="steps per variant per round")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-uncached", action="store_true", help="skip the slow uncached run")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    variants = make_variants(args.n, args.T - 20, args.batch, not args.no_uncached)
+    names = list(variants)
+    for step in variants.values():  # warm-up
+        step()
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(args.rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            steps = 1 if name == "manifoldparam uncached" else args.steps
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                variants[name]()
+            times[name].append((time.perf_counter() - t0) / steps)
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    ref = statistics.median(times["unconstrained"])
+    table = {
+        k: {"median_ms": 1e3 * statistics.median(v), "ratio": statistics.median(v) / ref}
+        for k, v in times.items()
+    }
+    print(
+        f"\nTraining step, orthogonal RNN n={args.n}, T={args.T}, batch {args.batch}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"median of {args.rounds} interleaved rounds\n"
+    )
+    print("| variant | ms / step | vs unconstrained |")
+    print("| --- | ---: | ---: |")
+    for k, v in table.items():
+        print(f"| {k} | {v['median_ms']:.1f} | {v['ratio']:.2f}x |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps({"args": vars(args) | {"json": str(args.json)}, "table": table}, indent=1)
+        )
+    return table
+
+
+if __name__ == "__main__":
+    main()
