@@ -369,7 +369,7 @@ def lbfgs_run(
     out = []
     with ctx:
         for _ in range(steps):
-            out.append(float(opt.step(wrap(closure))))
+            out.append(float(opt.step(wrap(closure)).detach()))
     return out
 
 
@@ -658,3 +658,33 @@ def test_torch_compile_traces_the_map() -> None:
     with cached():
         compiled = torch.compile(lambda: model.rec.weight, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(), model.rec.weight, **TOL)
+
+
+def test_autocast_value_is_kept_apart() -> None:
+    model = make()
+    with cached():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.rec.weight  # noqa: B018
+        w = model.rec.weight
+    assert w.dtype == DT
+    torch.testing.assert_close(w, model.rec.weight, **TOL)
+
+
+@pytest.mark.parametrize("mode", ["cached", "auto"])
+def test_activation_checkpointing(mode: str) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    xs, y = data()
+
+    def run(model: RNN) -> None:
+        out = checkpoint(model, xs, use_reentrant=False)
+        ((out - y) ** 2).mean().backward()
+
+    ref, ours = make(), make()
+    run(ref)
+    if mode == "auto":
+        auto_cache(ours)
+    with counting() as calls, cached() if mode == "cached" else contextlib.nullcontext():
+        run(ours)
+    assert calls[0] == 2 * T  # inside a checkpointed region the cache steps aside
+    assert_same(grads(ours), grads(ref))

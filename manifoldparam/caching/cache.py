@@ -54,8 +54,10 @@ Where it stays out of the way
 -----------------------------
 Caching is bypassed (the map is evaluated every time, as without a cache) inside ``torch.func``
 transforms (``grad``, ``vmap``, ``jvp``, ...), forward-mode AD levels, ``torch.compile`` /
-``torch.export`` tracing, ``torch.jit`` tracing, and under active ``TorchDispatchMode`` s (fake
-and meta tensors, flop counters).
+``torch.export`` tracing, ``torch.jit`` tracing, under active ``TorchDispatchMode`` s (fake
+and meta tensors, flop counters), and under saved-tensor hooks (activation checkpointing,
+``save_on_cpu``): a checkpointed region must save the same tensors when it is recomputed
+during backward as in its forward, which a cache filled before the region would break.
 
 State lives on each parametrization instance (an attribute holding a :class:`_Slot`), not in a
 process-global table: ``copy.deepcopy`` gives the copy an empty cache (with the same automatic
@@ -309,6 +311,7 @@ def _bypass(x: Tensor) -> bool:
         or torch._C._functorch.is_functorch_wrapped_tensor(x)
         or torch._C._len_torch_dispatch_stack() > 0
         or torch.autograd.forward_ad._current_level >= 0
+        or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
         or torch.jit.is_tracing()
         or x.is_meta
     )
