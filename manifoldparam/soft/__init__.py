@@ -5,6 +5,8 @@
   multipliers through ``maximize=True`` (:mod:`.mdmm`);
 * :func:`dual_update`, the method of multipliers for LBFGS / BFGS / scipy
   (:mod:`.multipliers`);
+* :func:`restore_feasibility`, a Gauss–Newton step onto the constraints once near them
+  (:mod:`.restoration`);
 * :func:`constrain`, soft constraints declared on module attributes, and
   :func:`constraint_report`, hard and soft constraints of a model (:mod:`.attribute`).
 """
@@ -32,6 +34,7 @@ from manifoldparam.soft.constraints import (
 )
 from manifoldparam.soft.mdmm import MDMM, MDMMReturn, check_optimizer
 from manifoldparam.soft.multipliers import dual_update
+from manifoldparam.soft.restoration import restore_feasibility
 
 __all__ = [
     "MDMM",
@@ -52,6 +55,7 @@ __all__ = [
     "constraint_report",
     "dual_update",
     "mean_abs",
+    "restore_feasibility",
     "rms",
     "row_norms",
     "soft_constraints",

@@ -177,6 +177,8 @@ class MDMM(nn.ModuleList):
             "lr": lr if dual_lr is None else dual_lr,
             "maximize": True,
         }
+        if dual_lr is not None:
+            dual["pinned_lr"] = float(dual_lr)
         if "weight_decay" in accepted:
             dual["weight_decay"] = 0.0
         return optimizer([*groups, dual])
@@ -231,6 +233,8 @@ def check_optimizer(optimizer: optim.Optimizer) -> None:
                 f"{g['weight_decay']}: decay biases the multipliers and the constraints are "
                 "not met. Set that group's weight_decay to 0 (MDMM.make_optimizer does)."
             )
+        if "pinned_lr" in g:  # make_optimizer(dual_lr=...): schedulers do not move it
+            g["lr"] = g["pinned_lr"]
         lr = g["lr"]
         if not isinstance(lr, Tensor) and lr <= 0:
             raise ValueError(
