@@ -85,8 +85,13 @@ _B13 = (
 _C7 = tuple(b / _B7[0] for b in _B7)
 _C13 = tuple(b / _B13[0] for b in _B13)
 # min(theta_m of the 2009 expm, ell_m of the 2009 Frechet paper, Table 6.1).
+# float64 (u = 2^-53): m = 7 without scaling if max(d6, d8) <= 0.783, else m = 13 and 4.25.
 _THETA7 = 0.783
 _THETA13 = 4.25
+# float32 (u = 2^-24): m = 7 always, with ell_7 = 3.249 (computed as in the Frechet paper,
+# Sec. 6: largest x with sum_k k|c_k| x^(k-1) <= u for log(e^-x r_7(x)) = sum_k c_k x^k; the
+# same computation reproduces its double-precision table) less a small margin.
+_THETA7_F32 = 3.2
 
 
 def _eye_like(a: Tensor) -> Tensor:
@@ -103,9 +108,13 @@ def _expand(v: Tensor) -> Tensor:
 
 
 def _choose(
-    a2: Tensor, a4: Tensor, a6: Tensor, max_squarings: int | None
-) -> tuple[int, Tensor, int, bool]:
-    """(m, s per matrix, s_max, uniform) from the norms of A², A⁴, A⁶ (one host read)."""
+    a: Tensor, a2: Tensor, a4: Tensor, a6: Tensor, max_squarings: int | None
+) -> tuple[int, Tensor, int, bool, bool]:
+    """(m, s per matrix, s_max, uniform s, overflow) from the norms of A, A², A⁴, A⁶.
+
+    One host read (of four scalars) unless ``max_squarings`` is given.
+    """
+    single = a.abs().dtype == torch.float32
     n2, n4, n6 = _norm1(a2), _norm1(a4), _norm1(a6)
     d4 = n4.pow(1 / 4)
     d6 = n6.pow(1 / 6)
@@ -113,19 +122,28 @@ def _choose(
     d10 = (n4 * n6).pow(1 / 10)
     eta3 = torch.maximum(d6, d8)
     eta5 = torch.minimum(eta3, torch.maximum(d8, d10))
+    # A power overflowed although A is finite: the caller pre-scales A and calls again.
+    overflow = (~torch.isfinite(eta3) & torch.isfinite(_norm1(a))).any()
     # Non-finite input: no squarings (the result is non-finite anyway).
-    eta5 = torch.nan_to_num(eta5, nan=0.0, posinf=0.0)
     eta3 = torch.nan_to_num(eta3, nan=0.0, posinf=0.0)
-    s = torch.log2(eta5 / _THETA13).ceil().clamp(min=0.0)
-    s = torch.nan_to_num(s, nan=0.0)  # eta5 == 0 -> log2(0) = -inf -> clamp -> 0
+    eta5 = torch.nan_to_num(eta5, nan=0.0, posinf=0.0)
+    if single:  # float32: always m = 7 (cheaper than 13 at equal accuracy)
+        m, eta, theta = 7, eta3, _THETA7_F32
+    else:
+        m, eta, theta = 13, eta5, _THETA13
+    s = torch.log2(eta / theta).ceil().clamp(min=0.0)  # eta == 0: -inf -> 0
     if max_squarings is not None:
-        return 13, s.clamp(max=float(max_squarings)), int(max_squarings), False
+        return m, s.clamp(max=float(max_squarings)), int(max_squarings), False, False
     if s.numel() == 0:
-        return 13, s, 0, True
-    e3, smax, smin = torch.stack([eta3.amax().to(s.dtype), s.amax(), s.amin()]).tolist()
-    if e3 <= _THETA7:
-        return 7, torch.zeros_like(s), 0, True
-    return 13, s, int(smax), smax == smin
+        return m, s, 0, True, False
+    e3, smax, smin, ovf = torch.stack(
+        [eta3.amax().to(s.dtype), s.amax(), s.amin(), overflow.to(s.dtype)]
+    ).tolist()
+    if ovf:
+        return m, s, 0, True, True
+    if not single and e3 <= _THETA7:
+        return 7, torch.zeros_like(s), 0, True, False
+    return m, s, int(smax), smax == smin, False
 
 
 def _pade(a: Tensor, a2: Tensor, a4: Tensor, a6: Tensor, m: int) -> tuple[Tensor, ...]:
@@ -151,9 +169,23 @@ def _forward(a: Tensor, max_squarings: int | None) -> tuple:
     a2 = a @ a
     a4 = a2 @ a2
     a6 = a4 @ a2
-    m, s, s_max, uniform = _choose(a2, a4, a6, max_squarings)
-    if s_max > 0:
-        f = _expand(torch.exp2(-s)).to(a.dtype)
+    m, s, s_max, uniform, overflow = _choose(a, a2, a4, a6, max_squarings)
+    f = None
+    if overflow:  # huge ‖A‖ (a power overflowed): pre-scale by the 1-norm, choose again
+        s0 = torch.nan_to_num(torch.log2(_norm1(a) / 4.0).ceil().clamp(min=0.0), posinf=0.0)
+        a = a * _expand(torch.exp2(-s0)).to(a.dtype)
+        a2 = a @ a
+        a4 = a2 @ a2
+        a6 = a4 @ a2
+        m, s1, *_ = _choose(a, a2, a4, a6, max_squarings)
+        s = s0 + s1
+        smax, smin = torch.stack([s.amax(), s.amin()]).tolist()  # a second read, rare path
+        s_max, uniform = int(smax), smax == smin
+        f = s1
+    elif s_max > 0:
+        f = s
+    if f is not None:
+        f = _expand(torch.exp2(-f)).to(a.dtype)
         f2 = f * f
         a, a2, a4, a6 = a * f, a2 * f2, a4 * (f2 * f2), a6 * (f2 * f2 * f2)
     u, v, w, w1, z1 = _pade(a, a2, a4, a6, m)
