@@ -217,6 +217,24 @@ def test_jacrev_and_grad_of_grad():
     assert _rel(gg, ggt) < 1e-11
 
 
+def test_forward_mode_jvp_jacfwd_hessian():
+    for a in (_rand((4, 4), 0.1), _rand((4, 4), 20.0, gen_seed=1), _rand((2, 3, 3), 3.0)):
+        e = torch.randn_like(a)
+        _, t1 = torch.func.jvp(expm, (a,), (e,))
+        _, t2 = torch.func.jvp(torch.linalg.matrix_exp, (a,), (e,))
+        assert _rel(t1, t2) < 1e-12
+        # The jvp is the Fréchet derivative L(A, E): compare with scipy as well.
+        if a.dim() == 2:
+            ref = scipy.linalg.expm_frechet(a.numpy(), e.numpy(), compute_expm=False)
+            assert _rel(t1, torch.from_numpy(np.asarray(ref))) < 1e-12
+    a = _rand((3, 3), 4.0)
+    assert _rel(torch.func.jacfwd(expm)(a), torch.func.jacrev(torch.linalg.matrix_exp)(a)) < 1e-12
+    h = torch.func.hessian(_loss)(a)
+    ht = torch.func.hessian(lambda y: (torch.linalg.matrix_exp(y) ** 2).sum())(a)
+    assert _rel(h, ht) < 1e-11
+    assert gradcheck(expm, (a.clone().requires_grad_(),), check_forward_ad=True)
+
+
 def test_torch_compile_inductor():
     a = _rand((2, 4, 4), 3.0)
 

@@ -52,9 +52,16 @@ mode (always :math:`m = 13`, exactly :math:`k` masked squarings, :math:`s` clamp
 :math:`k`, so inaccurate if :math:`\|A\|` exceeds about :math:`4.25\cdot 2^k`) for CUDA graphs or
 ``torch.compile(fullgraph=True)``.
 
-Transforms. Works with ``torch.func.grad`` / ``vjp`` / ``vmap`` (a ``vmap`` rule that moves the
-vmapped dim into the batch) and ``torch.compile`` (the norm read is a graph break unless
-``max_squarings`` is given). float16/bfloat16 inputs are computed in float32.
+Forward mode. ``jvp`` is Al-Mohy & Higham's forward scheme for :math:`L_r(A, E)` (the
+directional derivative of the same approximant) with the saved intermediates, so
+``torch.func.jvp`` / ``jacfwd`` and ``hessian`` (= ``jacfwd(jacrev)``) work; forward-over-forward
+(``jacfwd(jacfwd(...))``) does not (PyTorch does not differentiate a custom ``jvp``): it
+returns a wrong second derivative, use ``jacrev`` for the inner or outer level. Under
+``torch.compile`` a variant without ``jvp`` is used (Dynamo cannot trace a custom ``jvp``).
+
+Transforms. Works with ``torch.func.grad`` / ``vjp`` / ``jvp`` / ``vmap`` (a ``vmap`` rule that
+moves the vmapped dim into the batch) and ``torch.compile`` (the norm read is a graph break
+unless ``max_squarings`` is given). float16/bfloat16 inputs are computed in float32.
 """
 
 from __future__ import annotations
@@ -266,7 +273,38 @@ def _recompute(a: Tensor, m: int, s: Tensor, s_max: int, uniform: bool) -> tuple
     return (a, a2, a4, a6, w, w1, z1, q, None, r, sq, s)
 
 
-class _Expm(torch.autograd.Function):
+def _tangent(e: Tensor, saved: tuple, m: int, s_max: int, uniform: bool) -> Tensor:
+    """Forward-mode derivative of :func:`_forward`: L_r(A, E), Al-Mohy & Higham's scheme."""
+    a, a2, a4, a6, w, w1, z1, lu, piv, r, sq, s = saved
+    if s_max > 0:
+        e = e * _expand(torch.exp2(-s)).to(e.dtype)
+    m2 = a @ e + e @ a
+    m4 = a2 @ m2 + m2 @ a2
+    m6 = a4 @ m2 + m4 @ a2
+    if m == 7:
+        c = _C7
+        lw = c[7] * m6 + c[5] * m4 + c[3] * m2
+        lv = c[6] * m6 + c[4] * m4 + c[2] * m2
+    else:
+        c = _C13
+        lw1 = c[13] * m6 + c[11] * m4 + c[9] * m2
+        lz1 = c[12] * m6 + c[10] * m4 + c[8] * m2
+        lw = a6 @ lw1 + m6 @ w1 + (c[7] * m6 + c[5] * m4 + c[3] * m2)
+        lv = a6 @ lz1 + m6 @ z1 + (c[6] * m6 + c[4] * m4 + c[2] * m2)
+    lu_ = a @ lw + e @ w
+    # R = Q^{-1} P: dR = Q^{-1}(dP - dQ R) = Q^{-1}(Lu + Lv + (Lu - Lv) R).
+    rhs = lu_ + lv + (lu_ - lv) @ r
+    lx = torch.linalg.solve(lu, rhs) if piv is None else torch.linalg.lu_solve(lu, piv, rhs)
+    for j in range(s_max):
+        xj = sq[j]
+        lj = xj @ lx + lx @ xj
+        lx = lj if uniform else torch.where(_expand(s > j), lj, lx)
+    return lx
+
+
+class _ExpmNoJvp(torch.autograd.Function):
+    """The Function without forward mode (Dynamo cannot trace a custom ``jvp``)."""
+
     @staticmethod
     def forward(a: Tensor, max_squarings: int | None):  # type: ignore[override]
         x, saved, meta = _forward(a, max_squarings)
@@ -286,6 +324,7 @@ class _Expm(torch.autograd.Function):
         if meta[1] == 0:
             saved[8] = x
         ctx.save_for_backward(a, *saved)
+        ctx.save_for_forward(a, *saved)
 
     @staticmethod
     def backward(ctx, g: Tensor, *_unused):  # type: ignore[override]
@@ -305,14 +344,33 @@ class _Expm(torch.autograd.Function):
     def vmap(info, in_dims, a: Tensor, max_squarings: int | None):  # type: ignore[override]
         d = in_dims[0]
         if d is None:
-            out = _Expm.apply(a, max_squarings)
+            out = _apply(a, max_squarings)
             return out, tuple(None for _ in out)
         a = a.movedim(d, 0)
-        out = _Expm.apply(a, max_squarings)
+        out = _apply(a, max_squarings)
         # The stacked squares have the squaring index first, the batch second.
         dims = [0] * (len(out) - 1) + [None]
         dims[-3] = 1  # (x, a2, a4, a6, w, w1, z1, lu, piv, r, sq, s, meta)
         return out, tuple(dims)
+
+
+class _Expm(_ExpmNoJvp):
+    """With forward mode; used outside ``torch.compile``."""
+
+    @staticmethod
+    def jvp(ctx, e: Tensor, _max_squarings_t):  # type: ignore[override]
+        a, *saved = ctx.saved_tensors
+        m, s_max, uniform = ctx.meta
+        s = saved[-1]
+        if s_max > 0:
+            a = a * _expand(torch.exp2(-s)).to(a.dtype)
+        lx = _tangent(e, (a, *saved), m, s_max, uniform)
+        return (lx, *([None] * len(saved)), None)
+
+
+def _apply(a: Tensor, max_squarings: int | None) -> tuple:
+    fn = _ExpmNoJvp if torch.compiler.is_compiling() else _Expm
+    return fn.apply(a, max_squarings)
 
 
 def expm(a: Tensor, *, max_squarings: int | None = None) -> Tensor:
@@ -339,4 +397,4 @@ def expm(a: Tensor, *, max_squarings: int | None = None) -> Tensor:
         raise TypeError(f"expm needs a floating or complex tensor, got {a.dtype}")
     if a.shape[-1] == 0:
         return a.clone()
-    return _Expm.apply(a, max_squarings)[0]
+    return _apply(a, max_squarings)[0]
