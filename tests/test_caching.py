@@ -325,6 +325,13 @@ def test_two_losses_built_before_either_backward(mode: str) -> None:
     """Uncached code builds one graph per read; ours shares one graph and still allows this."""
     xs, y = data()
     x2, y2 = data(seed=2)
+    theirs = make()
+    with parametrize.cached():
+        l1, l2 = loss_of(theirs, xs, y), loss_of(theirs, x2, y2)
+    l1.backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        l2.backward()
+
     ref, ours = make(), make()
     l1, l2 = loss_of(ref, xs, y), loss_of(ref, x2, y2)
     l1.backward()
