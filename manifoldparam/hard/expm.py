@@ -101,10 +101,6 @@ _THETA13 = 4.25
 _THETA7_F32 = 3.2
 
 
-def _eye_like(a: Tensor) -> Tensor:
-    return torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-
-
 def _norm1(x: Tensor) -> Tensor:
     """1-norm (max column abs sum) of each matrix, in the real dtype; shape ``batch``."""
     return x.abs().sum(-2).amax(-1)
@@ -121,7 +117,7 @@ def _choose(
 
     One host read (of four scalars) unless ``max_squarings`` is given.
     """
-    single = a.abs().dtype == torch.float32
+    single = a.dtype in (torch.float32, torch.complex64)
     n2, n4, n6 = _norm1(a2), _norm1(a4), _norm1(a6)
     d4 = n4.pow(1 / 4)
     d6 = n6.pow(1 / 6)
@@ -144,7 +140,7 @@ def _choose(
     if s.numel() == 0:
         return m, s, 0, True, False
     e3, smax, smin, ovf = torch.stack(
-        [eta3.amax().to(s.dtype), s.amax(), s.amin(), overflow.to(s.dtype)]
+        [eta3.amax(), s.amax(), s.amin(), overflow.to(s.dtype)]
     ).tolist()
     if ovf:
         return m, s, 0, True, True
@@ -153,20 +149,24 @@ def _choose(
     return m, s, int(smax), smax == smin, False
 
 
+def _plus_identity(x: Tensor, c: float) -> Tensor:
+    x.diagonal(dim1=-2, dim2=-1).add_(c)  # x is a fresh temporary
+    return x
+
+
 def _pade(a: Tensor, a2: Tensor, a4: Tensor, a6: Tensor, m: int) -> tuple[Tensor, ...]:
     """U, V and the inner polynomials of r_m = (V - U)^{-1}(V + U) at the (scaled) powers."""
-    eye = _eye_like(a)
     if m == 7:
         c = _C7
-        w = c[7] * a6 + c[5] * a4 + c[3] * a2 + c[1] * eye
-        v = c[6] * a6 + c[4] * a4 + c[2] * a2 + c[0] * eye
+        w = _plus_identity(c[7] * a6 + c[5] * a4 + c[3] * a2, c[1])
+        v = _plus_identity(c[6] * a6 + c[4] * a4 + c[2] * a2, c[0])
         w1 = z1 = a[..., :0, :0]  # unused; keeps the batch shape (for the vmap rule)
     else:
         c = _C13
         w1 = c[13] * a6 + c[11] * a4 + c[9] * a2
         z1 = c[12] * a6 + c[10] * a4 + c[8] * a2
-        w = a6 @ w1 + (c[7] * a6 + c[5] * a4 + c[3] * a2 + c[1] * eye)
-        v = a6 @ z1 + (c[6] * a6 + c[4] * a4 + c[2] * a2 + c[0] * eye)
+        w = _plus_identity(a6 @ w1 + (c[7] * a6 + c[5] * a4 + c[3] * a2), c[1])
+        v = _plus_identity(a6 @ z1 + (c[6] * a6 + c[4] * a4 + c[2] * a2), c[0])
     u = a @ w
     return u, v, w, w1, z1
 
