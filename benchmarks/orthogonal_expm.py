@@ -7,7 +7,8 @@ Run (CPU, 2 threads; ~2-3 minutes with the defaults)::
     python benchmarks/orthogonal_expm.py --no-memory      # skip the peak-memory subprocesses
 
 What is timed, per size n (all float32, on an n×n weight; every method sees the same skew
-A = (X - Xᵀ)/√2 with X ~ N(0, 1/n) entries, i.e. spectral radius ≈ 2: a generic rotation):
+A = tril(X, -1) - tril(X, -1)ᵀ with X ~ N(0, 1/n) entries, i.e. spectral radius ≈ 2: a generic
+rotation; ``--scale c`` multiplies A by c, e.g. to see the regime with squarings):
 
 * ``expm (bare)`` / ``matrix_exp (bare)``: ``manifoldparam.hard.expm.expm(A)`` vs
   ``torch.linalg.matrix_exp(A)`` on the skew matrix itself (independent of any wiring).
@@ -54,9 +55,12 @@ from manifoldparam.hard.expm import _forward, expm  # noqa: E402
 REF = "torch orthogonal(matrix_exp)"
 
 
+SCALE = 1.0  # --scale: multiplies A (spectral radius ≈ 2·SCALE)
+
+
 def _skew_param(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, n, generator=g) * (n**-0.5)
+    return torch.randn(n, n, generator=g) * (SCALE * n**-0.5)
 
 
 def _skew(p: torch.Tensor) -> torch.Tensor:
@@ -176,7 +180,8 @@ def _memory_child(n: int, peers: bool) -> None:
 
 def _memory(n: int, peers: bool) -> dict[str, float]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, __file__, "--memory-child", str(n)] + ([] if peers else ["--no-peers"])
+    cmd = [sys.executable, __file__, "--memory-child", str(n), "--scale", str(SCALE)]
+    cmd += [] if peers else ["--no-peers"]
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
@@ -196,8 +201,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="rounds per size (default 30/10/3)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-peers", action="store_true", help="only the bare/map rows")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply A (default 1: ρ(A) ≈ 2)")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global SCALE
+    SCALE = args.scale
     peers = not args.no_peers
     if args.memory_child is not None:
         _memory_child(args.memory_child, peers)
@@ -205,7 +213,7 @@ def main() -> None:
 
     print(
         f"# torch {torch.__version__}, threads {torch.get_num_threads()}, float32, "
-        f"A = skew with N(0, 1/n) entries"
+        f"A = skew with N(0, {SCALE:g}²/n) entries"
     )
     t_start = time.perf_counter()
     for n in args.sizes:
