@@ -152,7 +152,8 @@ class Constraint(nn.Module):
         """:math:`\\psi(c, \\lambda) = \\lambda c + d c^2 / 2`, summed over elements."""
         l_term = self.lmbda * c
         damp_term = self.damping * c**2 / 2
-        return (self.scale * (l_term + damp_term)).sum()
+        out = self.scale * (l_term + damp_term)
+        return out.sum() if out.dim() else out
 
     def dual_target(self, c: Tensor, step: Tensor | float) -> Tensor:
         """The method-of-multipliers update :math:`\\lambda + \\rho c` (projected if needed)."""
@@ -269,7 +270,8 @@ class _Inequality(Constraint):
     def term(self, c: Tensor) -> Tensor:
         d = self.damping
         t = (self.lmbda + d * c).clamp(max=0)
-        return (self.scale * ((t * t - self.lmbda * self.lmbda) / (2 * d))).sum()
+        out = self.scale * ((t * t - self.lmbda * self.lmbda) / (2 * d))
+        return out.sum() if out.dim() else out
 
 
 class MaxConstraint(_Inequality):

@@ -105,7 +105,7 @@ class MDMM(nn.ModuleList):
         for c in self:
             r = c()
             value += r.value
-            total = r.value if total is None else total + r.value.detach()
+            total = r.value.detach() if total is None else total + r.value.detach()
             fn_values.append(r.fn_value)
             infs.append(r.inf)
         if self.check_finite and total is not None and not bool(torch.isfinite(total)):
@@ -185,7 +185,7 @@ class MDMM(nn.ModuleList):
 
 
 # ---------------------------------------------------------------------------- the guard
-_SAFE_TYPES: weakref.WeakKeyDictionary[optim.Optimizer, tuple[int, tuple[int, ...]]] = (
+_MULTIPLIER_GROUPS: weakref.WeakKeyDictionary[optim.Optimizer, tuple[int, tuple[int, ...]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -206,10 +206,10 @@ def check_optimizer(optimizer: optim.Optimizer) -> None:
     per change in their number, then only re-reads the multiplier groups' hyperparameters.
     """
     groups = optimizer.param_groups
-    cached = _SAFE_TYPES.get(optimizer)
+    cached = _MULTIPLIER_GROUPS.get(optimizer)
     if cached is None or cached[0] != len(groups):
         cached = (len(groups), _multiplier_groups(optimizer))
-        _SAFE_TYPES[optimizer] = cached
+        _MULTIPLIER_GROUPS[optimizer] = cached
     for i in cached[1]:
         g = groups[i]
         kind = type(optimizer).__name__
