@@ -11,7 +11,7 @@ per forward (``--cache auto`` uses :func:`manifoldparam.auto_cache` instead; ``-
 recomputes the matrix exponential at every step). The LSTM has about as many parameters.
 
     python examples/copy_task.py --quick     # the same task, 400 iterations: ~2 min, 2 cores
-    python examples/copy_task.py             # L=100, hidden 128, 1500 iterations (~7 min)
+    python examples/copy_task.py             # L=100, hidden 128, 1500 iterations (~7-20 min)
 
 Writes ``examples/out/copy_task[_quick].png`` (both loss curves against the baseline) and a
 ``.json`` with the curves and final figures.
