@@ -156,3 +156,16 @@ def test_max_constraint_under_adamw_and_onecycle() -> None:
         sched.step()
     assert abs(x.item() - 1) < 1e-3
     assert abs(mdmm[0].lmbda.item() + 2) < 2e-2
+
+
+def test_torchmin_bfgs_holding_multipliers_is_refused() -> None:
+    torchmin = pytest.importorskip("torchmin")
+    xy, mdmm = problem()
+    opt = torchmin.Minimizer([xy, *mdmm.multipliers()], method="bfgs")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        return mdmm(((xy - TARGET) ** 2).sum()).value
+
+    with pytest.raises(ValueError, match="dual_update"):
+        opt.step(closure)

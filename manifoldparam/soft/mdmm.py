@@ -215,8 +215,9 @@ def check_optimizer(optimizer: optim.Optimizer) -> None:
         kind = type(optimizer).__name__
         if "maximize" not in g:
             raise ValueError(
-                f"{kind} holds Lagrange multipliers, but it cannot ascend them: line-search "
-                "and quasi-Newton optimizers diverge on the Lagrangian, which is linear in the "
+                f"{kind} holds Lagrange multipliers, but its parameter groups have no "
+                "maximize= option, so it would descend on them; and line-search or "
+                "quasi-Newton optimizers diverge on the Lagrangian, which is linear in the "
                 "multipliers. Give it the model's parameters only, minimise mdmm(loss).value "
                 "(the augmented Lagrangian at fixed multipliers), and call "
                 "manifoldparam.soft.dual_update(mdmm) after each solve (method of multipliers)."
