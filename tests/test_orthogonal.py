@@ -197,15 +197,21 @@ def test_float32_fidelity_with_huge_originals(map):
     assert_on_stiefel(w)
 
 
-def test_without_newton_schulz_float32_drifts():
-    """The correction is what keeps huge originals exact (the test above would fail)."""
+def test_newton_schulz_is_what_keeps_huge_originals_exact():
+    """Same coordinates with and without the correction: the float32 drift of the
+    exponential itself is an order of magnitude above the corrected one."""
     layer = mp.orthogonal(linear(128, 128, torch.float32))
-    layer.parametrizations.weight[0].newton_schulz = 0
+    p = param(layer)
     with torch.no_grad():
         orig = layer.parametrizations.weight.original
         orig.copy_(100 * torch.randn_like(orig))
-    w = layer.weight.detach()
-    assert float((w.T @ w - torch.eye(128)).abs().max()) > 5e-5
+    errors = []
+    for steps in (1, 0):
+        p.newton_schulz = steps
+        w = layer.weight.detach()
+        errors.append(float((w.T @ w - torch.eye(128)).abs().max()))
+    corrected, raw = errors
+    assert corrected < 2e-6 and raw > 10 * corrected
 
 
 @pytest.mark.parametrize("map", MAPS)

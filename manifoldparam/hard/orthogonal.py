@@ -50,6 +50,7 @@ from manifoldparam.hard.base import (
     owner_name,
     register,
 )
+from manifoldparam.hard.expm import expm
 
 __all__ = ["Orthogonal", "orthogonal", "rebase"]
 
@@ -57,8 +58,25 @@ Map = Literal["expm", "cayley"]
 _MAPS = ("expm", "cayley")
 
 
-def _matrix_exp(a: Tensor) -> Tensor:
-    return torch.linalg.matrix_exp(a)
+#: Masked squarings of the sync-free exponential (accurate while the spectral radius of A is
+#: below about 4·2^10 = 4096, far beyond what training reaches, more so with :func:`rebase`).
+SYNC_FREE_SQUARINGS = 10
+
+
+def _exp(a: Tensor, max_squarings: int | None) -> Tensor:
+    """exp(A) through :func:`~manifoldparam.hard.expm.expm` (a backward at about 2 forwards).
+
+    On the CPU in eager mode the number of squarings is chosen from norms read on the host
+    (free there: the data is on the host). On an accelerator a fixed, masked number of
+    squarings is used instead, so nothing syncs. Under ``torch.compile`` the exponential is
+    ``torch.linalg.matrix_exp``, which inductor lowers natively (Dynamo does not yet trace
+    the custom autograd.Function inside a parametrization: "Placeholder node not found").
+    """
+    if torch.compiler.is_compiling():
+        return torch.linalg.matrix_exp(a)
+    if max_squarings is None and a.device.type != "cpu":
+        max_squarings = SYNC_FREE_SQUARINGS
+    return expm(a, max_squarings=max_squarings)
 
 
 def _cayley(a: Tensor, k: int) -> Tensor:
@@ -77,6 +95,9 @@ class Orthogonal(Parametrization):
         batched: for a weight with more than two dims, constrain each matrix over the last two
             dims (torch/geotorch's convention) instead of the flattened ``(out, rest)`` matrix.
         newton_schulz: Newton--Schulz correction steps after the map (default 1; 0 disables).
+        max_squarings: for ``map="expm"``, a fixed number of masked squarings (no host read of
+            norms) on every device; ``None`` (default) reads norms on the CPU in eager mode and
+            uses ``SYNC_FREE_SQUARINGS`` on accelerators.
         atol: assignment/check tolerance on ``max|WᵀW - I|``; default ``16·n·eps(dtype)``.
     """
 
@@ -89,6 +110,7 @@ class Orthogonal(Parametrization):
         map: Map = "expm",
         batched: bool = False,
         newton_schulz: int = 1,
+        max_squarings: int | None = None,
         atol: float | None = None,
         owner: str | None = None,
     ) -> None:
@@ -104,6 +126,7 @@ class Orthogonal(Parametrization):
         self.map = map
         self.batched = batched
         self.newton_schulz = int(newton_schulz)
+        self.max_squarings = max_squarings
         if batched:
             self.batch_shape = self.shape[:-2]
             rows, cols = self.shape[-2], self.shape[-1]
@@ -159,7 +182,7 @@ class Orthogonal(Parametrization):
     def _map(self, x: Tensor) -> Tensor:
         a = self.skew(x)
         if self.map == "expm":
-            e = _matrix_exp(a)[..., : self.k]
+            e = _exp(a, self.max_squarings)[..., : self.k]
         else:
             e = _cayley(a, self.k)
         t = self.base @ e
@@ -206,6 +229,7 @@ def orthogonal(
     map: Map = "expm",
     batched: bool = False,
     newton_schulz: int = 1,
+    max_squarings: int | None = None,
     atol: float | None = None,
 ) -> nn.Module:
     """Constrain ``module.<name>`` to be orthogonal (square) or to have orthonormal columns
@@ -221,6 +245,7 @@ def orthogonal(
         map=map,
         batched=batched,
         newton_schulz=newton_schulz,
+        max_squarings=max_squarings,
         atol=atol,
         owner=owner_name(module, name),
     )
