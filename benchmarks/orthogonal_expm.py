@@ -17,8 +17,8 @@ rotation; ``--scale c`` multiplies A by c, e.g. to see the regime with squarings
 * ``torch orthogonal(matrix_exp|cayley)``: ``torch.nn.utils.parametrizations.orthogonal`` on an
   ``nn.Linear(n, n)``, ``orthogonal_map=...`` (trivialization on, base = the initial weight).
 * ``geotorch orthogonal(expm)``: ``geotorch.orthogonal(nn.Linear(n, n), "weight")``.
-* ``manifoldparam.orthogonal`` as it is in the tree, and the same with its ``_matrix_exp``
-  replaced by ``expm`` (in this process only), if the module is importable.
+* ``manifoldparam orthogonal (default, expm)``: ``manifoldparam.orthogonal(nn.Linear(n, n))``
+  (base product, ``expm``, one Newton–Schulz step).
 
 "fwd" computes the weight with autograd recording (the forward half of a training step);
 "fwd+bwd" adds ``(W * G).sum().backward()`` for a fixed random G. Rounds are interleaved
@@ -110,18 +110,7 @@ def _methods(n: int, peers: bool) -> dict[str, Callable[[], torch.Tensor]]:
         with torch.no_grad():
             # The same A: coordinates = strictly-lower entries of p0 (flat index i*n + j).
             orig.copy_(p0.reshape(-1)[p.index])
-        out["manifoldparam.orthogonal (tree)"] = lambda lin=lin: lin.weight
-        if hasattr(mo, "_matrix_exp"):
-            tree_exp = mo._matrix_exp
-
-            def patched(lin=lin, mo=mo, tree_exp=tree_exp):
-                mo._matrix_exp = expm
-                try:
-                    return lin.weight
-                finally:
-                    mo._matrix_exp = tree_exp
-
-            out["manifoldparam.orthogonal + expm"] = patched
+        out["manifoldparam orthogonal (default, expm)"] = lambda lin=lin: lin.weight
     except Exception as e:  # pragma: no cover - depends on the tree
         print(f"# manifoldparam.orthogonal skipped: {e!r}", file=sys.stderr)
     return out
