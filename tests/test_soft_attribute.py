@@ -110,10 +110,14 @@ def test_restore_feasibility_near_and_far() -> None:
         layer.weight.div_(layer.weight.abs().mean()).mul_(1.005)  # mean|W| = 1.005
     cons = [constrain(layer, "weight", mean_abs, eq=1.0),
             constrain(layer, "weight", rms, max=1.5)]  # inactive: must not be pinned
-    before = soft.restore_feasibility(cons)
+    state = layer.weight.detach().clone()
+    before = soft.restore_feasibility(cons, levenberg=0.0)
     assert before.item() == pytest.approx(0.005)
-    after = MDMM(cons).violation()
-    assert after.item() < 1e-8  # second order in 5e-3
+    assert MDMM(cons).violation().item() < 1e-8  # Gauss–Newton: second order in 5e-3
+    with torch.no_grad():
+        layer.weight.copy_(state)
+    soft.restore_feasibility(cons)  # Levenberg–Marquardt 1e-2: ≈ 1% of the residual left
+    assert 1e-6 < MDMM(cons).violation().item() < 1e-4
     with torch.no_grad():
         layer.weight.mul_(2.0)  # far: violation 1.0 > within
     w = layer.weight.detach().clone()
@@ -129,9 +133,9 @@ def test_restore_through_a_hard_parametrization() -> None:
     with torch.no_grad():
         target = layer.weight.abs().mean() + 0.003
     c = constrain(layer, "weight", mean_abs, eq=float(target))
-    soft.restore_feasibility([c])  # Gauss–Newton through tanh: second order in 3e-3
+    soft.restore_feasibility([c], levenberg=0.0)  # through tanh: second order in 3e-3
     assert abs(layer.weight.abs().mean().item() - float(target)) < 1e-5
-    soft.restore_feasibility([c])
+    soft.restore_feasibility([c], levenberg=0.0)
     assert abs(layer.weight.abs().mean().item() - float(target)) < 1e-10
     assert bool((layer.weight.abs() <= 1).all())
 

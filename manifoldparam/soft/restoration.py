@@ -13,8 +13,10 @@ inequality) and :math:`J = \partial\,\mathrm{fn} / \partial\theta`,
     \theta \leftarrow \theta + J^\top (J J^\top + \epsilon I)^{-1} r ,
 
 the smallest change that meets the linearised constraints. It is applied only while the
-largest violation is below ``within`` (far from the set, a linearisation jumps to a poor
-point), decided on the device with no host sync. Cost: one batched backward through the
+largest violation is below ``within`` (default 0.1: far from the set a linearisation jumps
+to a poor point, so the multipliers bring the iterate there first), decided on the device
+with no host sync; switching it on early, while the learning rate is still large, lets the
+optimizer recover the loss along the constraint set. Cost: one batched backward through the
 constraint functions (not the model's forward, for constraints on weights).
 
 Example (after every Adam step)::
@@ -62,7 +64,9 @@ def restore_feasibility(
     constraints: Iterable[Constraint],
     params: Iterable[Tensor] | None = None,
     *,
-    within: float = 1e-2,
+    within: float = 1e-1,
+    multipliers: bool = False,
+    levenberg: float = 1e-2,
     eps: float = 1e-12,
 ) -> Tensor:
     """One Gauss–Newton step onto the constraints, in place; returns the prior violation.
@@ -73,7 +77,17 @@ def restore_feasibility(
             the attribute itself, or the ``original`` of a hard constraint on it).
         within: apply the step only when the largest violation is below this
             (``float('inf')``: always).
-        eps: Tikhonov term of the ``m×m`` solve (m = number of constraint elements).
+        multipliers: also set the multipliers to their least-squares estimate from the
+            gradients in ``.grad`` (those of the step just taken): the change
+            :math:`\\Delta\\lambda` that removes the component of the Lagrangian's gradient
+            normal to the constraints, :math:`\beta = -(JJ^\top)^{-1} J g`. Without it the
+            multipliers freeze once the constraints hold (their gradient is ``c = 0``), and a
+            stale multiplier leaves a normal gradient that Adam's normalisation turns into a
+            smaller tangential step.
+        levenberg: Levenberg–Marquardt damping of the ``m×m`` solve, relative to the mean
+            of ``diag(JJᵀ)``: a direction where the constraints' gradients are nearly
+            parallel is corrected over several steps instead of by one large jump.
+        eps: Tikhonov term of the solve (m = number of constraint elements).
     """
     constraints = list(constraints)
     if not constraints:
@@ -85,7 +99,7 @@ def restore_feasibility(
         pairs = list(zip(constraints, [v.detach() for v in fns], strict=True))
         r = torch.cat([c.violation(v).reshape(-1) for c, v in pairs])
         active = torch.cat([
-            (torch.ones_like(v) if not c.nonpositive_multiplier else (c.violation(v) != 0))
+            (torch.ones_like(v) if c.always_active else (c.violation(v) != 0))
             .to(v.dtype)
             .reshape(-1)
             for c, v in pairs
@@ -98,13 +112,27 @@ def restore_feasibility(
         vec, leaves, grad_outputs=eye, is_grads_batched=True, allow_unused=True
     )
     with torch.no_grad():
-        rows = [g.reshape(m, -1) for g in grads if g is not None]
-        if not rows:
+        used = [(p, g.reshape(m, -1)) for p, g in zip(leaves, grads, strict=True) if g is not None]
+        if not used:
             return worst
-        jac = torch.cat(rows, dim=1) * active[:, None]
-        gram = jac @ jac.mT + torch.diag(1 - active) + eps * eye
-        alpha = torch.linalg.solve(gram, r) * (worst < within).to(r.dtype)
-        for p, g in zip(leaves, grads, strict=True):
-            if g is not None:
-                p.add_((alpha @ g.reshape(m, -1)).reshape(p.shape))
+        jac = torch.cat([g for _, g in used], dim=1) * active[:, None]
+        gram = jac @ jac.mT
+        # Levenberg–Marquardt: nearly parallel constraint gradients (mean|W| and ‖W‖ of one
+        # layer) would otherwise turn a small violation into a large jump.
+        lm = levenberg * gram.diagonal().sum() / active.sum().clamp_min(1)
+        gram = gram + torch.diag(1 - active) + (lm + eps) * eye
+        gate = (worst < within).to(r.dtype)
+        if multipliers and all(p.grad is not None for p, _ in used):
+            jg = jac @ torch.cat([p.grad.reshape(-1) for p, _ in used])
+            beta = torch.linalg.solve(gram, jg) * (-gate)
+            offset = 0
+            for c, v in pairs:
+                b = beta[offset : offset + v.numel()].reshape(v.shape)
+                offset += v.numel()
+                denom = c.scale * c.fn_sign
+                new = c.lmbda + torch.where(denom != 0, b / denom, torch.zeros_like(b))
+                c.lmbda.copy_(new.clamp(max=0) if c.nonpositive_multiplier else new)
+        alpha = torch.linalg.solve(gram, r) * gate
+        for p, g in used:
+            p.add_((alpha @ g).reshape(p.shape))
     return worst
