@@ -105,8 +105,6 @@ class Constraint(nn.Module):
     relation: ClassVar[str] = "=="
     #: Whether the multiplier is projected onto ``λ <= 0`` by :func:`dual_update`.
     nonpositive_multiplier: ClassVar[bool] = False
-    #: ``∂c/∂fn`` where the constraint is violated (-1, or +1 for ``MinConstraint``).
-    fn_sign: ClassVar[float] = -1.0
     #: Whether the constraint binds even when satisfied (equalities only).
     always_active: ClassVar[bool] = False
 
@@ -322,7 +320,6 @@ class MinConstraint(_Inequality):
     """
 
     relation = ">="
-    fn_sign = 1.0
     min: Tensor
 
     def __init__(

@@ -65,7 +65,6 @@ def restore_feasibility(
     params: Iterable[Tensor] | None = None,
     *,
     within: float = 1e-1,
-    multipliers: bool = False,
     levenberg: float = 1e-2,
     eps: float = 1e-12,
 ) -> Tensor:
@@ -77,13 +76,6 @@ def restore_feasibility(
             the attribute itself, or the ``original`` of a hard constraint on it).
         within: apply the step only when the largest violation is below this
             (``float('inf')``: always).
-        multipliers: also set the multipliers to their least-squares estimate from the
-            gradients in ``.grad`` (those of the step just taken): the change
-            :math:`\\Delta\\lambda` that removes the component of the Lagrangian's gradient
-            normal to the constraints, :math:`\beta = -(JJ^\top)^{-1} J g`. Without it the
-            multipliers freeze once the constraints hold (their gradient is ``c = 0``), and a
-            stale multiplier leaves a normal gradient that Adam's normalisation turns into a
-            smaller tangential step.
         levenberg: Levenberg–Marquardt damping of the ``m×m`` solve, relative to the mean
             of ``diag(JJᵀ)``: a direction where the constraints' gradients are nearly
             parallel is corrected over several steps instead of by one large jump.
@@ -122,16 +114,6 @@ def restore_feasibility(
         lm = levenberg * gram.diagonal().sum() / active.sum().clamp_min(1)
         gram = gram + torch.diag(1 - active) + (lm + eps) * eye
         gate = (worst < within).to(r.dtype)
-        if multipliers and all(p.grad is not None for p, _ in used):
-            jg = jac @ torch.cat([p.grad.reshape(-1) for p, _ in used])
-            beta = torch.linalg.solve(gram, jg) * (-gate)
-            offset = 0
-            for c, v in pairs:
-                b = beta[offset : offset + v.numel()].reshape(v.shape)
-                offset += v.numel()
-                denom = c.scale * c.fn_sign
-                new = c.lmbda + torch.where(denom != 0, b / denom, torch.zeros_like(b))
-                c.lmbda.copy_(new.clamp(max=0) if c.nonpositive_multiplier else new)
         alpha = torch.linalg.solve(gram, r) * gate
         for p, g in used:
             p.add_((alpha @ g).reshape(p.shape))
