@@ -1,0 +1,56 @@
+"""Interoperability: any optimizer, checkpoints, export, compile, DDP, ``torch.func``.
+
+* :func:`scipy_minimize` -- :func:`scipy.optimize.minimize` over the flat vector of a model's
+  coordinates, autograd gradients and Hessian-vector products, soft constraints as native
+  scipy constraints (:mod:`.scipy_bridge`);
+* :func:`export` -- plain modules for inference, the source untouched (:mod:`.export`);
+* :func:`load_plain_state_dict`, :func:`training_state`, :func:`load_training_state` --
+  plain checkpoints into constrained models, bit-for-bit resume (:mod:`.checkpoint`);
+* :func:`functional_call`, :func:`per_sample_grads`, :func:`check_functional_keys` -- the
+  coordinate-key convention for ``torch.func`` (:mod:`.functional`);
+* :func:`check_second_order` -- a clear error where a second-order method meets a compiled
+  module (:mod:`.compile`);
+* :func:`all_reduce_grads`, :func:`all_reduce_mean`, :func:`broadcast_module`,
+  :func:`replica_divergence` -- multipliers under DDP (:mod:`.distributed`).
+"""
+
+from manifoldparam.interop.checkpoint import (
+    PlainLoadReport,
+    ProjectedOnLoadWarning,
+    load_plain_state_dict,
+    load_training_state,
+    training_state,
+)
+from manifoldparam.interop.compile import check_second_order
+from manifoldparam.interop.distributed import (
+    all_reduce_grads,
+    all_reduce_mean,
+    broadcast_module,
+    replica_divergence,
+)
+from manifoldparam.interop.export import export
+from manifoldparam.interop.functional import (
+    check_functional_keys,
+    functional_call,
+    per_sample_grads,
+)
+from manifoldparam.interop.scipy_bridge import FlatObjective, scipy_minimize
+
+__all__ = [
+    "FlatObjective",
+    "PlainLoadReport",
+    "ProjectedOnLoadWarning",
+    "all_reduce_grads",
+    "all_reduce_mean",
+    "broadcast_module",
+    "check_functional_keys",
+    "check_second_order",
+    "export",
+    "functional_call",
+    "load_plain_state_dict",
+    "load_training_state",
+    "per_sample_grads",
+    "replica_divergence",
+    "scipy_minimize",
+    "training_state",
+]

@@ -1,0 +1,334 @@
+"""Checkpoints of constrained models: plain checkpoints in, full training state round trip.
+
+* :func:`load_plain_state_dict` loads a checkpoint of the *unconstrained* model
+  (``fc.weight``) into a constrained one (whose state has ``fc.parametrizations.weight.original``
+  and buffers such as the orthogonal base point). Each constrained value is assigned through
+  the constraint: moved to the nearest point of its set first (orthogonal: polar factor; SPD:
+  eigenvalues lifted; box/orthant: clamp). The returned :class:`PlainLoadReport` says what
+  moved and by how much, and a :class:`ProjectedOnLoadWarning` is issued when anything moved.
+* :func:`training_state` / :func:`load_training_state`: model + multipliers + optimizer (+ the
+  RNG state) in one dict of tensors and plain containers. It loads with
+  ``torch.load(path, weights_only=True)`` and training resumes bit-for-bit.
+
+Example::
+
+    plain = torch.load("pretrained_linear.pt", weights_only=True)     # {"weight", "bias"}
+    report = manifoldparam.load_plain_state_dict(mp.orthogonal(nn.Linear(8, 8)), plain)
+    print(report)                 # weight: moved 0.41 onto orthogonal (was 0.87 off the set)
+
+    torch.save(manifoldparam.training_state(model, optimizer, mdmm), "ckpt.pt")
+    manifoldparam.load_training_state(
+        torch.load("ckpt.pt", weights_only=True), model, optimizer, mdmm
+    )
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from manifoldparam.hard.base import constraints_of, owner_name
+
+__all__ = [
+    "PlainLoadReport",
+    "ProjectedOnLoadWarning",
+    "load_plain_state_dict",
+    "load_training_state",
+    "training_state",
+]
+
+_MARK = "parametrizations."
+
+
+class ProjectedOnLoadWarning(UserWarning):
+    """A loaded value was off its constraint set and was moved to the nearest point."""
+
+
+@dataclass(frozen=True)
+class Projected:
+    """One constrained value loaded from a plain checkpoint."""
+
+    key: str
+    owner: str
+    distance: float  # how far the checkpoint's value was from the set (the set's metric)
+    change: float  # max |loaded - checkpoint| after projection
+    moved: bool  # whether the value was off the set beyond the constraint's tolerance
+
+
+@dataclass
+class PlainLoadReport:
+    """What :func:`load_plain_state_dict` did; ``print`` it for a summary."""
+
+    projected: list[Projected] = field(default_factory=list)
+    loaded: list[str] = field(default_factory=list)
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    stripped_prefix: str = ""
+
+    @property
+    def moved(self) -> list[Projected]:
+        """The values that were off their set and were moved onto it."""
+        return [p for p in self.projected if p.moved]
+
+    def __str__(self) -> str:
+        lines = [
+            f"loaded {len(self.loaded)} tensors, {len(self.projected)} through a constraint"
+            + (f" (stripped prefix {self.stripped_prefix!r})" if self.stripped_prefix else "")
+        ]
+        for p in self.projected:
+            what = (
+                f"moved by up to {p.change:.3e} onto the set (it was {p.distance:.3e} off)"
+                if p.moved
+                else "on the set already"
+            )
+            lines.append(f"  {p.key} -> {p.owner}: {what}")
+        if self.missing_keys:
+            lines.append(f"  missing: {self.missing_keys}")
+        if self.unexpected_keys:
+            lines.append(f"  unexpected: {self.unexpected_keys}")
+        return "\n".join(lines)
+
+
+def _parametrized_attributes(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Plain state-dict key (``fc.weight``) -> (module, name) for every parametrized tensor."""
+    out: dict[str, tuple[nn.Module, str]] = {}
+    for path, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for name in module.parametrizations:
+                out[f"{path}.{name}" if path else name] = (module, name)
+    return out
+
+
+def _strip_prefix(keys: list[str], own: set[str]) -> str:
+    """A wrapper prefix (DDP's ``module.``, compile's ``_orig_mod.``) on every key, if any."""
+    for prefix in ("module.", "_orig_mod."):
+        if (
+            keys
+            and all(k.startswith(prefix) for k in keys)
+            and not any(k.startswith(prefix) for k in own)
+        ):
+            return prefix
+    return ""
+
+
+@torch.no_grad()
+def load_plain_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, Any],
+    *,
+    strict: bool = True,
+    warn: bool = True,
+) -> PlainLoadReport:
+    """Load a checkpoint of the unconstrained model into the constrained ``model``.
+
+    A key naming a constrained tensor (``fc.weight`` where ``fc.weight`` is parametrized) is
+    assigned through the constraint, after moving the value to the nearest point of the set
+    (:func:`manifoldparam.project`); every other key loads as in
+    :meth:`torch.nn.Module.load_state_dict`. Keys of the constrained model itself
+    (``fc.parametrizations.weight.original``, buffers) load unchanged too, so a mix works.
+    A ``module.`` (DDP) or ``_orig_mod.`` (``torch.compile``) prefix on every key is stripped.
+
+    Args:
+        model: the constrained model; modified in place.
+        state_dict: the checkpoint, e.g. ``torch.load(path, weights_only=True)``.
+        strict: raise (before anything is modified) on missing or unexpected keys, like torch.
+        warn: issue a :class:`ProjectedOnLoadWarning` naming every value that was moved.
+
+    Returns a :class:`PlainLoadReport`: which values went through a constraint, how far each
+    was from its set and how much it changed.
+
+    Example::
+
+        model = mp.orthogonal(nn.Linear(8, 8))
+        report = load_plain_state_dict(model, nn.Linear(8, 8).state_dict())
+        report.moved[0].change        # how much the weight moved to become orthogonal
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"load_plain_state_dict: expected a mapping of tensors (a state_dict), got "
+            f"{type(state_dict).__name__}"
+        )
+    own = model.state_dict(keep_vars=True)
+    keys = list(state_dict.keys())
+    prefix = _strip_prefix(keys, set(own))
+    sd = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    attrs = _parametrized_attributes(model)
+
+    plain_part: dict[str, Any] = {}
+    constrained: dict[str, Tensor] = {}
+    unexpected: list[str] = []
+    for k, v in sd.items():
+        if k in attrs:
+            constrained[k] = v
+        elif k in own:
+            plain_part[k] = v
+        else:
+            unexpected.append(k)
+    missing: list[str] = []
+    for k in own:
+        if k in plain_part:
+            continue
+        if _MARK in k and _plain_of(k) in attrs:
+            plain_key = _plain_of(k)
+            if plain_key in constrained:
+                continue  # assigned through the constraint from the plain key
+            family = _constrained_prefix(plain_key)
+            if any(j.startswith(family) for j in plain_part):
+                missing.append(k)  # a partial constrained entry: name the exact key
+            elif plain_key not in missing:
+                missing.append(plain_key)
+            continue
+        missing.append(k)
+    if strict and (missing or unexpected):
+        hint = ""
+        if any(_MARK in k for k in unexpected):
+            hint = (
+                " The checkpoint is of a constrained model: register the same constraints on "
+                "this model first, or load manifoldparam.export(constrained_model)'s state."
+            )
+        raise RuntimeError(
+            f"load_plain_state_dict({type(model).__name__}): missing keys {missing}, "
+            f"unexpected keys {unexpected}.{hint} Pass strict=False to load the rest."
+        )
+
+    # shapes first: nothing is modified if any constrained value does not fit
+    for k, v in constrained.items():
+        module, name = attrs[k]
+        current = getattr(module, name)
+        if not isinstance(v, Tensor) or v.shape != current.shape:
+            shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise RuntimeError(
+                f"load_plain_state_dict: {k!r} has shape {shape} but "
+                f"{owner_name(module, name)} has shape {tuple(current.shape)}."
+            )
+
+    report = PlainLoadReport(stripped_prefix=prefix)
+    if plain_part:
+        model.load_state_dict(plain_part, strict=False)
+        report.loaded.extend(plain_part)
+    for k, v in constrained.items():
+        module, name = attrs[k]
+        current = getattr(module, name)
+        value = v.detach().to(device=current.device, dtype=current.dtype)
+        found = constraints_of(module, name)
+        if found:
+            p = found[-1]
+            distance = float(p.distance(value))
+            on_set = bool(p.check(value))
+            target = value if on_set else p.project(value)
+        else:  # a parametrization of another library: its right_inverse decides
+            distance, on_set, target = 0.0, True, value
+        setattr(module, name, target)
+        change = float((getattr(module, name) - value).abs().amax()) if value.numel() else 0.0
+        report.projected.append(
+            Projected(k, owner_name(module, name), distance, change, not on_set)
+        )
+        report.loaded.append(k)
+    report.missing_keys.extend(missing)
+    report.unexpected_keys.extend(unexpected)
+    if warn and report.moved:
+        items = "; ".join(
+            f"{p.key} ({p.owner}) was {p.distance:.3e} off its set, moved by up to {p.change:.3e}"
+            for p in report.moved
+        )
+        warnings.warn(
+            f"load_plain_state_dict: {len(report.moved)} value(s) were off their constraint "
+            f"set and were moved to the nearest point: {items}. The loaded model differs "
+            "from the checkpoint there; fine-tune it to recover.",
+            ProjectedOnLoadWarning,
+            stacklevel=2,
+        )
+    return report
+
+
+def _constrained_prefix(plain_key: str) -> str:
+    head, _, name = plain_key.rpartition(".")
+    return f"{head}.{_MARK}{name}." if head else f"{_MARK}{name}."
+
+
+def _plain_of(key: str) -> str:
+    head, _, tail = key.partition(_MARK)
+    return head + tail.split(".", 1)[0]
+
+
+# ------------------------------------------------------------------------ training state
+def training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    mdmm: nn.Module | None = None,
+    *,
+    rng: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Everything needed to resume training bit-for-bit, as tensors and plain containers.
+
+    Keys: ``"model"`` (its ``state_dict``: coordinates and buffers such as orthogonal base
+    points), ``"optimizer"``, ``"multipliers"`` (an ``MDMM``'s ``state_dict``), ``"rng"`` (the
+    CPU generator's state, and CUDA's when initialised) and ``extra`` (e.g. ``step=``). Save
+    it with :func:`torch.save`; it loads with ``torch.load(..., weights_only=True)``::
+
+        torch.save(training_state(model, opt, mdmm, step=step), "ckpt.pt")
+    """
+    state: dict[str, Any] = {"model": model.state_dict()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if mdmm is not None:
+        state["multipliers"] = mdmm.state_dict()
+    if rng:
+        state["rng"] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    if extra:
+        state["extra"] = dict(extra)
+    return state
+
+
+def load_training_state(
+    state: Mapping[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    mdmm: nn.Module | None = None,
+    *,
+    rng: bool = True,
+) -> dict[str, Any]:
+    """Restore what :func:`training_state` saved; returns its ``extra`` dict.
+
+    Build ``model`` (with the same constraints), ``mdmm`` and ``optimizer`` as for a fresh
+    run, then call this. Raises a clear error when a part is missing from ``state``, and when
+    the optimizer, after loading, no longer holds ``model``'s / ``mdmm``'s own tensors (some
+    third-party optimizers rebind to the checkpoint's tensors and then train copies).
+    """
+    for key, obj in (("model", model), ("optimizer", optimizer), ("multipliers", mdmm)):
+        if obj is not None and key not in state:
+            raise KeyError(
+                f"load_training_state: the checkpoint has no {key!r} entry (it has "
+                f"{sorted(state)}); save it with training_state(model, optimizer, mdmm)."
+            )
+    model.load_state_dict(state["model"])
+    if mdmm is not None:
+        mdmm.load_state_dict(state["multipliers"])
+    if optimizer is not None:
+        own = {id(p) for p in model.parameters()}
+        if mdmm is not None:
+            own |= {id(p) for p in mdmm.parameters()}
+        before = [id(p) for g in optimizer.param_groups for p in g["params"]]
+        optimizer.load_state_dict(state["optimizer"])
+        after = [id(p) for g in optimizer.param_groups for p in g["params"]]
+        if after != before or not set(after) <= own | set(before):
+            raise RuntimeError(
+                f"load_training_state: {type(optimizer).__name__}.load_state_dict replaced the "
+                "tensors it optimizes with other ones, so further steps would not train the "
+                "model. Rebuild the optimizer on model.parameters() and load only its state "
+                "(per-parameter buffers) instead."
+            )
+    if rng and "rng" in state:
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return dict(state.get("extra", {}))

@@ -1,0 +1,116 @@
+"""``torch.distributed`` (DDP) with constrained weights and Lagrange multipliers.
+
+Constrained weights need nothing special: wrap the constrained model in
+:class:`~torch.nn.parallel.DistributedDataParallel` as usual. The trainable tensors are the
+coordinates (``...parametrizations.<name>.original``), whose gradients DDP averages; every
+rank then applies the same update to the same coordinates, and buffers such as the orthogonal
+base point are broadcast from rank 0 (DDP's ``broadcast_buffers=True``), so the constrained
+weights stay identical on all ranks.
+
+Multipliers live in an ``MDMM`` outside the DDP module, so DDP does not average their
+gradients; when the constraint functions depend on each rank's data, the ranks would drift
+apart. Either call :func:`all_reduce_grads` on ``mdmm.parameters()`` between ``backward()``
+and ``step()`` (first-order MDMM), or average the constraint values with
+:func:`all_reduce_mean` before :func:`manifoldparam.soft.dual_update` (method of
+multipliers). :func:`replica_divergence` checks that every rank holds the same tensors.
+
+Example::
+
+    model = DDP(constrained_model)
+    mdmm = MDMM(soft_constraints(constrained_model))
+    opt = mdmm.make_optimizer(model.parameters(), optimizer=torch.optim.Adam, lr=1e-3)
+    broadcast_module(mdmm)                         # the same multipliers everywhere
+    for x, y in shard:
+        out = mdmm(loss_fn(model(x), y))
+        opt.zero_grad(); out.value.backward()
+        all_reduce_grads(mdmm.parameters())        # DDP averaged the model's already
+        opt.step()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["all_reduce_grads", "all_reduce_mean", "broadcast_module", "replica_divergence"]
+
+
+def _require_initialized(what: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{what}: torch.distributed is not initialized; call "
+            "torch.distributed.init_process_group(...) on every rank first."
+        )
+
+
+@torch.no_grad()
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Copy every parameter and buffer of ``module`` from rank ``src`` to all ranks.
+
+    Use it for modules outside DDP (an ``MDMM``'s multipliers) or after a rank-local change.
+    """
+    _require_initialized("broadcast_module")
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t.data, src)
+
+
+def all_reduce_grads(params: Iterable[Tensor]) -> None:
+    """Average ``.grad`` over the ranks, in place (``None`` grads count as zeros).
+
+    Example: ``all_reduce_grads(mdmm.parameters())`` between ``backward()`` and ``step()``.
+    """
+    _require_initialized("all_reduce_grads")
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world)
+
+
+def all_reduce_mean(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The mean over the ranks of each tensor (new detached tensors), e.g. constraint values
+    for :func:`manifoldparam.soft.dual_update`::
+
+        out = mdmm(loss)
+        dual_update(mdmm, all_reduce_mean(out.fn_values))
+    """
+    _require_initialized("all_reduce_mean")
+    world = dist.get_world_size()
+    out = []
+    for t in tensors:
+        s = t.detach().clone()
+        dist.all_reduce(s, op=dist.ReduceOp.SUM)
+        out.append(s / world)
+    return out
+
+
+@torch.no_grad()
+def replica_divergence(*modules: nn.Module) -> float:
+    """The largest ``|t - t_rank0|`` over every parameter, buffer and constrained value of
+    ``modules`` on every rank (0.0 when all ranks hold bit-identical tensors).
+
+    Collective: call it on every rank. Example::
+
+        assert replica_divergence(ddp.module, mdmm) == 0.0
+    """
+    _require_initialized("replica_divergence")
+    from torch.nn.utils import parametrize
+
+    worst = torch.zeros((), dtype=torch.float64)
+    for module in modules:
+        tensors: list[Tensor] = [*module.parameters(), *module.buffers()]
+        for m in module.modules():
+            if parametrize.is_parametrized(m):
+                tensors += [getattr(m, name) for name in m.parametrizations]
+        for t in tensors:
+            ref = t.detach().clone()
+            dist.broadcast(ref, 0)
+            diff = (t.detach() - ref).abs().amax().double().cpu() if t.numel() else worst
+            nan = bool(torch.isnan(t).any() != torch.isnan(ref).any())
+            worst = torch.maximum(worst, diff if not nan else torch.tensor(float("inf")))
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst)

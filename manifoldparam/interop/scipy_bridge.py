@@ -1,0 +1,413 @@
+r"""Minimise a model's objective with :func:`scipy.optimize.minimize`.
+
+The variables are the flat vector of the model's trainable tensors -- for a constrained
+model, the unconstrained coordinates (``...parametrizations.<name>.original``), so every
+point scipy tries maps onto the constraint sets: hard constraints hold at every iterate.
+Gradients come from autograd; Hessian-vector products (``Newton-CG``, ``trust-ncg``,
+``trust-krylov``, ``trust-constr``) from a double backward; the dense Hessian
+(``dogleg``, ``trust-exact``) from ``d`` of them.
+
+Soft constraints (:mod:`manifoldparam.soft`) can be handed to ``SLSQP``, ``trust-constr``,
+``COBYLA`` and ``COBYQA`` as *native* scipy constraints (``fn == value`` an equality,
+``fn <= max`` / ``fn >= min`` inequalities, one row per element of ``fn``'s value, with
+autograd Jacobians). With any other method use the method of multipliers: minimise
+``mdmm(loss).value`` and call :func:`manifoldparam.soft.dual_update` between solves.
+
+Example::
+
+    import manifoldparam as mp
+
+    def objective():
+        return loss_fn(model(x), y)
+
+    res = mp.scipy_minimize(objective, model, method="trust-ncg")
+    # model now holds res.x; model.weight is still orthogonal
+
+    mdmm = MDMM(soft_constraints(model))
+    res = mp.scipy_minimize(objective, model, method="SLSQP", constraints=mdmm)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from manifoldparam.interop.compile import check_second_order, explain_double_backward_error
+
+__all__ = ["FlatObjective", "scipy_constraints", "scipy_minimize"]
+
+#: scipy methods that take ``hessp`` (Hessian-vector products).
+HESSP_METHODS = frozenset({"newton-cg", "trust-ncg", "trust-krylov", "trust-constr"})
+#: scipy methods that need the dense Hessian ``hess``.
+HESS_METHODS = frozenset({"dogleg", "trust-exact"})
+#: scipy methods that take gradients (``jac=True``).
+GRADIENT_FREE = frozenset({"nelder-mead", "powell", "cobyla", "cobyqa"})
+#: scipy methods that accept general nonlinear constraints.
+CONSTRAINED_METHODS = frozenset({"slsqp", "trust-constr", "cobyla", "cobyqa"})
+
+
+def _trainable(params: nn.Module | Iterable[Tensor]) -> list[Tensor]:
+    if isinstance(params, nn.Module):
+        found = [p for p in params.parameters() if p.requires_grad]
+        where = f"{type(params).__name__}"
+    else:
+        found = list(params)
+        where = "the tensors given"
+    if not found:
+        raise ValueError(
+            f"scipy_minimize: {where} has no tensor with requires_grad=True; there is nothing "
+            "to optimize."
+        )
+    seen: set[int] = set()
+    out = []
+    for p in found:
+        if not isinstance(p, Tensor) or not p.is_floating_point() or p.is_complex():
+            raise TypeError(
+                f"scipy_minimize: every variable must be a real floating tensor, got "
+                f"{type(p).__name__} {getattr(p, 'dtype', '')}."
+            )
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+class FlatObjective:
+    """A torch objective seen as a function of one flat float64 NumPy vector.
+
+    ``x`` is the concatenation of ``params`` (flattened, in order). Each method first writes
+    ``x`` into the tensors in place (under ``no_grad``, only when it changed, so version
+    counters -- and with them caches -- see every change), then evaluates ``objective()``.
+    Gradients use :func:`torch.autograd.grad`: the tensors' ``.grad`` is not touched.
+
+    Example::
+
+        f = FlatObjective(lambda: loss_fn(model(x), y), list(model.parameters()))
+        value, grad = f.fun_and_grad(f.x0())
+    """
+
+    def __init__(self, objective: Callable[[], Tensor], params: Sequence[Tensor]) -> None:
+        self.objective = objective
+        self.params = list(params)
+        self.sizes = [p.numel() for p in self.params]
+        self.size = sum(self.sizes)
+        self._x: np.ndarray | None = None
+        # (x bytes, gradient tuple with graph) for Hessian-vector products at one point
+        self._graph: tuple[bytes, tuple[Tensor, ...]] | None = None
+        self.nfev = 0
+        self.nhev = 0
+
+    # -------------------------------------------------------------- vector <-> tensors
+    def x0(self) -> np.ndarray:
+        """The tensors' current values as one float64 vector."""
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in self.params])
+        return flat.numpy().copy()
+
+    def set_x(self, x: np.ndarray) -> None:
+        """Write ``x`` into the tensors (skipped if it equals the last value written)."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape != (self.size,):
+            raise ValueError(f"expected a vector of {self.size} numbers, got shape {x.shape}")
+        if self._x is not None and np.array_equal(x, self._x):
+            return
+        t = torch.from_numpy(x.copy())
+        with torch.no_grad():
+            for p, chunk in zip(self.params, t.split(self.sizes), strict=True):
+                p.copy_(chunk.view_as(p))
+        self._x = x.copy()
+        self._graph = None
+
+    def _flat(self, tensors: Sequence[Tensor | None]) -> np.ndarray:
+        parts = [
+            (g if g is not None else torch.zeros_like(p)).detach().reshape(-1).double().cpu()
+            for g, p in zip(tensors, self.params, strict=True)
+        ]
+        return torch.cat(parts).numpy()
+
+    def _value(self) -> Tensor:
+        self.nfev += 1
+        value = self.objective()
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            raise ValueError(
+                "scipy_minimize: the objective must return a scalar tensor, got "
+                f"{type(value).__name__}{tuple(getattr(value, 'shape', ()))}; reduce it first "
+                "(e.g. .mean())."
+            )
+        return value.reshape(())
+
+    # -------------------------------------------------------------- what scipy calls
+    def fun(self, x: np.ndarray) -> float:
+        """The objective's value at ``x``."""
+        self.set_x(x)
+        with torch.no_grad():
+            return float(self._value())
+
+    def fun_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        """The value and the gradient at ``x`` (scipy's ``jac=True`` convention)."""
+        self.set_x(x)
+        with torch.enable_grad():
+            value = self._value()
+            grads = torch.autograd.grad(value, self.params, allow_unused=True)
+        return float(value), self._flat(grads)
+
+    def _grad_graph(self, x: np.ndarray) -> tuple[Tensor, ...]:
+        self.set_x(x)
+        key = self._x.tobytes() if self._x is not None else b""
+        if self._graph is None or self._graph[0] != key:
+            with torch.enable_grad():
+                value = self._value()
+                grads = torch.autograd.grad(
+                    value, self.params, create_graph=True, allow_unused=True
+                )
+            grads = tuple(
+                g if g is not None else torch.zeros_like(p)
+                for g, p in zip(grads, self.params, strict=True)
+            )
+            self._graph = (key, grads)
+        return self._graph[1]
+
+    def hessp(self, x: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """The Hessian at ``x`` times ``v`` (autograd double backward)."""
+        grads = self._grad_graph(x)
+        self.nhev += 1
+        vt = torch.from_numpy(np.asarray(v, dtype=np.float64).copy())
+        vs = [c.view_as(p).to(p) for c, p in zip(vt.split(self.sizes), self.params, strict=True)]
+        needs = [g.requires_grad for g in grads]
+        if not any(needs):  # the objective is linear in every variable
+            return np.zeros(self.size)
+        with torch.enable_grad():
+            hv = torch.autograd.grad(
+                [g for g, n in zip(grads, needs, strict=True) if n],
+                self.params,
+                [u for u, n in zip(vs, needs, strict=True) if n],
+                retain_graph=True,
+                allow_unused=True,
+            )
+        return self._flat(hv)
+
+    def hess(self, x: np.ndarray) -> np.ndarray:
+        """The dense Hessian at ``x`` (``d`` Hessian-vector products), symmetrised."""
+        eye = np.eye(self.size)
+        h = np.stack([self.hessp(x, eye[i]) for i in range(self.size)])
+        return 0.5 * (h + h.T)
+
+
+# ------------------------------------------------------------------------ constraints
+def _soft_kinds() -> tuple[type, ...]:
+    from manifoldparam.soft.constraints import Constraint
+
+    return (Constraint,)
+
+
+def _flat_jacobian(out: Tensor, params: Sequence[Tensor], size: int) -> np.ndarray:
+    rows = []
+    flat = out.reshape(-1)
+    for i in range(flat.numel()):
+        grads = torch.autograd.grad(flat[i], params, retain_graph=True, allow_unused=True)
+        rows.append(
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(p)).reshape(-1).double().cpu()
+                    for g, p in zip(grads, params, strict=True)
+                ]
+            )
+        )
+    return torch.stack(rows).numpy() if rows else np.zeros((0, size))
+
+
+class _SoftConstraint:
+    """One soft constraint's ``fn`` as a function of ``x``, with its Jacobian."""
+
+    def __init__(self, constraint: Any, flat: FlatObjective) -> None:
+        self.c = constraint
+        self.flat = flat
+
+    def values(self, x: np.ndarray) -> np.ndarray:
+        self.flat.set_x(x)
+        with torch.no_grad():
+            return self.c.evaluate().detach().reshape(-1).double().cpu().numpy()
+
+    def jac(self, x: np.ndarray) -> np.ndarray:
+        self.flat.set_x(x)
+        with torch.enable_grad():
+            out = self.c.evaluate()
+            return _flat_jacobian(out, self.flat.params, self.flat.size)
+
+    def hess(self, x: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """``∇²(v · fn)(x)`` as a dense matrix (trust-constr's constraint Hessian)."""
+        self.flat.set_x(x)
+        params = self.flat.params
+        vt = torch.as_tensor(np.asarray(v, dtype=np.float64))
+        with torch.enable_grad():
+            out = self.c.evaluate().reshape(-1)
+            s = (out * vt.to(out)).sum()
+            grads = torch.autograd.grad(s, params, create_graph=True, allow_unused=True)
+            g = torch.cat(
+                [
+                    (gi if gi is not None else torch.zeros_like(p)).reshape(-1)
+                    for gi, p in zip(grads, params, strict=True)
+                ]
+            )
+            if not g.requires_grad:
+                return np.zeros((self.flat.size, self.flat.size))
+            h = _flat_jacobian(g, params, self.flat.size)
+        return 0.5 * (h + h.T)
+
+    def bounds(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``(lower, upper)`` on ``fn``'s flattened value; ``None`` where unbounded."""
+        c = self.c
+        n = int(c.lmbda.numel())
+
+        def full(t: Tensor) -> np.ndarray:
+            return np.broadcast_to(t.detach().double().cpu().numpy().reshape(-1), (n,)).copy()
+
+        rel = getattr(c, "relation", None)
+        if rel == "==":
+            v = full(torch.broadcast_to(c.value, c.lmbda.shape))
+            return v, v
+        if rel == "<=":
+            return None, full(torch.broadcast_to(c.max, c.lmbda.shape))
+        if rel == ">=":
+            return full(torch.broadcast_to(c.min, c.lmbda.shape)), None
+        if rel == "in":
+            return (
+                full(torch.broadcast_to(c.min, c.lmbda.shape)),
+                full(torch.broadcast_to(c.max, c.lmbda.shape)),
+            )
+        raise TypeError(
+            f"scipy_minimize: {type(c).__name__} has relation {rel!r}; only '==', '<=', '>=' "
+            "and 'in' map to scipy constraints."
+        )
+
+
+def scipy_constraints(constraints: Iterable[Any], flat: FlatObjective, method: str) -> list[Any]:
+    """Soft constraints as native scipy constraints for ``method`` (scipy objects pass through).
+
+    ``trust-constr`` gets :class:`scipy.optimize.NonlinearConstraint` objects with autograd
+    Jacobians and Hessians; ``SLSQP`` / ``COBYLA`` / ``COBYQA`` get ``{"type": "eq"|"ineq"}``
+    dicts (``fun(x) >= 0`` for inequalities), with Jacobians for SLSQP.
+    """
+    from scipy.optimize import NonlinearConstraint
+
+    kinds = _soft_kinds()
+    out: list[Any] = []
+    for c in constraints:
+        if not isinstance(c, kinds):
+            out.append(c)  # a scipy constraint already
+            continue
+        sc = _SoftConstraint(c, flat)
+        lo, hi = sc.bounds()
+        if method == "trust-constr":
+            lb = -np.inf if lo is None else lo
+            ub = np.inf if hi is None else hi
+            out.append(NonlinearConstraint(sc.values, lb, ub, jac=sc.jac, hess=sc.hess))
+            continue
+        if lo is not None and hi is not None and np.array_equal(lo, hi):
+            out.append(
+                {"type": "eq", "fun": lambda x, sc=sc, v=lo: sc.values(x) - v, "jac": sc.jac}
+            )
+            continue
+        if hi is not None:
+            out.append(
+                {
+                    "type": "ineq",
+                    "fun": lambda x, sc=sc, v=hi: v - sc.values(x),
+                    "jac": lambda x, sc=sc: -sc.jac(x),
+                }
+            )
+        if lo is not None:
+            out.append(
+                {"type": "ineq", "fun": lambda x, sc=sc, v=lo: sc.values(x) - v, "jac": sc.jac}
+            )
+    if method in ("cobyla", "cobyqa"):
+        for d in out:
+            if isinstance(d, dict):
+                d.pop("jac", None)
+    return out
+
+
+# ------------------------------------------------------------------------ the entry point
+def scipy_minimize(
+    objective: Callable[[], Tensor],
+    params: nn.Module | Iterable[Tensor],
+    *,
+    method: str = "L-BFGS-B",
+    constraints: Iterable[Any] = (),
+    **kwargs: Any,
+) -> Any:
+    """Minimise ``objective()`` over ``params`` with :func:`scipy.optimize.minimize`.
+
+    Args:
+        objective: a zero-argument callable returning a scalar tensor computed from the
+            parameters (a torchmin-style closure: no ``backward()`` inside).
+        params: a module (its trainable parameters: for a constrained model, the unconstrained
+            coordinates) or an iterable of tensors.
+        method: any :func:`scipy.optimize.minimize` method. Gradients are passed to every
+            gradient-based method, Hessian-vector products to ``Newton-CG``, ``trust-ncg``,
+            ``trust-krylov`` and ``trust-constr``, the dense Hessian to ``dogleg`` and
+            ``trust-exact``.
+        constraints: soft constraints (an ``MDMM``, or :class:`manifoldparam.soft.Constraint`
+            objects, e.g. ``soft_constraints(model)``), turned into native scipy constraints
+            for ``SLSQP`` / ``trust-constr`` / ``COBYLA`` / ``COBYQA``; scipy constraint objects
+            pass through unchanged.
+        **kwargs: passed to :func:`scipy.optimize.minimize` (``options=``, ``tol=``,
+            ``bounds=``, ``callback=`` ...).
+
+    Returns scipy's ``OptimizeResult``; ``params`` hold ``result.x`` afterwards (float64
+    arithmetic in scipy, cast back to each tensor's dtype). ``result.nhev`` counts the
+    Hessian-vector products.
+
+    Example::
+
+        res = scipy_minimize(lambda: loss_fn(model(x), y), model, method="trust-ncg")
+    """
+    from scipy.optimize import minimize
+
+    m = method.lower()
+    tensors = _trainable(params)
+    if m in HESSP_METHODS or m in HESS_METHODS:
+        if isinstance(params, nn.Module):
+            check_second_order(params, method)
+    constraints = list(constraints)
+    if constraints and m not in CONSTRAINED_METHODS:
+        raise ValueError(
+            f"scipy_minimize(method={method!r}) takes no constraints; scipy's SLSQP, "
+            "trust-constr, COBYLA and COBYQA do. With this method use the method of "
+            "multipliers instead: minimise mdmm(loss).value and call "
+            "manifoldparam.soft.dual_update(mdmm) between solves."
+        )
+    for k in ("jac", "hess", "hessp"):
+        if k in kwargs:
+            raise TypeError(
+                f"scipy_minimize computes {k}= with autograd; do not pass it (call "
+                "scipy.optimize.minimize yourself with FlatObjective for a custom one)."
+            )
+    flat = FlatObjective(objective, tensors)
+    x0 = flat.x0()
+    extra: dict[str, Any] = {}
+    if m in GRADIENT_FREE:
+        fun: Callable[..., Any] = flat.fun
+    else:
+        fun = flat.fun_and_grad
+        extra["jac"] = True
+    if m in HESSP_METHODS:
+        extra["hessp"] = flat.hessp
+    elif m in HESS_METHODS:
+        extra["hess"] = flat.hess
+    if constraints:
+        extra["constraints"] = scipy_constraints(constraints, flat, m)
+    try:
+        result = minimize(fun, x0, method=method, **extra, **kwargs)
+    except RuntimeError as err:
+        new = explain_double_backward_error(err, method)
+        if new is err:
+            raise
+        raise new from err
+    flat.set_x(result.x)
+    result.nhev = flat.nhev
+    return result
