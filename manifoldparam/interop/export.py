@@ -57,8 +57,9 @@ def export(
 
     Args:
         model: any module, constrained or not. It is not modified.
-        requires_grad: ``requires_grad`` of the exported tensors; ``None`` (default) copies
-            it from the originals, ``False`` gives an inference-only model.
+        requires_grad: ``requires_grad`` of every exported parameter; ``None`` (default) keeps
+            each one's (a constrained value's from its coordinates), ``False`` gives an
+            inference-only model.
         keep_soft: keep soft-constraint declarations (:func:`manifoldparam.soft.constrain`)
             on the copy (default: dropped, the export is for inference).
 
@@ -77,6 +78,8 @@ def export(
     for module in reversed(list(out.modules())):
         if parametrize.is_parametrized(module):
             _unparametrize(module, requires_grad)
+    if requires_grad is not None:
+        out.requires_grad_(requires_grad)
     if not keep_soft:
         for module in out.modules():
             module.__dict__.pop(_SOFT_REGISTRY, None)

@@ -96,6 +96,7 @@ class FlatObjective:
         self.sizes = [p.numel() for p in self.params]
         self.size = sum(self.sizes)
         self._x: np.ndarray | None = None
+        self._versions: list[int] = []
         # (x bytes, gradient tuple with graph) for Hessian-vector products at one point
         self._graph: tuple[bytes, tuple[Tensor, ...]] | None = None
         self.nfev = 0
@@ -113,13 +114,18 @@ class FlatObjective:
         x = np.asarray(x, dtype=np.float64)
         if x.shape != (self.size,):
             raise ValueError(f"expected a vector of {self.size} numbers, got shape {x.shape}")
-        if self._x is not None and np.array_equal(x, self._x):
-            return
+        if (
+            self._x is not None
+            and np.array_equal(x, self._x)
+            and self._versions == [p._version for p in self.params]
+        ):
+            return  # unchanged since we wrote it (nobody else wrote the tensors either)
         t = torch.from_numpy(x.copy())
         with torch.no_grad():
             for p, chunk in zip(self.params, t.split(self.sizes), strict=True):
                 p.copy_(chunk.view_as(p))
         self._x = x.copy()
+        self._versions = [p._version for p in self.params]
         self._graph = None
 
     def _flat(self, tensors: Sequence[Tensor | None]) -> np.ndarray:
