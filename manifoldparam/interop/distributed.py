@@ -107,9 +107,10 @@ def replica_divergence(*modules: nn.Module) -> float:
             if parametrize.is_parametrized(m):
                 tensors += [getattr(m, name) for name in m.parametrizations]
         for t in tensors:
-            ref = t.detach().clone()
+            t = t.detach() if t.is_floating_point() else t.detach().double()  # bool/int buffers
+            ref = t.clone()
             dist.broadcast(ref, 0)
-            diff = (t.detach() - ref).abs().amax().double().cpu() if t.numel() else worst
+            diff = (t - ref).abs().amax().double().cpu() if t.numel() else worst
             nan = bool(torch.isnan(t).any() != torch.isnan(ref).any())
             worst = torch.maximum(worst, diff if not nan else torch.tensor(float("inf")))
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)

@@ -1,0 +1,145 @@
+"""DDP (gloo, 2 CPU ranks on loopback): constrained weights and multipliers stay identical.
+
+The test runs this file as a script in a subprocess with a timeout; the script spawns two
+ranks, each trains on its own data shard and writes a JSON report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+TIMEOUT_S = 240
+STEPS = 12
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:  # pragma: no cover - subprocess
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import manifoldparam as mp
+    from manifoldparam.interop import (
+        all_reduce_grads,
+        broadcast_module,
+        replica_divergence,
+    )
+    from manifoldparam.soft import MDMM, EqConstraint, constrain, rms, soft_constraints
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=timedelta(seconds=60),
+    )
+    dtype = torch.float64
+
+    def build(sync: bool) -> dict[str, float]:
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(4, 4, dtype=dtype), nn.Tanh(), nn.Linear(4, 4, bias=False, dtype=dtype)
+        )
+        mp.orthogonal(model[0])
+        mp.spd(model[2])
+        constrain(model[2], "weight", rms, max=0.3, damping=5.0)  # params only
+        last: dict[str, torch.Tensor] = {}
+        # a data-dependent constraint: its value differs between ranks' shards
+        out_mean = EqConstraint(lambda: last["out"].mean(), 0.1, damping=5.0)
+        mdmm = MDMM([*soft_constraints(model), out_mean])
+        if rank == 1:  # rank-local perturbations that DDP / broadcast_module must undo
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.5)
+                for lam in mdmm.multipliers():
+                    lam.fill_(3.0)
+        ddp = DDP(model)  # broadcasts rank 0's parameters and buffers
+        broadcast_module(mdmm)
+        opt = mdmm.make_optimizer(ddp.parameters(), optimizer=torch.optim.Adam, lr=0.05)
+        g = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
+        x = torch.randn(16, 4, dtype=dtype, generator=g)
+        y = torch.randn(16, 4, dtype=dtype, generator=g)
+        start = end = 0.0
+        for step in range(STEPS):
+            out = ddp(x)
+            last["out"] = out
+            loss = ((out - y) ** 2).mean()
+            ret = mdmm(loss)
+            opt.zero_grad()
+            ret.value.backward()
+            if sync:
+                all_reduce_grads(mdmm.parameters())
+            opt.step()
+            if step == STEPS // 2:
+                mp.rebase(model, opt)  # every rank moves its base point identically
+            start = float(loss) if step == 0 else start
+            end = float(loss)
+        div = replica_divergence(model, mdmm)
+        w = model[0].weight.detach()
+        return {
+            "divergence": div,
+            "start": start,
+            "end": end,
+            "orth": float((w.T @ w - torch.eye(4, dtype=dtype)).abs().max()),
+            "spd_min_eig": float(torch.linalg.eigvalsh(model[2].weight.detach()).min()),
+            "lambda": [float(lam) for lam in mdmm.multipliers()],
+        }
+
+    report = {"synced": build(sync=True), "unsynced": build(sync=False)}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _main(port: int, out_dir: str) -> None:  # pragma: no cover - subprocess
+    import torch.multiprocessing as tmp
+
+    tmp.spawn(_worker, args=(port, out_dir), nprocs=2, join=True)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_ddp_two_cpu_ranks_keep_constrained_weights_and_multipliers_identical(
+    tmp_path: Path,
+) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, __file__, str(_free_port()), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rep in reports:
+        synced = rep["synced"]
+        assert synced["divergence"] == 0.0  # bit-identical weights, buffers, multipliers
+        assert synced["end"] < synced["start"]
+        assert synced["orth"] < 1e-10
+        assert synced["spd_min_eig"] > 0
+        # without averaging the multipliers' gradients, the data-dependent one drifts apart
+        assert rep["unsynced"]["divergence"] > 1e-6
+    assert reports[0]["synced"]["lambda"] == reports[1]["synced"]["lambda"]
+    assert reports[0]["synced"]["lambda"][1] != 0.0
+    assert reports[0]["synced"]["end"] != reports[1]["synced"]["end"]  # different shards
+
+
+if __name__ == "__main__":  # pragma: no cover - the subprocess entry point
+    _main(int(sys.argv[1]), sys.argv[2])
