@@ -35,6 +35,10 @@ from manifoldparam.interop import scipy_minimize
 from manifoldparam.soft import MDMM, constrain, dual_update, rms, soft_constraints
 from tests.conftest import assert_on_stiefel, assert_spd
 
+# torchmin's Hessian methods call backward(create_graph=True) on the parameters themselves
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Using backward\\(\\) with create_graph=True:UserWarning"
+)
 DTYPE = torch.float64
 LOW, HIGH = -0.5, 0.5
 EQ_SUM = 0.5  # soft: sum(fc3.bias) == 0.5

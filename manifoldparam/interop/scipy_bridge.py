@@ -159,7 +159,7 @@ class FlatObjective:
         with torch.enable_grad():
             value = self._value()
             grads = torch.autograd.grad(value, self.params, allow_unused=True)
-        return float(value), self._flat(grads)
+        return float(value.detach()), self._flat(grads)
 
     def _grad_graph(self, x: np.ndarray) -> tuple[Tensor, ...]:
         self.set_x(x)
