@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from manifoldparam.hard.base import owner_name
 from manifoldparam.soft.constraints import (
     BoundConstraintHard,
     Constraint,
@@ -91,12 +92,12 @@ def constrain(
     :func:`soft_constraints`. ``fn`` should be a named function (or ``functools.partial``) so
     the model pickles.
     """
-    owner = f"{type(module).__name__}.{name}"
+    owner = owner_name(module, name)
     value = getattr(module, name, None)
     if not isinstance(value, Tensor):
         have = [n for n, _ in module.named_parameters(recurse=False)]
         raise AttributeError(
-            f"constrain({owner}): {type(module).__name__} has no tensor attribute {name!r} "
+            f"constrain({owner}): {owner.rsplit('.', 1)[0]} has no tensor attribute {name!r} "
             f"(its parameters: {have}); pass the attribute's name, e.g. 'weight'."
         )
     given = {k: v for k, v in (("eq", eq), ("min", min), ("max", max)) if v is not None}
