@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from manifoldparam.caching.cache import evaluate
+
 __all__ = [
     "Parametrization",
     "checked_weight",
@@ -114,8 +116,6 @@ class Parametrization(nn.Module):
 
     # ----------------------------------------------------------------- public API
     def forward(self, x: Tensor) -> Tensor:
-        from manifoldparam.caching.cache import evaluate
-
         return evaluate(self, x)
 
     def right_inverse(self, w: Tensor) -> Tensor:
