@@ -184,6 +184,18 @@ def _pade(a: Tensor, a2: Tensor, a4: Tensor, a6: Tensor, m: int) -> tuple[Tensor
     return u, v, w, w1, z1
 
 
+def _squarings(x: Tensor, s: Tensor, s_max: int, uniform: bool) -> tuple[Tensor, Tensor]:
+    """``X ← X²`` ``s`` times (each matrix its own ``s``, masked up to ``s_max``); returns the
+    result and the stacked squares ``X_0 .. X_{s_max-1}`` the backward needs."""
+    squares = []
+    for j in range(s_max):
+        squares.append(x)
+        xx = x @ x
+        x = xx if uniform else torch.where(_expand(s > j), xx, x)
+    sq = torch.stack(squares) if squares else x.new_empty((0, *x.shape))
+    return x, sq
+
+
 def _forward(a: Tensor, max_squarings: int | None) -> tuple:
     """Forward pass; returns X and everything the backward needs."""
     a2 = a @ a
@@ -212,12 +224,7 @@ def _forward(a: Tensor, max_squarings: int | None) -> tuple:
     lu, piv = torch.linalg.lu_factor(v - u)
     x = torch.linalg.lu_solve(lu, piv, v + u)
     r = x
-    squares = []
-    for j in range(s_max):
-        squares.append(x)
-        xx = x @ x
-        x = xx if uniform else torch.where(_expand(s > j), xx, x)
-    sq = torch.stack(squares) if squares else a.new_empty((0, *a.shape))
+    x, sq = _squarings(x, s, s_max, uniform)
     return x, (a, a2, a4, a6, w, w1, z1, lu, piv, r, sq, s), (m, s_max, uniform)
 
 
@@ -277,12 +284,7 @@ def _recompute(a: Tensor, m: int, s: Tensor, s_max: int, uniform: bool) -> tuple
     q = v - u
     x = torch.linalg.solve(q, v + u)
     r = x
-    squares = []
-    for j in range(s_max):
-        squares.append(x)
-        xx = x @ x
-        x = xx if uniform else torch.where(_expand(s > j), xx, x)
-    sq = torch.stack(squares) if squares else a.new_empty((0, *a.shape))
+    x, sq = _squarings(x, s, s_max, uniform)
     return (a, a2, a4, a6, w, w1, z1, q, None, r, sq, s)
 
 
