@@ -20,7 +20,8 @@ The contract every subclass implements (the same as :mod:`torch.nn.utils.paramet
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -223,15 +224,20 @@ def checked_weight(module: nn.Module, name: str) -> Tensor:
     return weight
 
 
-def register(module: nn.Module, name: str, parametrization: Parametrization) -> nn.Module:
-    """Check ``module.<name>`` and register ``parametrization`` on it through torch.
+def register(
+    module: nn.Module, name: str, build: Callable[..., Parametrization], **options: Any
+) -> nn.Module:
+    """Check ``module.<name>``, build its parametrization and register it through torch.
 
-    The public constructors (:func:`manifoldparam.orthogonal`, ...) are thin wrappers over
-    this; it runs :func:`checked_weight` and :meth:`Parametrization.validate` first, then
+    ``build(shape, owner=..., **options)`` makes the parametrization (a class such as
+    :class:`~manifoldparam.Orthogonal`); the public constructors (:func:`manifoldparam.orthogonal`,
+    ...) are this one call. It runs :func:`checked_weight` and
+    :meth:`Parametrization.validate` before touching the module, then
     :func:`torch.nn.utils.parametrize.register_parametrization` (whose first ``right_inverse``
     call moves the current weight to the nearest point of the set). Returns ``module``.
     """
     weight = checked_weight(module, name)
+    parametrization = build(weight.shape, owner=owner_name(module, name), **options)
     parametrization.validate(weight)
     parametrization.to(device=weight.device, dtype=weight.dtype)
     parametrize.register_parametrization(module, name, parametrization)

@@ -31,9 +31,7 @@ from torch import Tensor, nn
 
 from manifoldparam.hard.base import (
     Parametrization,
-    checked_weight,
     max_abs,
-    owner_name,
     register,
 )
 
@@ -138,11 +136,4 @@ def bounded(
 
         manifoldparam.bounded(physics, "damping", low=0.0, high=2.0)
     """
-    p = Bounded(
-        checked_weight(module, name).shape,
-        low=low,
-        high=high,
-        atol=atol,
-        owner=owner_name(module, name),
-    )
-    return register(module, name, p)
+    return register(module, name, Bounded, low=low, high=high, atol=atol)

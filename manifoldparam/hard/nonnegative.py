@@ -31,9 +31,7 @@ from torch import Tensor, nn
 
 from manifoldparam.hard.base import (
     Parametrization,
-    checked_weight,
     max_abs,
-    owner_name,
     register,
 )
 from manifoldparam.hard.spd import softplus_inverse
@@ -113,7 +111,4 @@ def nonnegative(
 
         nmf_layer = manifoldparam.nonnegative(nn.Linear(64, 10, bias=False))
     """
-    p = Nonnegative(
-        checked_weight(module, name).shape, map=map, atol=atol, owner=owner_name(module, name)
-    )
-    return register(module, name, p)
+    return register(module, name, Nonnegative, map=map, atol=atol)

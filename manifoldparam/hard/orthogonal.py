@@ -45,9 +45,7 @@ from torch import Tensor, nn
 
 from manifoldparam.hard.base import (
     Parametrization,
-    checked_weight,
     max_abs,
-    owner_name,
     register,
 )
 from manifoldparam.hard.expm import expm
@@ -240,16 +238,16 @@ def orthogonal(
         rnn_cell = manifoldparam.orthogonal(nn.Linear(128, 128, bias=False))
         conv = manifoldparam.orthogonal(nn.Conv2d(16, 32, 3))   # (32, 144): orthonormal rows
     """
-    p = Orthogonal(
-        checked_weight(module, name).shape,
+    return register(
+        module,
+        name,
+        Orthogonal,
         map=map,
         batched=batched,
         newton_schulz=newton_schulz,
         max_squarings=max_squarings,
         atol=atol,
-        owner=owner_name(module, name),
     )
-    return register(module, name, p)
 
 
 @torch.no_grad()

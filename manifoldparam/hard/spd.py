@@ -33,9 +33,7 @@ from torch import Tensor, nn
 
 from manifoldparam.hard.base import (
     Parametrization,
-    checked_weight,
     max_abs,
-    owner_name,
     register,
 )
 
@@ -174,10 +172,4 @@ def spd(
 
         cov = manifoldparam.spd(nn.Linear(16, 16, bias=False), min_eigenvalue=1e-4)
     """
-    p = SPD(
-        checked_weight(module, name).shape,
-        min_eigenvalue=min_eigenvalue,
-        atol=atol,
-        owner=owner_name(module, name),
-    )
-    return register(module, name, p)
+    return register(module, name, SPD, min_eigenvalue=min_eigenvalue, atol=atol)
