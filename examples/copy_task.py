@@ -91,11 +91,13 @@ class OrthogonalRNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``(T, batch)`` integers -> logits ``(T, batch, 9)``."""
-        u = self.inp.weight.T[x] + self.inp.bias  # one-hot @ Uᵀ for all steps at once
+        # one-hot @ Uᵀ for all steps at once (embedding: its backward is a fast scatter-add)
+        u = nn.functional.embedding(x, self.inp.weight.T) + self.inp.bias
         h = u.new_zeros(x.shape[1], self.hidden)
         hs = []
-        for t in range(x.shape[0]):
-            h = self.act(self.rec(h) + u[t])  # reads the constrained kernel at every step
+        # unbind, not u[t]: u[t]'s backward writes a zero-filled (T, batch, n) tensor per step
+        for u_t in u.unbind(0):
+            h = self.act(self.rec(h) + u_t)  # reads the constrained kernel at every step
             hs.append(h)
         return self.out(torch.stack(hs))
 

@@ -151,15 +151,21 @@ _STEPS = _StepCounter()
 
 def _version(t: Tensor) -> int:
     """``t._version``; -1 for inference tensors, which keep no version counter."""
-    return -1 if t.is_inference() else t._version
+    try:
+        return t._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return -1
 
 
 class _Entry:
-    """One stored value and everything it was computed from."""
+    """One stored value and everything it was computed from.
+
+    Read on every access of a cached weight (an RNN reads it at each time step), so
+    :meth:`matches` is written as one short-circuiting expression over plain attributes.
+    """
 
     __slots__ = (
         "__weakref__",
-        "buffers",
         "device",
         "dtype",
         "epoch",
@@ -167,11 +173,13 @@ class _Entry:
         "out_version",
         "ptr",
         "requires_grad",
+        "state",
         "version",
+        "versions",
         "x",
     )
 
-    def __init__(self, x: Tensor, state: tuple[Tensor, ...], out: Tensor) -> None:
+    def __init__(self, x: Tensor, state: tuple[Tensor | None, ...], out: Tensor) -> None:
         self.x = weakref.ref(x)
         self.epoch = _STEPS.count
         self.version = _version(x)
@@ -179,27 +187,51 @@ class _Entry:
         self.dtype = x.dtype
         self.device = x.device
         self.requires_grad = x.requires_grad
-        self.buffers = tuple((weakref.ref(t), _version(t)) for t in state)
+        # p's own tensors, held strongly (they belong to p, which holds this entry), compared by
+        # identity: a re-assigned buffer is a miss even if its id were recycled.
+        self.state = state
+        self.versions = tuple(-2 if t is None else _version(t) for t in state)
         self.out = out
         self.out_version = _version(out)
 
-    def matches(self, x: Tensor, state: tuple[Tensor, ...]) -> bool:
-        if (
-            self.x() is not x
-            or self.epoch != _STEPS.count
-            or _version(x) != self.version
-            or x.data_ptr() != self.ptr
-            or x.requires_grad != self.requires_grad
-            or x.dtype != self.dtype
-            or x.device != self.device
-            or _version(self.out) != self.out_version
-            or len(state) != len(self.buffers)
+    def matches(self, x: Tensor, state: tuple[Tensor | None, ...]) -> bool:
+        try:
+            if not (
+                self.x() is x
+                and x._version == self.version
+                and self.epoch == _STEPS.count
+                and self.out._version == self.out_version
+                and x.data_ptr() == self.ptr
+                and x.requires_grad == self.requires_grad
+                and x.dtype == self.dtype
+                and x.device == self.device
+                and len(state) == len(self.state)
+            ):
+                return False
+            for t, t0, v0 in zip(state, self.state, self.versions, strict=True):
+                if t is not t0 or (t is not None and t._version != v0):
+                    return False
+            return True
+        except RuntimeError:  # an inference tensor (no version counter): compare through -1
+            return self._matches_inference(x, state)
+
+    def _matches_inference(self, x: Tensor, state: tuple[Tensor | None, ...]) -> bool:
+        if not (
+            self.x() is x
+            and _version(x) == self.version
+            and self.epoch == _STEPS.count
+            and _version(self.out) == self.out_version
+            and x.data_ptr() == self.ptr
+            and x.requires_grad == self.requires_grad
+            and x.dtype == self.dtype
+            and x.device == self.device
+            and len(state) == len(self.state)
         ):
             return False
-        for t, (ref, version) in zip(state, self.buffers, strict=True):
-            if ref() is not t or _version(t) != version:
-                return False
-        return True
+        return all(
+            t is t0 and (t is None or _version(t) == v0)
+            for t, t0, v0 in zip(state, self.state, self.versions, strict=True)
+        )
 
 
 class _Slot:
@@ -294,34 +326,34 @@ class _Reuse(torch.autograd.Function):
 # --------------------------------------------------------------------------- the hook
 
 
-def _state_tensors(p: nn.Module) -> tuple[Tensor, ...]:
+def _state_tensors(p: nn.Module) -> tuple[Tensor | None, ...]:
     """The tensors of ``p`` (buffers, parameters) its map may read besides ``x``."""
     if p._modules:
         return (*p.buffers(), *p.parameters())
-    return (
-        *(b for b in p._buffers.values() if b is not None),
-        *(q for q in p._parameters.values() if q is not None),
-    )
+    if p._parameters:
+        return (*p._buffers.values(), *p._parameters.values())
+    return tuple(p._buffers.values())
 
 
 def _bypass(x: Tensor) -> bool:
     """Whether caching must step aside: transforms, tracing, compile, dispatch modes."""
     return (
         torch._C._functorch.peek_interpreter_stack() is not None
-        or torch._C._functorch.is_functorch_wrapped_tensor(x)
         or torch._C._len_torch_dispatch_stack() > 0
         or torch.autograd.forward_ad._current_level >= 0
         or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-        or torch.jit.is_tracing()
+        or torch._C._is_tracing()
         or x.is_meta
+        or torch._C._functorch.is_functorch_wrapped_tensor(x)
     )
 
 
 def _mode_key(x: Tensor) -> tuple[bool, bool, torch.dtype | None]:
-    device_type = x.device.type
-    autocast = (
-        torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    )
+    autocast = None
+    if torch._C._is_any_autocast_enabled():
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            autocast = torch.get_autocast_dtype(device_type)
     return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast)
 
 
@@ -356,7 +388,7 @@ def evaluate(p: Parametrization, x: Tensor) -> Tensor:
         return entry.out
 
     inner = p._map(x)
-    inputs = tuple(t for t in (x, *state) if t.requires_grad)
+    inputs = tuple(t for t in (x, *state) if t is not None and t.requires_grad)
     if inner.requires_grad and inputs:
         graph = _GraphState(inner, inputs, slot, drop_on_backward=token is _AUTO)
         out = _Reuse.apply(graph, *inputs)

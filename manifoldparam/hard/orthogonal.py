@@ -19,7 +19,8 @@ columns of :math:`I_n`, :math:`\phi = \exp` (default) or the Cayley map
 :math:`nk - k(k+1)/2 = \dim \mathrm{St}(n,k)` numbers, so no direction is dead.
 :math:`\operatorname{NS}(W) = W(3I - W^\top W)/2` is one Newton--Schulz step: the identity
 on the manifold to first order (its differential fixes every tangent vector, so gradients are
-unchanged), it squares the float round-off of the exponential away
+unchanged, and the backward skips it: see :func:`_newton_schulz_correction`), it squares the
+float round-off of the exponential away
 (float32 :math:`\max|W^\top W - I|` stays at a few ulps even for huge :math:`\|A\|`).
 
 Assignment ``module.weight = Q`` (``Q`` orthogonal within tolerance) sets :math:`B` to ``Q``
@@ -81,6 +82,23 @@ def _cayley(a: Tensor, k: int) -> Tensor:
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     rhs = (eye + 0.5 * a)[..., :k]
     return torch.linalg.solve(eye - 0.5 * a, rhs)
+
+
+def _newton_schulz_correction(t: Tensor, steps: int) -> Tensor:
+    """``NS^steps(t) - t`` for a (detached) nearly orthonormal ``t``.
+
+    Added to the tracked ``t``, the value is ``NS^steps(t)`` (up to one rounding) while the
+    backward (and forward-mode tangent) of the correction is zero: the differential of NS at an
+    orthonormal ``t`` is the identity on tangent vectors, and every variation of ``B·φ(A)`` is
+    tangent, so the gradient equals the one through NS up to ``O(|tᵀt - I|)`` (float round-off)
+    -- and so do all higher derivatives, since NS∘(B·φ) and B·φ are the same function on the
+    manifold. This saves the four products of NS's backward.
+    """
+    y = t
+    eye = torch.eye(t.shape[-1], dtype=t.dtype, device=t.device)
+    for _ in range(steps):
+        y = y @ (1.5 * eye - 0.5 * (y.mT @ y))
+    return y - t
 
 
 class Orthogonal(Parametrization):
@@ -184,8 +202,8 @@ class Orthogonal(Parametrization):
         else:
             e = _cayley(a, self.k)
         t = self.base @ e
-        for _ in range(self.newton_schulz):
-            t = t @ (1.5 * torch.eye(self.k, dtype=t.dtype, device=t.device) - 0.5 * (t.mT @ t))
+        if self.newton_schulz > 0:
+            t = t + _newton_schulz_correction(t.detach(), self.newton_schulz)
         return self._from_tall(t)
 
     def _inverse(self, w: Tensor) -> Tensor:
