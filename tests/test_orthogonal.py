@@ -13,6 +13,7 @@ from torch.autograd import gradcheck
 from torch.autograd.functional import jacobian
 
 import manifoldparam as mp
+from manifoldparam.hard.expm import expm
 from tests.conftest import assert_on_stiefel
 
 MAPS = ["expm", "cayley"]
@@ -212,6 +213,39 @@ def test_newton_schulz_is_what_keeps_huge_originals_exact():
         errors.append(float((w.T @ w - torch.eye(128)).abs().max()))
     corrected, raw = errors
     assert corrected < 2e-6 and raw > 10 * corrected
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols", [(12, 12), (12, 5), (5, 12)])
+def test_newton_schulz_backward_is_skipped_without_changing_gradients(steps, dtype, rows, cols):
+    """The correction carries no backward. Value: the tracked NS iteration. Gradient and a
+    Hessian-vector product: those through the tracked iteration, to the dtype's round-off
+    (NS fixes tangent vectors and is the identity on the manifold)."""
+    torch.manual_seed(0)
+    p = param(mp.orthogonal(linear(rows, cols, dtype)))
+    p.newton_schulz = steps
+    x = (0.7 * torch.randn(p.dim, dtype=dtype)).requires_grad_()
+    g = torch.randn(rows, cols, dtype=dtype)
+    v = torch.randn(p.dim, dtype=dtype)
+
+    def tracked(x: torch.Tensor) -> torch.Tensor:
+        t = p.base @ expm(p.skew(x))[:, : p.k]
+        eye = torch.eye(p.k, dtype=dtype)
+        for _ in range(steps):
+            t = t @ (1.5 * eye - 0.5 * (t.mT @ t))
+        return t.mT if p.transposed else t
+
+    tol = 50 * torch.finfo(dtype).eps * p.n
+    w, w_ref = p._map(x), tracked(x)
+    assert float((w - w_ref).detach().abs().max()) < tol
+    (grad,) = torch.autograd.grad((w * g).sum(), x, create_graph=True)
+    (grad_ref,) = torch.autograd.grad((w_ref * g).sum(), x, create_graph=True)
+    scale = float(grad_ref.detach().abs().max())
+    assert float((grad - grad_ref).detach().abs().max()) < tol * scale
+    (hvp,) = torch.autograd.grad(grad @ v, x)
+    (hvp_ref,) = torch.autograd.grad(grad_ref @ v, x)
+    assert float((hvp - hvp_ref).abs().max()) < 10 * tol * float(hvp_ref.abs().max())
 
 
 @pytest.mark.parametrize("map", MAPS)

@@ -94,11 +94,17 @@ def _newton_schulz_correction(t: Tensor, steps: int) -> Tensor:
     -- and so do all higher derivatives, since NS∘(B·φ) and B·φ are the same function on the
     manifold. This saves the four products of NS's backward.
     """
-    y = t
-    eye = torch.eye(t.shape[-1], dtype=t.dtype, device=t.device)
-    for _ in range(steps):
-        y = y @ (1.5 * eye - 0.5 * (y.mT @ y))
-    return y - t
+
+    # NS(y) - y = y/2 - y(yᵀy)/2: one fused product, and no cancellation in the difference.
+    def step(y: Tensor) -> Tensor:
+        if y.dim() == 2:
+            return torch.addmm(y, y, y.mT @ y, beta=0.5, alpha=-0.5)
+        return torch.matmul(y, y.mT @ y).mul_(-0.5).add_(y, alpha=0.5)
+
+    d = step(t)
+    for _ in range(steps - 1):
+        d = d + step(t + d)
+    return d
 
 
 class Orthogonal(Parametrization):
