@@ -55,9 +55,10 @@ from :math:`A` with tracked ops and evaluates the same adjoint with differentiab
 double backward (Hessian-vector products) is exact for the approximant; without
 ``create_graph`` it uses the saved intermediates.
 
-Host syncs. Choosing :math:`m` and :math:`s` needs the norms on the host: one read of four
-scalars per call (after :math:`A^2, A^4, A^6`; nothing else syncs, the backward and jvp none;
-a second read only on the overflow path). This
+Host syncs. Choosing :math:`m` and :math:`s` needs the norms on the host: one read of the
+four 1-norms of each matrix per call (after :math:`A^2, A^4, A^6`; the choice is then scalar
+arithmetic on the host; nothing else syncs, the backward and jvp none; a second read only on
+the overflow path). This
 is the same kind of sync as ``torch.linalg.matrix_exp``'s own norm-dependent branching; the
 alternative, a fixed maximum number of masked squarings, would cost one product per unused
 squaring on every call (and two in the backward). ``max_squarings=k`` selects that sync-free
@@ -78,6 +79,8 @@ unless ``max_squarings`` is given). float16/bfloat16 inputs are computed in floa
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -128,9 +131,12 @@ def _choose(
 ) -> tuple[int, Tensor, int, bool, bool]:
     """(m, s per matrix, s_max, uniform s, overflow) from the norms of A, A², A⁴, A⁶.
 
-    One host read (of four scalars) unless ``max_squarings`` is given.
+    One host read (of the norms) unless ``max_squarings`` is given; with it, everything stays
+    on the device: ``s`` clamped to ``max_squarings``, squarings masked, no overflow fallback.
     """
     single = a.dtype in (torch.float32, torch.complex64)
+    if max_squarings is None:
+        return _choose_on_host(a, a2, a4, a6, single)
     n2, n4, n6 = _norm1(a2), _norm1(a4), _norm1(a6)
     d4 = n4.pow(1 / 4)
     d6 = n6.pow(1 / 6)
@@ -138,9 +144,7 @@ def _choose(
     d10 = (n4 * n6).pow(1 / 10)
     eta3 = torch.maximum(d6, d8)
     eta5 = torch.minimum(eta3, torch.maximum(d8, d10))
-    # A power overflowed although A is finite: the caller pre-scales A and calls again.
-    overflow = (~torch.isfinite(eta3) & torch.isfinite(_norm1(a))).any()
-    # Non-finite input: no squarings (the result is non-finite anyway).
+    # Non-finite (or overflowed) norms: no squarings.
     eta3 = torch.nan_to_num(eta3, nan=0.0, posinf=0.0)
     eta5 = torch.nan_to_num(eta5, nan=0.0, posinf=0.0)
     if single:  # float32: always m = 7 (cheaper than 13 at equal accuracy)
@@ -148,17 +152,55 @@ def _choose(
     else:
         m, eta, theta = 13, eta5, _THETA13
     s = torch.log2(eta / theta).ceil().clamp(min=0.0)  # eta == 0: -inf -> 0
-    if max_squarings is not None:
-        return m, s.clamp(max=float(max_squarings)), int(max_squarings), False, False
-    if s.numel() == 0:
+    return m, s.clamp(max=float(max_squarings)), int(max_squarings), False, False
+
+
+def _nan_max(x: float, y: float) -> float:
+    """``torch.maximum`` on floats (NaN propagates)."""
+    return x + y if math.isnan(x) or math.isnan(y) else max(x, y)
+
+
+def _nan_min(x: float, y: float) -> float:
+    """``torch.minimum`` on floats (NaN propagates)."""
+    return x + y if math.isnan(x) or math.isnan(y) else min(x, y)
+
+
+def _choose_on_host(
+    a: Tensor, a2: Tensor, a4: Tensor, a6: Tensor, single: bool
+) -> tuple[int, Tensor, int, bool, bool]:
+    """:func:`_choose` without ``max_squarings``: one host read of the four 1-norms of every
+    matrix, then the same arithmetic on Python floats (some thirty fewer tensor operations)."""
+    norms = torch.stack([_norm1(a), _norm1(a2), _norm1(a4), _norm1(a6)], dim=-1)
+    rows = norms.reshape(-1, 4).tolist()
+    theta = _THETA7_F32 if single else _THETA13
+    s_list: list[float] = []
+    overflow = False
+    e3_max = 0.0
+    for n1, n2, n4, n6 in rows:
+        d4 = n4**0.25
+        d6 = n6 ** (1 / 6)
+        d8 = _nan_min(d4, (n2 * n6) ** 0.125)
+        d10 = (n4 * n6) ** 0.1
+        eta3 = _nan_max(d6, d8)
+        eta5 = _nan_min(eta3, _nan_max(d8, d10))
+        # A power overflowed although A is finite: the caller pre-scales A and calls again.
+        overflow = overflow or (not math.isfinite(eta3) and math.isfinite(n1))
+        # Non-finite input: no squarings (the result is non-finite anyway).
+        eta3 = eta3 if math.isfinite(eta3) else 0.0
+        eta5 = eta5 if math.isfinite(eta5) else 0.0
+        e3_max = max(e3_max, eta3)
+        eta = eta3 if single else eta5
+        s_list.append(max(math.ceil(math.log2(eta / theta)), 0) if eta > 0 else 0)
+    m = 7 if single else 13
+    real = norms.dtype
+    s = torch.tensor(s_list, dtype=real, device=a.device).reshape(norms.shape[:-1])
+    if not s_list:
         return m, s, 0, True, False
-    e3, smax, smin, ovf = torch.stack(
-        [eta3.amax(), s.amax(), s.amin(), overflow.to(s.dtype)]
-    ).tolist()
-    if ovf:
+    if overflow:
         return m, s, 0, True, True
-    if not single and e3 <= _THETA7:
+    if not single and e3_max <= _THETA7:
         return 7, torch.zeros_like(s), 0, True, False
+    smax, smin = max(s_list), min(s_list)
     return m, s, int(smax), smax == smin, False
 
 
@@ -167,19 +209,24 @@ def _plus_identity(x: Tensor, c: float) -> Tensor:
     return x
 
 
+def _combine(x: Tensor, y: Tensor, z: Tensor, cx: float, cy: float, cz: float) -> Tensor:
+    """``cx·x + cy·y + cz·z`` in three kernels (a fresh tensor, differentiable)."""
+    return (x * cx).add_(y, alpha=cy).add_(z, alpha=cz)
+
+
 def _pade(a: Tensor, a2: Tensor, a4: Tensor, a6: Tensor, m: int) -> tuple[Tensor, ...]:
     """U, V and the inner polynomials of r_m = (V - U)^{-1}(V + U) at the (scaled) powers."""
     if m == 7:
         c = _C7
-        w = _plus_identity(c[7] * a6 + c[5] * a4 + c[3] * a2, c[1])
-        v = _plus_identity(c[6] * a6 + c[4] * a4 + c[2] * a2, c[0])
+        w = _plus_identity(_combine(a6, a4, a2, c[7], c[5], c[3]), c[1])
+        v = _plus_identity(_combine(a6, a4, a2, c[6], c[4], c[2]), c[0])
         w1 = z1 = a[..., :0, :0]  # unused; keeps the batch shape (for the vmap rule)
     else:
         c = _C13
-        w1 = c[13] * a6 + c[11] * a4 + c[9] * a2
-        z1 = c[12] * a6 + c[10] * a4 + c[8] * a2
-        w = _plus_identity(a6 @ w1 + (c[7] * a6 + c[5] * a4 + c[3] * a2), c[1])
-        v = _plus_identity(a6 @ z1 + (c[6] * a6 + c[4] * a4 + c[2] * a2), c[0])
+        w1 = _combine(a6, a4, a2, c[13], c[11], c[9])
+        z1 = _combine(a6, a4, a2, c[12], c[10], c[8])
+        w = _plus_identity(_combine(a6, a4, a2, c[7], c[5], c[3]).add_(a6 @ w1), c[1])
+        v = _plus_identity(_combine(a6, a4, a2, c[6], c[4], c[2]).add_(a6 @ z1), c[0])
     u = a @ w
     return u, v, w, w1, z1
 
