@@ -304,6 +304,38 @@ def test_host_reads():
     assert _rel(z, y) < 1e-13
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex128])
+def test_host_choice_is_the_device_formula(dtype):
+    """The default mode chooses (m, s) on the host from the read norms; the sync-free mode
+    evaluates the same formula on the device. Same s for every matrix of a batch spanning
+    many orders of magnitude (m = 7 when every float64 matrix is below theta_7)."""
+    from manifoldparam.hard.expm import _THETA7, _choose
+
+    torch.manual_seed(0)
+    # Dense in scale, so that any change of a norm estimate moves some s across a power of 2.
+    # (float32 stops at 1e3: beyond, the device's products of norms overflow to inf and it
+    # falls back to a cruder bound, so its s is larger; the host computes them in float64.)
+    top = 3 if dtype == torch.float32 else 5
+    scales = torch.logspace(-6, top, 801, dtype=torch.float64)
+    a = torch.randn(801, 6, 6, dtype=dtype) * scales[:, None, None].to(dtype)
+    # Non-normal members (strictly upper triangular plus a small diagonal): their powers decay
+    # fast, so d4, d6, d8, d10 differ and each enters the choice.
+    a[1::2] = a[1::2].triu(1) * 30 + 0.1 * a[1::2].diagonal(dim1=-2, dim2=-1).diag_embed()
+    for batch in (a, a[:3]):
+        a2 = batch @ batch
+        a4, a6 = a2 @ a2, a2 @ a2 @ a2
+        m, s, s_max, uniform, overflow = _choose(batch, a2, a4, a6, None)
+        m_dev, s_dev, *_ = _choose(batch, a2, a4, a6, 1000)
+        assert not overflow and s_max == int(s.max()) and uniform == bool((s == s.max()).all())
+        single = dtype == torch.float32
+        d6 = torch.linalg.matrix_norm(a6, 1) ** (1 / 6)
+        if not single and bool((d6 <= _THETA7).all()) and s_max == 0:
+            assert m == 7
+            continue
+        assert m == m_dev
+        assert torch.equal(s, s_dev)
+
+
 def test_max_squarings_mode_matches_default():
     a = torch.stack([_rand((5, 5), r, gen_seed=i) for i, r in enumerate([1e-3, 1.0, 40.0])])
     g = torch.randn_like(a)
