@@ -20,6 +20,11 @@ T steps. A *training step* is ``zero_grad`` + forward over T steps + ``backward`
 * ``manifoldparam uncached``: no cache: the orthogonal map is evaluated at each of the T steps;
 * ``geotorch + parametrize.cached()``: ``geotorch.orthogonal(rnn, "weight")`` (expm), forward
   and backward inside torch's ``parametrize.cached()``;
+* ``torch parametrize, identity map``: an unconstrained weight behind
+  ``torch.nn.utils.parametrize`` with a parametrization that returns its input: the cost of
+  T reads through parametrize's property alone, which every parametrization pays per read
+  (a floor for the cached rows; ``parametrize.cached()`` skips it by returning its stored
+  tensor without any check, which is why it goes stale);
 * ``geoopt RiemannianAdam``: ``W`` a ``geoopt.ManifoldParameter`` on ``Stiefel()`` (no
   parametrization; the optimizer retracts).
 
@@ -89,6 +94,13 @@ class HoistedRNN(RNN):
         return self.out(torch.stack(hs))
 
 
+class _Identity(nn.Module):
+    """A parametrization that does nothing: what T reads through parametrize's property cost."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def orthogonal_linear(n: int) -> nn.Linear:
     rec = nn.Linear(n, n, bias=False)
     nn.init.orthogonal_(rec.weight)
@@ -154,6 +166,16 @@ def make_variants(n: int, length: int, batch: int, uncached: bool) -> dict[str, 
         )
     except ImportError:
         print("geotorch not installed: skipped", file=sys.stderr)
+
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    rec = orthogonal_linear(n)
+    parametrize.register_parametrization(rec, "weight", _Identity())
+    ident = RNN(n, rec)
+    variants["torch parametrize, identity map"] = trainer(
+        ident, torch.optim.Adam(ident.parameters(), 1e-3), none
+    )
 
     import geoopt
 

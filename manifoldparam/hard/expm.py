@@ -1,4 +1,12 @@
-r"""Matrix exponential with a cheap, exact-adjoint backward (scaling and squaring, Padé).
+r"""Matrix exponential with a cheap, exact-adjoint backward (scaling and squaring, Padé/Taylor).
+
+Small norms first. If every matrix has :math:`\alpha = \max(\|A^2\|_1^{1/2},
+(\|A\|_1\|A^2\|_1)^{1/3}) \le 4\ell_8` (a bound on :math:`\max(d_3, d_4)` from the one
+product :math:`A^2`; :math:`\ell_8 = 0.445` in float32, :math:`0.038` in float64), the result
+is the degree-8 Taylor polynomial :math:`T_8(2^{-s}A)^{2^s}`, :math:`s \le 2`, evaluated in
+three products (Bader, Blanes & Casas 2019; the scheme ``torch.linalg.matrix_exp`` also uses):
+no LU, no solve, a backward of six products. This is the regime of a trained orthogonal
+weight near its base point (e.g. ρ(A) ≲ 0.6 at n = 190). Otherwise:
 
 What is computed. :func:`expm` returns :math:`X = r_m(2^{-s}A)^{2^s} \approx \exp(A)` for a
 (batched) square matrix :math:`A` of shape ``(*batch, n, n)``, where :math:`r_m = q_m^{-1}p_m`
@@ -35,7 +43,8 @@ of the *approximant*, which approximates :math:`L_{\exp}` to the same backward e
 solve, and the squarings are reversed with the saved squares
 (:math:`\bar X_j = X_j^H \bar X_{j+1} + \bar X_{j+1} X_j^H`).
 
-Cost (``n×n``, counted in ``n×n`` matrix products "M"): forward :math:`6M` (:math:`m=13`) or
+Cost (``n×n``, counted in ``n×n`` matrix products "M"): Taylor :math:`(3 + s)M` forward,
+:math:`(6 + 2s)M` backward. Padé: forward :math:`6M` (:math:`m=13`) or
 :math:`4M` (:math:`m=7`) + one LU + one LU solve + :math:`sM`; backward :math:`13M` (or
 :math:`9M`) + one LU solve + :math:`2sM`, i.e. about twice the forward (measured: fwd+bwd
 ≈ 0.2x of ``torch.linalg.matrix_exp``'s at n = 256 and 1024, float32, 2 CPU threads), with no
@@ -55,10 +64,10 @@ from :math:`A` with tracked ops and evaluates the same adjoint with differentiab
 double backward (Hessian-vector products) is exact for the approximant; without
 ``create_graph`` it uses the saved intermediates.
 
-Host syncs. Choosing :math:`m` and :math:`s` needs the norms on the host: one read of the
-four 1-norms of each matrix per call (after :math:`A^2, A^4, A^6`; the choice is then scalar
-arithmetic on the host; nothing else syncs, the backward and jvp none; a second read only on
-the overflow path). This
+Host syncs. Choosing the method and :math:`s` needs the norms on the host: one read of
+:math:`\|A\|_1, \|A^2\|_1` (the Taylor test); when that fails, a second read of the norms of
+:math:`A^2, A^4, A^6` (the choice is then scalar arithmetic on the host; nothing else syncs,
+the backward and jvp none; a third read only on the overflow path). This
 is the same kind of sync as ``torch.linalg.matrix_exp``'s own norm-dependent branching; the
 alternative, a fixed maximum number of masked squarings, would cost one product per unused
 squaring on every call (and two in the backward). ``max_squarings=k`` selects that sync-free
@@ -115,6 +124,31 @@ _THETA13 = 4.25
 # Sec. 6: largest x with sum_k k|c_k| x^(k-1) <= u for log(e^-x r_7(x)) = sum_k c_k x^k; the
 # same computation reproduces its double-precision table) less a small margin.
 _THETA7_F32 = 3.2
+
+# Small norms: the degree-8 Taylor polynomial T_8 in three products (Bader, Blanes & Casas,
+# "Computing the matrix exponential with an optimized Taylor polynomial approximation",
+# Mathematics 7(12), 2019; x3 = 2/3 fixes the one free parameter), no LU and no solve:
+#   A4 = A2 (x1 A + x2 A2),  A8 = (x3 A2 + A4)(x4 I + x5 A + x6 A2 + x7 A4),
+#   T8 = I + A + y2 A2 + A8.
+_SQRT177 = math.sqrt(177.0)
+_X3 = 2.0 / 3.0
+_X1 = _X3 * (1.0 + _SQRT177) / 88.0
+_X2 = _X3 * (1.0 + _SQRT177) / 352.0
+_X4 = (-271.0 + 29.0 * _SQRT177) / (315.0 * _X3)
+_X5 = (-11.0 + 11.0 * _SQRT177) / (1260.0 * _X3)
+_X6 = (-99.0 + 11.0 * _SQRT177) / (5040.0 * _X3)
+_X7 = (89.0 - _SQRT177) / (5040.0 * _X3 * _X3)
+_Y2 = (857.0 - 58.0 * _SQRT177) / 630.0
+# ell_8 (the Frechet-derivative threshold of T_8, computed from the series of
+# log(e^-x T_8(x)) as for the Pade thresholds; the forward ones are 0.580 / 0.0499, torch's):
+# 0.4451 (u = 2^-24), 0.03796 (u = 2^-53), less a small margin.
+_ELL8_F32 = 0.44
+_ELL8_F64 = 0.0375
+# T_8 is used while it needs at most this many squarings (then it is cheaper than Pade 7
+# without squarings: 3 + s products forward and 6 + 2s backward, against 4 + 9 and an LU
+# with two solves).
+_TAYLOR_MAX_SQUARINGS = 2
+_TAYLOR = 8  # the value of m that marks the Taylor path
 
 
 def _norm1(x: Tensor) -> Tensor:
@@ -243,9 +277,68 @@ def _squarings(x: Tensor, s: Tensor, s_max: int, uniform: bool) -> tuple[Tensor,
     return x, sq
 
 
+def _taylor_choice(a: Tensor, a2: Tensor, single: bool) -> list[int] | None:
+    """Squarings per matrix for T_8, or None when Padé is cheaper (or a norm is not finite).
+
+    One host read of ``‖A‖₁`` and ``‖A²‖₁`` per matrix. The tail of T_8 starts at degree 9
+    (degree 8 for its derivative), so it is bounded through ``α₃ = max(d₃, d₄)``
+    (Al-Mohy & Higham 2009, Lemma 4.1, p = 3) with ``d₄ ≤ ‖A²‖^{1/2}`` and
+    ``d₃ ≤ (‖A‖·‖A²‖)^{1/3}``: no product beyond A² is spent on choosing.
+    """
+    rows = torch.stack([_norm1(a), _norm1(a2)], dim=-1).reshape(-1, 2).tolist()
+    if not rows:
+        return None
+    ell = _ELL8_F32 if single else _ELL8_F64
+    s_list = []
+    for n1, n2 in rows:
+        alpha = max(n2**0.5, (n1 * n2) ** (1 / 3))
+        if not math.isfinite(alpha):
+            return None
+        s8 = max(math.ceil(math.log2(alpha / ell)), 0) if alpha > 0 else 0
+        if s8 > _TAYLOR_MAX_SQUARINGS:
+            return None
+        s_list.append(s8)
+    return s_list
+
+
+def _taylor8(a: Tensor, a2: Tensor) -> tuple[Tensor, ...]:
+    """T_8(A) at the (scaled) A and A², and the intermediates its derivatives need."""
+    p1 = (a * _X1).add_(a2, alpha=_X2)
+    a4 = a2 @ p1
+    q1 = (a2 * _X3).add_(a4)
+    q2 = _plus_identity(_combine(a, a2, a4, _X5, _X6, _X7), _X4)
+    r = _plus_identity((q1 @ q2).add_(a2, alpha=_Y2).add_(a), 1.0)
+    return r, p1, a4, q1, q2
+
+
+def _taylor_saved(a: Tensor, a2: Tensor, s: Tensor, s_max: int, uniform: bool) -> tuple:
+    """Forward of the Taylor path at the scaled A; saved in the Padé layout (see _forward)."""
+    r, p1, a4, q1, q2 = _taylor8(a, a2)
+    x, sq = _squarings(r, s, s_max, uniform)
+    empty = a[..., :0, :0]
+    piv = torch.zeros((*a.shape[:-2], 0), dtype=torch.int32, device=a.device)
+    return x, (a, a2, p1, a4, q1, q2, empty, empty, piv, r, sq, s)
+
+
 def _forward(a: Tensor, max_squarings: int | None) -> tuple:
-    """Forward pass; returns X and everything the backward needs."""
+    """Forward pass; returns X and everything the backward needs.
+
+    Saved layout ``(A, A², A⁴, A⁶, W, W₁, Z₁, LU, piv, R, squares, s)`` for Padé (m = 7, 13);
+    the Taylor path (m = 8) stores ``(A, A², P₁, A₄, Q₁, Q₂, -, -, -, R, squares, s)``.
+    """
     a2 = a @ a
+    if max_squarings is None:
+        single = a.dtype in (torch.float32, torch.complex64)
+        s_list = _taylor_choice(a, a2, single)
+        if s_list is not None:
+            real = a.real.dtype if a.is_complex() else a.dtype
+            s8 = torch.tensor(s_list, dtype=real, device=a.device).reshape(a.shape[:-2])
+            s_max, uniform = max(s_list), max(s_list) == min(s_list)
+            if s_max > 0:
+                f = _expand(torch.exp2(-s8)).to(a.dtype)
+                a, a2 = a * f, a2 * (f * f)
+            x, saved = _taylor_saved(a, a2, s8, s_max, uniform)
+            return x, saved, (_TAYLOR, s_max, uniform)
     a4 = a2 @ a2
     a6 = a4 @ a2
     m, s, s_max, uniform, overflow = _choose(a, a2, a4, a6, max_squarings)
@@ -283,6 +376,11 @@ def _adjoint(g: Tensor, saved: tuple, m: int, s_max: int, uniform: bool, solve_l
         xj = sq[j].mH
         gj = xj @ g + g @ xj
         g = gj if uniform else torch.where(_expand(s > j), gj, g)
+    if m == _TAYLOR:
+        ga = _adjoint_taylor(g, a, a2, a4, a6, w, w1)
+        if s_max > 0:
+            ga = ga * _expand(torch.exp2(-s)).to(ga.dtype)
+        return ga
     # R = Q^{-1} P with Q = V - U, P = V + U.
     if solve_lu:
         gp = torch.linalg.lu_solve(lu, piv, g, adjoint=True)
@@ -320,11 +418,27 @@ def _adjoint(g: Tensor, saved: tuple, m: int, s_max: int, uniform: bool, solve_l
     return ga
 
 
+def _adjoint_taylor(
+    g: Tensor, a: Tensor, a2: Tensor, p1: Tensor, a4: Tensor, q1: Tensor, q2: Tensor
+) -> Tensor:
+    """Reverse-mode derivative of :func:`_taylor8` (six products)."""
+    g_q1 = g @ q2.mH
+    g_q2 = q1.mH @ g
+    g_a4 = g_q1 + _X7 * g_q2
+    ga2 = _combine(g, g_q2, g_q1, _Y2, _X6, _X3).add_(g_a4 @ p1.mH)
+    g_p1 = a2.mH @ g_a4
+    ga2 = ga2.add_(g_p1, alpha=_X2)
+    ah = a.mH
+    return _combine(g, g_q2, g_p1, 1.0, _X5, _X1).add_(ga2 @ ah).add_(ah @ ga2)
+
+
 def _recompute(a: Tensor, m: int, s: Tensor, s_max: int, uniform: bool) -> tuple:
     """The forward intermediates with tracked ops (for double backward), same m and s."""
     if s_max > 0:
         a = a * _expand(torch.exp2(-s)).to(a.dtype)
     a2 = a @ a
+    if m == _TAYLOR:
+        return _taylor_saved(a, a2, s, s_max, uniform)[1]
     a4 = a2 @ a2
     a6 = a4 @ a2
     u, v, w, w1, z1 = _pade(a, a2, a4, a6, m)
@@ -340,6 +454,15 @@ def _tangent(e: Tensor, saved: tuple, m: int, s_max: int, uniform: bool) -> Tens
     a, a2, a4, a6, w, w1, z1, lu, piv, r, sq, s = saved
     if s_max > 0:
         e = e * _expand(torch.exp2(-s)).to(e.dtype)
+    if m == _TAYLOR:  # (a2, a4, a6, w, w1) hold (A², P₁, A₄, Q₁, Q₂)
+        p1, q1, q2 = a4, w, w1
+        d2 = a @ e + e @ a
+        dp1 = (e * _X1).add_(d2, alpha=_X2)
+        d4 = d2 @ p1 + a2 @ dp1
+        dq1 = (d2 * _X3).add_(d4)
+        dq2 = _combine(e, d2, d4, _X5, _X6, _X7)
+        lx = (dq1 @ q2).add_(q1 @ dq2).add_(d2, alpha=_Y2).add_(e)
+        return _tangent_squarings(lx, sq, s, s_max, uniform)
     m2 = a @ e + e @ a
     m4 = a2 @ m2 + m2 @ a2
     m6 = a4 @ m2 + m4 @ a2
@@ -357,6 +480,11 @@ def _tangent(e: Tensor, saved: tuple, m: int, s_max: int, uniform: bool) -> Tens
     # R = Q^{-1} P: dR = Q^{-1}(dP - dQ R) = Q^{-1}(Lu + Lv + (Lu - Lv) R).
     rhs = lu_ + lv + (lu_ - lv) @ r
     lx = torch.linalg.solve(lu, rhs) if piv is None else torch.linalg.lu_solve(lu, piv, rhs)
+    return _tangent_squarings(lx, sq, s, s_max, uniform)
+
+
+def _tangent_squarings(lx: Tensor, sq: Tensor, s: Tensor, s_max: int, uniform: bool) -> Tensor:
+    """Forward-mode derivative of :func:`_squarings`."""
     for j in range(s_max):
         xj = sq[j]
         lj = xj @ lx + lx @ xj
