@@ -4,6 +4,7 @@ torch.func transforms, torch.compile, host syncs, and hypothesis property tests.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 import pytest
@@ -286,6 +287,35 @@ def _count_host_reads():
     finally:
         for k, v in orig.items():
             setattr(torch.Tensor, k, v)
+
+
+def test_taylor8_is_the_degree_8_taylor_polynomial():
+    from manifoldparam.hard.expm import _taylor8
+
+    a = _rand((7, 7), 0.9, gen_seed=11)
+    taylor = sum(torch.linalg.matrix_power(a, k) / math.factorial(k) for k in range(9))
+    assert float((_taylor8(a, a @ a)[0] - taylor).abs().max()) < 1e-15
+
+
+@pytest.mark.parametrize(("norm", "squarings"), [(0.01, 0), (0.05, 1), (0.1, 2)])
+def test_taylor_path_value_and_every_derivative(norm, squarings):
+    """Small float64 norms take the Taylor path (m = 8) with 0, 1, 2 squarings: value, gradient,
+    double backward, forward mode and vmap agree with matrix_exp / finite differences."""
+    from manifoldparam.hard.expm import _forward
+
+    a = _rand((2, 5, 5), norm, gen_seed=12)
+    a[1] *= 0.5  # the second matrix needs fewer squarings: masked
+    _, _, (m, s_max, _) = _forward(a, None)
+    assert (m, s_max) == (8, squarings)
+    assert _rel(expm(a), torch.linalg.matrix_exp(a)) < 1e-14
+    x = a.clone().requires_grad_()
+    assert gradcheck(expm, (x,), check_forward_ad=True)
+    assert gradgradcheck(expm, (x,))
+    e = torch.randn_like(a)
+    _, t1 = torch.func.jvp(expm, (a,), (e,))
+    _, t2 = torch.func.jvp(torch.linalg.matrix_exp, (a,), (e,))
+    assert _rel(t1, t2) < 1e-13
+    assert _rel(torch.func.vmap(torch.func.grad(_loss))(a), torch.func.grad(_loss)(a)) < 1e-13
 
 
 def test_host_reads():
