@@ -13,9 +13,15 @@ Columns:
   method of multipliers (``dual_update`` between solves) where it does not, native scipy
   constraints for SLSQP / trust-constr.
 
-Each cell asserts: the loss fell to less than half of its start, every hard constraint
-holds (geoopt oracles in float64), the cached/automatic runs end at the same parameters as
-the uncached run (a stale cache would not), and soft constraints reach feasibility.
+Each cell asserts that every hard constraint holds (geoopt oracles in float64) and:
+
+* ``hard`` / ``cached`` / ``auto``: the loss fell to less than half of its start; the
+  cached/automatic runs end at the same parameters as the uncached run (a stale cache would
+  not);
+* ``soft``: the largest true infeasibility is below ``SOFT_TOL`` and the loss is within
+  ``SOFT_LOSS_FACTOR`` of the constrained optimum (:func:`constrained_optimum`: SLSQP run to
+  convergence from the same start). The start is infeasible (violation 0.91), so its loss
+  says nothing about the constrained problem; the optimum does.
 """
 
 from __future__ import annotations
@@ -44,6 +50,11 @@ LOW, HIGH = -0.5, 0.5
 EQ_SUM = 0.5  # soft: sum(fc3.bias) == 0.5
 MAX_RMS = 0.3  # soft: rms(fc2.weight) <= 0.3 (active: the unconstrained fit wants more)
 SOFT_TOL = 1e-3  # soft feasibility: largest true infeasibility
+#: soft optimality: final loss <= this times the constrained optimum (0.0154). The problem is
+#: non-convex and the cells stop after a few seconds, so they end in different local minima
+#: or short of one (measured: 1.25x to 2.55x); a solver that only finds feasibility, or
+#: stalls, does not (torchmin newton-exact without its Tikhonov term stalled at 6.3x).
+SOFT_LOSS_FACTOR = 3.0
 MODES = ("hard", "cached", "auto", "soft")
 #: Solvers whose path amplifies 1e-17 round-off (the order of a gradient sum) to ~1e-3 in
 #: the parameters: their cached runs are compared by final loss, not bit pattern.
@@ -144,15 +155,22 @@ class Soft:
     dual_lr: float | None = None  # None: the same as lr
     steps: int = 300
     every: int = 30  # GDA only: optimizer steps between two dual_update calls
+    #: ExponentialLR factor per step on the primal lr (the multipliers' lr stays pinned).
+    decay: float | None = None
 
 
-def _loop(problem: Problem, opt: Any, steps: int, mode: str, every: int = 0) -> None:
+def _loop(
+    problem: Problem, opt: Any, steps: int, mode: str, every: int = 0, decay: float | None = None
+) -> None:
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, decay) if decay else None
     with cached() if mode == "cached" else _null():  # optimizer.step() inside the block
         for t in range(steps):
             value = problem.objective()
             opt.zero_grad()
             value.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             if every and (t + 1) % every == 0 and problem.mdmm is not None:
                 dual_update(problem.mdmm)
 
@@ -173,7 +191,7 @@ def first_order(
         opt = problem.mdmm.make_optimizer(
             params, optimizer=functools.partial(cls, **rest), lr=lr, dual_lr=soft.dual_lr
         )
-        _loop(problem, opt, soft.steps, mode)
+        _loop(problem, opt, soft.steps, mode, decay=soft.decay)
 
     return run
 
@@ -232,10 +250,12 @@ def torchzero(chain: Callable[[], list[Any]], steps: int) -> Runner:
     return method_of_multipliers(solve)
 
 
-def torchmin(method: str, max_iter: int) -> Runner:
+def torchmin(method: str, max_iter: int, **options: Any) -> Runner:
     def solve(problem: Problem, mode: str) -> None:
         tm = pytest.importorskip("torchmin")
-        opt = tm.Minimizer(problem.model.parameters(), method=method, max_iter=max_iter)
+        opt = tm.Minimizer(
+            problem.model.parameters(), method=method, max_iter=max_iter, options=options
+        )
 
         def closure() -> Tensor:  # torchmin differentiates itself: no backward here
             opt.zero_grad()
@@ -303,7 +323,12 @@ OPTIMIZERS: dict[str, Runner] = {
     "Adam-fused": first_order(optim.Adam, 60, lr=0.05, fused=True),
     "AdamW": first_order(optim.AdamW, 60, lr=0.05),
     "AdamW-fused": first_order(optim.AdamW, 60, lr=0.05, fused=True),
-    "RMSprop": first_order(optim.RMSprop, 60, Soft(dual_lr=0.05, steps=450), lr=0.01),
+    # RMSprop's short-memory normaliser (alpha=0.99) makes every step ~lr long however small
+    # the gradient: at a constant lr the constraint oscillates (1e-4..5e-3 violation, chaotic
+    # in round-off). Decaying the primal lr ends it; the multipliers' lr stays pinned.
+    "RMSprop": first_order(
+        optim.RMSprop, 60, Soft(lr=0.02, dual_lr=0.05, steps=300, decay=0.99), lr=0.01
+    ),
     "Adamax": first_order(optim.Adamax, 60, Soft(dual_lr=0.2), lr=0.05),
     "LBFGS": lbfgs(20),
     "geoopt-RiemannianAdam": gda(_geoopt("RiemannianAdam"), 60, lr=0.05),
@@ -311,10 +336,16 @@ OPTIMIZERS: dict[str, Runner] = {
         _geoopt("RiemannianSGD"), 60, Soft(lr=0.05, steps=600), lr=0.5, momentum=0.9
     ),
     "torchzero-Adam": torchzero(_tz(("Adam", {}), ("LR", {"lr": 0.02})), 100),
-    "torchzero-BFGS": torchzero(_tz(("BFGS", {}), ("StrongWolfe", {})), 15),
-    "torchmin-bfgs": torchmin("bfgs", 15),
+    # 25 iterations per solve: at 15 their soft loss ranged over 2.0x-2.6x the optimum when
+    # the start moved by 1e-12 (round-off in the maps), too close to SOFT_LOSS_FACTOR.
+    "torchzero-BFGS": torchzero(_tz(("BFGS", {}), ("StrongWolfe", {})), 25),
+    "torchmin-bfgs": torchmin("bfgs", 25),
     "torchmin-l-bfgs": torchmin("l-bfgs", 15),
-    "torchmin-newton-exact": torchmin("newton-exact", 5),
+    # The Hessian is indefinite here (least eigenvalue -0.04 at the start); torchmin's default
+    # then takes a plain gradient step, which crawls on the damped Lagrangian (largest
+    # eigenvalue 21 against 1 for the loss): loss stuck at 6x the optimum. A Tikhonov term
+    # above 0.04 (Levenberg-Marquardt) keeps every Cholesky factorisation succeeding.
+    "torchmin-newton-exact": torchmin("newton-exact", 5, tikhonov=0.1),
     "torchmin-trust-krylov": torchmin("trust-krylov", 8),
     "scipy-L-BFGS-B": scipy("L-BFGS-B", 20),
     "scipy-trust-ncg": scipy("trust-ncg", 10),
@@ -350,27 +381,29 @@ def reference(name: str) -> tuple[float, float, dict[str, Tensor]]:
     return start, end, _final_state(problem.model)
 
 
-#: Cells known not to meet every criterion, with the measured reason. Not run (the failing
-#: cell costs 20 s of Newton steps); remove the entry to check it again.
-KNOWN_FAILURES = {
-    ("torchmin-newton-exact", "soft"): (
-        "feasible (violation 4e-4) but torchmin's exact Newton stops at a stationary point of "
-        "the augmented Lagrangian with loss 0.104 > the start 0.089; 10+ iterations per round"
-    ),
-}
+@functools.cache
+def constrained_optimum() -> float:
+    """The soft column's yardstick: SLSQP with the soft constraints as native constraints,
+    run to convergence from the cells' start (the loss of a feasible local minimum)."""
+    problem = make_problem("soft")
+    assert problem.mdmm is not None
+    res = scipy_minimize(
+        problem.loss,
+        problem.model,
+        method="SLSQP",
+        constraints=list(problem.mdmm),
+        options={"maxiter": 1000},
+    )
+    assert res.success, res.message
+    with torch.no_grad():
+        assert float(problem.mdmm.violation()) < 1e-6
+        return float(problem.loss())
 
 
-def _cells() -> list[Any]:
-    out = []
-    for name in OPTIMIZERS:
-        for mode in MODES:
-            why = KNOWN_FAILURES.get((name, mode))
-            marks = [pytest.mark.xfail(reason=why, run=False)] if why else []
-            out.append(pytest.param(name, mode, marks=marks, id=f"{name}-{mode}"))
-    return out
-
-
-@pytest.mark.parametrize(("name", "mode"), _cells())
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [pytest.param(name, mode, id=f"{name}-{mode}") for name in OPTIMIZERS for mode in MODES],
+)
 def test_cell(name: str, mode: str) -> None:
     start, end, ref_state = reference(name)
     if mode == "hard":
@@ -403,4 +436,8 @@ def test_cell(name: str, mode: str) -> None:
         fc2_rms = float(rms(problem.model.fc2.weight))
     assert worst < SOFT_TOL, f"{name}: soft violation {worst:.3e} (sum {fc3_sum}, rms {fc2_rms})"
     assert abs(fc3_sum - EQ_SUM) < SOFT_TOL and fc2_rms < MAX_RMS + SOFT_TOL
-    assert final < 0.5 * start, f"{name}: loss {start:.4g} -> {final:.4g} with soft constraints"
+    optimum = constrained_optimum()
+    assert final <= SOFT_LOSS_FACTOR * optimum, (
+        f"{name}: loss {final:.4g} with soft constraints, {final / optimum:.2f}x the "
+        f"constrained optimum {optimum:.4g}"
+    )
