@@ -1,7 +1,10 @@
 """DDP (gloo, 2 CPU ranks on loopback): constrained weights and multipliers stay identical.
 
 The test runs this file as a script in a subprocess with a timeout; the script spawns two
-ranks, each trains on its own data shard and writes a JSON report.
+ranks, each trains on its own data shard and writes a JSON report. Two ways of handling the
+multipliers are checked, each against a control without the synchronisation: first-order
+MDMM ascent (``all_reduce_grads``) and the method of multipliers (``dual_update`` on
+``all_reduce_mean`` of the constraint values).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 TIMEOUT_S = 240
 STEPS = 12
+ROUNDS, INNER = 4, 20  # method of multipliers: dual updates, Adam steps between two
 
 
 def _free_port() -> int:
@@ -35,10 +39,18 @@ def _worker(rank: int, port: int, out_dir: str) -> None:  # pragma: no cover - s
     import manifoldparam as mp
     from manifoldparam.interop import (
         all_reduce_grads,
+        all_reduce_mean,
         broadcast_module,
         replica_divergence,
     )
-    from manifoldparam.soft import MDMM, EqConstraint, constrain, rms, soft_constraints
+    from manifoldparam.soft import (
+        MDMM,
+        EqConstraint,
+        constrain,
+        dual_update,
+        rms,
+        soft_constraints,
+    )
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -50,7 +62,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:  # pragma: no cover - s
     )
     dtype = torch.float64
 
-    def build(sync: bool) -> dict[str, float]:
+    def setup() -> tuple[nn.Module, DDP, MDMM, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         torch.manual_seed(0)
         model = nn.Sequential(
             nn.Linear(4, 4, dtype=dtype), nn.Tanh(), nn.Linear(4, 4, bias=False, dtype=dtype)
@@ -70,10 +82,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:  # pragma: no cover - s
                     lam.fill_(3.0)
         ddp = DDP(model)  # broadcasts rank 0's parameters and buffers
         broadcast_module(mdmm)
-        opt = mdmm.make_optimizer(ddp.parameters(), optimizer=torch.optim.Adam, lr=0.05)
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
         x = torch.randn(16, 4, dtype=dtype, generator=g)
         y = torch.randn(16, 4, dtype=dtype, generator=g)
+        return model, ddp, mdmm, last, x, y
+
+    def build(sync: bool) -> dict[str, float]:
+        model, ddp, mdmm, last, x, y = setup()
+        opt = mdmm.make_optimizer(ddp.parameters(), optimizer=torch.optim.Adam, lr=0.05)
         start = end = 0.0
         for step in range(STEPS):
             out = ddp(x)
@@ -100,7 +116,42 @@ def _worker(rank: int, port: int, out_dir: str) -> None:  # pragma: no cover - s
             "lambda": [float(lam) for lam in mdmm.multipliers()],
         }
 
-    report = {"synced": build(sync=True), "unsynced": build(sync=False)}
+    def multipliers_method(sync: bool) -> dict[str, object]:
+        """Adam on the model alone at fixed multipliers, then a closed-form dual update."""
+        model, ddp, mdmm, last, x, y = setup()
+        opt = torch.optim.Adam(ddp.parameters(), lr=0.05)
+
+        def global_gap() -> float:  # |mean over all shards of out.mean() - 0.1|
+            with torch.no_grad():
+                last["out"] = ddp(x)
+                return abs(float(all_reduce_mean([last["out"].mean()])[0]) - 0.1)
+
+        gap_start = global_gap()
+        for _ in range(ROUNDS):
+            for _ in range(INNER):
+                out = ddp(x)
+                last["out"] = out
+                ret = mdmm(((out - y) ** 2).mean())
+                opt.zero_grad()
+                ret.value.backward()
+                opt.step()
+            with torch.no_grad():
+                last["out"] = ddp(x)
+                fn_values = [c.evaluate() for c in mdmm]
+            dual_update(mdmm, all_reduce_mean(fn_values) if sync else fn_values)
+        return {
+            "model_divergence": replica_divergence(model),
+            "multiplier_divergence": replica_divergence(mdmm),
+            "lambda": [float(lam) for lam in mdmm.multipliers()],
+            "gap": [gap_start, global_gap()],
+        }
+
+    report = {
+        "synced": build(sync=True),
+        "unsynced": build(sync=False),
+        "mom_synced": multipliers_method(sync=True),
+        "mom_unsynced": multipliers_method(sync=False),
+    }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
@@ -139,6 +190,20 @@ def test_ddp_two_cpu_ranks_keep_constrained_weights_and_multipliers_identical(
     assert reports[0]["synced"]["lambda"] == reports[1]["synced"]["lambda"]
     assert reports[0]["synced"]["lambda"][1] != 0.0
     assert reports[0]["synced"]["end"] != reports[1]["synced"]["end"]  # different shards
+
+    # method of multipliers: dual_update on all_reduce_mean(fn values) keeps weights and
+    # multipliers bit-identical, and moves the global (all-shard) constraint towards 0.1
+    for rep in reports:
+        mom = rep["mom_synced"]
+        assert mom["model_divergence"] == 0.0 and mom["multiplier_divergence"] == 0.0
+        assert mom["gap"][1] < 0.5 * mom["gap"][0]
+    assert reports[0]["mom_synced"]["lambda"] == reports[1]["mom_synced"]["lambda"]
+    assert reports[0]["mom_synced"]["lambda"][1] != 0.0
+    # control: each rank's own constraint value gives each rank its own multiplier (DDP still
+    # averages the weights' gradients, so only the multipliers show it)
+    for rep in reports:
+        assert rep["mom_unsynced"]["multiplier_divergence"] > 1e-6
+    assert reports[0]["mom_unsynced"]["lambda"][1] != reports[1]["mom_unsynced"]["lambda"][1]
 
 
 if __name__ == "__main__":  # pragma: no cover - the subprocess entry point
