@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,19 @@ from torch import nn
 import manifoldparam as mp
 from manifoldparam.caching import cached_closure
 from manifoldparam.interop import FlatObjective, scipy_minimize
-from manifoldparam.soft import MDMM, EqConstraint, constrain, row_norms, soft_constraints
+from manifoldparam.soft import (
+    MDMM,
+    BoundConstraintHard,
+    EqConstraint,
+    MaxConstraint,
+    MaxConstraintHard,
+    MinConstraint,
+    MinConstraintHard,
+    constrain,
+    dual_update,
+    row_norms,
+    soft_constraints,
+)
 from tests.conftest import assert_on_stiefel, assert_spd
 
 pytest.importorskip("scipy")
@@ -157,3 +172,113 @@ def test_compiled_module_with_a_second_order_method_is_refused_up_front() -> Non
     compiled = torch.compile(m)  # nothing is compiled until it is called
     with pytest.raises(TypeError, match="_orig_mod"):
         scipy_minimize(lambda: _loss(compiled), compiled, method="trust-ncg")
+
+
+# --------------------------------------------------------------------- multipliers back
+def _kkt_problem() -> tuple[list[nn.Parameter], Callable[[], torch.Tensor], list[Any], list[Any]]:
+    """A separable problem, one constraint kind per variable, with known multipliers in the
+    library's convention: the Lagrangian ``f + scale·λ·c`` with ``c = value - fn``,
+    ``max - fn``, ``fn - min`` or the clamp kinds' ``clamp(fn) - fn`` is stationary,
+    ``f' + scale·λ·∂c/∂fn = 0``."""
+    a = nn.Parameter(torch.zeros(2, dtype=DTYPE))
+    b, c, e, g, k = (nn.Parameter(torch.zeros((), dtype=DTYPE)) for _ in range(5))
+    d = nn.Parameter(torch.tensor(0.5, dtype=DTYPE))
+    h = nn.Parameter(torch.zeros(2, dtype=DTYPE))
+
+    def f() -> torch.Tensor:
+        return (
+            (a**2).sum()
+            + (b - 2) ** 2
+            + (c + 2) ** 2
+            + d**2
+            + (e + 2) ** 2
+            + (g - 2) ** 2
+            + (h - torch.tensor([2.0, -2.0], dtype=DTYPE)).pow(2).sum()
+            + (k - 3) ** 2
+        )
+
+    kw: dict[str, Any] = {"damping": 10.0, "dtype": DTYPE}
+    constraints = [
+        EqConstraint(lambda: a.sum(), 1.0, **kw),  # a = (.5, .5), ∇f = (1, 1): λ = 1
+        MaxConstraint(lambda: b, 1.0, **kw),  # b = 1, f' = -2: λ = -2
+        MinConstraint(lambda: c, -1.0, **kw),  # c = -1, f' = 2, ∂c/∂fn = +1: λ = -2
+        MaxConstraint(lambda: d, 1.0, **kw),  # not binding: λ = 0
+        MinConstraintHard(lambda: e, -1.0, **kw),  # e = -1, f' = 2: λ = 2
+        MaxConstraintHard(lambda: g, 1.0, **kw),  # g = 1, f' = -2: λ = -2
+        BoundConstraintHard(lambda: h, -1.0, 1.0, shape=(2,), **kw),  # λ = (-2, 2)
+        EqConstraint(lambda: k, 1.0, scale=2.0, **kw),  # f' = -4 = 2λ: λ = -2
+    ]
+    expected = [1.0, -2.0, -2.0, 0.0, 2.0, -2.0, [-2.0, 2.0], -2.0]
+    return [a, b, c, d, e, g, h, k], f, constraints, expected
+
+
+@pytest.mark.filterwarnings("ignore:Equality and inequality constraints are specified")
+@pytest.mark.filterwarnings("ignore:delta_grad == 0.0")  # scipy's BFGS on the linear `first`
+@pytest.mark.parametrize("method", ["SLSQP", "trust-constr"])
+def test_scipy_multipliers_come_back_in_the_library_convention(method: str) -> None:
+    from scipy.optimize import NonlinearConstraint
+
+    params, f, constraints, expected = _kkt_problem()
+    z = nn.Parameter(torch.zeros(2, dtype=DTYPE))  # scipy's own constraints come first: one
+    first = NonlinearConstraint(  # equality and one inequality row (SLSQP splits it in two)
+        lambda x: x[-2:], [0.25, -np.inf], [0.25, 0.5]
+    )
+    res = scipy_minimize(
+        lambda: f() + (z**2).sum(),
+        [*params, z],
+        method=method,
+        constraints=[first, *constraints],
+        options={"maxiter": 500},
+    )
+    assert res.success, res.message
+    for con, want in zip(constraints, expected, strict=True):
+        got = con.lmbda.detach()
+        torch.testing.assert_close(got, torch.tensor(want, dtype=DTYPE), rtol=0, atol=1e-5)
+        assert con.lmbda.grad is None
+
+    # the augmented Lagrangian is stationary at scipy's solution (checked where fn's kind is
+    # differentiable there: the clamp kinds' derivative at their bound is one-sided)
+    mdmm = MDMM(constraints)
+    grads = torch.autograd.grad(mdmm(f()).value, params[:4] + params[7:])
+    assert max(float(gr.abs().max()) for gr in grads) < 1e-5
+
+
+def test_training_continues_from_scipys_solution_with_the_method_of_multipliers() -> None:
+    params, f, constraints, _ = _kkt_problem()
+    params, constraints = params[:4] + params[7:], constraints[:4] + constraints[7:]
+    mdmm = MDMM(constraints)
+    scipy_minimize(f, params, method="SLSQP", constraints=mdmm)
+
+    def solve() -> None:
+        opt = torch.optim.LBFGS(params, line_search_fn="strong_wolfe", tolerance_grad=1e-12)
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            value = mdmm(f()).value
+            value.backward()
+            return value
+
+        opt.step(closure)
+
+    def continue_training() -> float:
+        """Three rounds of LBFGS on the augmented Lagrangian + dual_update; the farthest
+        any round's solution went from the starting point."""
+        start = [p.detach().clone() for p in params]
+        moved = 0.0
+        for _ in range(3):
+            solve()
+            dual_update(mdmm)
+            moved = max(
+                [moved] + [float((p - s).abs().max()) for p, s in zip(params, start, strict=True)]
+            )
+        return moved
+
+    lambdas = [c.lmbda.detach().clone() for c in constraints]
+    assert continue_training() < 1e-6  # from scipy's (x, λ): already a KKT point
+    for c, lam in zip(constraints, lambdas, strict=True):
+        torch.testing.assert_close(c.lmbda.detach(), lam, rtol=0, atol=1e-6)
+    # from λ = 0 (what the multipliers were before) the first solve leaves the solution
+    with torch.no_grad():
+        for c in constraints:
+            c.lmbda.zero_()
+    assert continue_training() > 1e-2

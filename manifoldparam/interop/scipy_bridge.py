@@ -10,8 +10,11 @@ Gradients come from autograd; Hessian-vector products (``Newton-CG``, ``trust-nc
 Soft constraints (:mod:`manifoldparam.soft`) can be handed to ``SLSQP``, ``trust-constr``,
 ``COBYLA`` and ``COBYQA`` as *native* scipy constraints (``fn == value`` an equality,
 ``fn <= max`` / ``fn >= min`` inequalities, one row per element of ``fn``'s value, with
-autograd Jacobians). With any other method use the method of multipliers: minimise
-``mdmm(loss).value`` and call :func:`manifoldparam.soft.dual_update` between solves.
+autograd Jacobians). After ``trust-constr`` (``result.v``) and ``SLSQP``
+(``result.multipliers``) each constraint's multiplier holds scipy's Lagrange multiplier in
+the library's sign convention, so training can go on with MDMM or the method of
+multipliers from scipy's solution. With any other method use the method of multipliers:
+minimise ``mdmm(loss).value`` and call :func:`manifoldparam.soft.dual_update` between solves.
 
 Example::
 
@@ -29,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -291,6 +295,12 @@ class _SoftConstraint:
         )
 
 
+#: Where one soft constraint went in the list handed to scipy: (index, role) per entry, the
+#: role being "nl" (a trust-constr NonlinearConstraint), "eq", "upper" (max - fn >= 0) or
+#: "lower" (fn - min >= 0).
+_Placement = list[tuple[int, str]]
+
+
 def scipy_constraints(constraints: Iterable[Any], flat: FlatObjective, method: str) -> list[Any]:
     """Soft constraints as native scipy constraints for ``method`` (scipy objects pass through).
 
@@ -298,27 +308,39 @@ def scipy_constraints(constraints: Iterable[Any], flat: FlatObjective, method: s
     Jacobians and Hessians; ``SLSQP`` / ``COBYLA`` / ``COBYQA`` get ``{"type": "eq"|"ineq"}``
     dicts (``fun(x) >= 0`` for inequalities), with Jacobians for SLSQP.
     """
+    return _native_constraints(constraints, flat, method)[0]
+
+
+def _native_constraints(
+    constraints: Iterable[Any], flat: FlatObjective, method: str
+) -> tuple[list[Any], list[tuple[Any, _Placement]]]:
     from scipy.optimize import NonlinearConstraint
 
     kinds = _soft_kinds()
     out: list[Any] = []
+    placed: list[tuple[Any, _Placement]] = []
     for c in constraints:
         if not isinstance(c, kinds):
             out.append(c)  # a scipy constraint already
             continue
         sc = _SoftConstraint(c, flat)
         lo, hi = sc.bounds()
+        where: _Placement = []
+        placed.append((c, where))
         if method == "trust-constr":
             lb = -np.inf if lo is None else lo
             ub = np.inf if hi is None else hi
+            where.append((len(out), "nl"))
             out.append(NonlinearConstraint(sc.values, lb, ub, jac=sc.jac, hess=sc.hess))
             continue
         if lo is not None and hi is not None and np.array_equal(lo, hi):
+            where.append((len(out), "eq"))
             out.append(
                 {"type": "eq", "fun": lambda x, sc=sc, v=lo: sc.values(x) - v, "jac": sc.jac}
             )
             continue
         if hi is not None:
+            where.append((len(out), "upper"))
             out.append(
                 {
                     "type": "ineq",
@@ -327,6 +349,7 @@ def scipy_constraints(constraints: Iterable[Any], flat: FlatObjective, method: s
                 }
             )
         if lo is not None:
+            where.append((len(out), "lower"))
             out.append(
                 {"type": "ineq", "fun": lambda x, sc=sc, v=lo: sc.values(x) - v, "jac": sc.jac}
             )
@@ -334,7 +357,119 @@ def scipy_constraints(constraints: Iterable[Any], flat: FlatObjective, method: s
         for d in out:
             if isinstance(d, dict):
                 d.pop("jac", None)
-    return out
+    return out, placed
+
+
+# ------------------------------------------------------------------------ multipliers back
+def _slsqp_rows(con: Any, x: np.ndarray) -> list[tuple[str, int]]:
+    """``(type, rows)`` of the old-style entries SLSQP makes of one constraint, in its order
+    (scipy's ``new_constraint_to_old``: the equality rows, then the inequality rows)."""
+    if isinstance(con, dict):
+        return [(con["type"], int(np.atleast_1d(con["fun"](x, *con.get("args", ()))).size))]
+    from scipy.optimize import LinearConstraint
+
+    if isinstance(con, LinearConstraint):
+        m = int(con.A.shape[0])  # 2-D (dense or sparse) after scipy's validation
+    else:
+        m = int(np.atleast_1d(con.fun(x)).size)
+    lb = np.broadcast_to(np.asarray(con.lb, dtype=float), (m,))
+    ub = np.broadcast_to(np.asarray(con.ub, dtype=float), (m,))
+    eq = lb == ub
+    ineq = int(np.sum((lb != -np.inf) ^ eq) + np.sum((ub != np.inf) ^ eq))
+    return [(t, n) for t, n in (("eq", int(eq.sum())), ("ineq", ineq)) if n]
+
+
+def _slsqp_offsets(out: list[Any], x: np.ndarray, total: int) -> dict[int, int] | None:
+    """First row in SLSQP's ``result.multipliers`` of each entry of ``out`` (``None`` when the
+    rows do not add up to ``total``). SLSQP orders all equality rows before all inequality
+    rows; a scipy object split in two has its second part appended after the list."""
+    entries: list[tuple[int, str, int]] = []
+    appended: list[tuple[int, str, int]] = []
+    for i, con in enumerate(out):
+        parts = _slsqp_rows(con, x)
+        entries += [(i, *p) for p in parts[:1]]
+        appended += [(i, *p) for p in parts[1:]]
+    offsets: dict[int, int] = {}
+    row = 0
+    for kind in ("eq", "ineq"):
+        for i, t, n in [*entries, *appended]:
+            if t == kind:
+                offsets.setdefault(i, row)
+                row += n
+    return offsets if row == total else None
+
+
+def _signed_slope(constraint: Any, lo: np.ndarray | None, hi: np.ndarray | None) -> np.ndarray:
+    """``∂c/∂fn`` of the constraint's signed value ``c`` (its ``infeasibility``) on the violated
+    side, per element: -1 for ``value - fn``, ``max - fn`` and the clamp kinds, +1 for
+    ``fn - min`` (MinConstraint)."""
+    point = hi + 1.0 if hi is not None else lo - 1.0  # type: ignore[operator]
+    lam = constraint.lmbda
+    t = torch.as_tensor(point, dtype=lam.dtype).reshape(lam.shape).requires_grad_()
+    with torch.enable_grad():
+        (slope,) = torch.autograd.grad(constraint.infeasibility(t).sum(), t)
+    return slope.detach().reshape(-1).double().cpu().numpy()
+
+
+@torch.no_grad()
+def _set_multiplier(constraint: Any, w: np.ndarray, flat: FlatObjective) -> None:
+    """Set ``λ`` from scipy's multiplier ``w`` in the form ``∇f + Σ w ∇fn = 0``.
+
+    The library's Lagrangian ``f + scale·λ·c(fn)`` is stationary where
+    ``∇f + scale·λ·(∂c/∂fn)·∇fn = 0``, so ``λ = w / (scale·∂c/∂fn)``; the inequality kinds'
+    multipliers are kept ``<= 0`` as :func:`~manifoldparam.soft.dual_update` keeps them.
+    """
+    lo, hi = _SoftConstraint(constraint, flat).bounds()
+    denom = float(constraint.scale) * _signed_slope(constraint, lo, hi)
+    lam = constraint.lmbda
+    old = lam.detach().reshape(-1).double().cpu().numpy()
+    new = np.where(denom != 0, w / np.where(denom != 0, denom, 1.0), old)
+    value = torch.as_tensor(new, dtype=lam.dtype, device=lam.device).reshape(lam.shape)
+    if constraint.nonpositive_multiplier:
+        value = value.clamp(max=0)
+    lam.copy_(value)
+    lam.grad = None
+
+
+def _copy_multipliers(
+    result: Any,
+    method: str,
+    out: list[Any],
+    placed: list[tuple[Any, _Placement]],
+    flat: FlatObjective,
+) -> None:
+    """Write scipy's Lagrange multipliers into the soft constraints (trust-constr, SLSQP)."""
+    if not placed:
+        return
+    if method == "trust-constr":
+        vs = getattr(result, "v", None)  # ∇f + Σ Jᵢᵀ vᵢ = 0 at the solution
+        if vs is None:
+            return
+        for con, where in placed:
+            (i, _), *_ = where
+            _set_multiplier(con, np.asarray(vs[i], dtype=np.float64).reshape(-1), flat)
+    elif method == "slsqp":
+        mult = getattr(result, "multipliers", None)  # ∇f - Σ μᵢ ∇fun_i = 0 at the solution
+        if mult is None:
+            return
+        mult = np.asarray(mult, dtype=np.float64)
+        offsets = _slsqp_offsets(out, result.x, mult.size)
+        if offsets is None:
+            warnings.warn(
+                "scipy_minimize: could not match SLSQP's multipliers to the constraints; "
+                "the soft constraints' multipliers were left unchanged.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        for con, where in placed:
+            n = int(con.lmbda.numel())
+            w = np.zeros(n)
+            for i, role in where:
+                mu = mult[offsets[i] : offsets[i] + n]
+                # eq: fun = fn - v; lower: fn - min >= 0 (∇fun = ∇fn); upper: max - fn >= 0
+                w += mu if role == "upper" else -mu
+            _set_multiplier(con, w, flat)
 
 
 # ------------------------------------------------------------------------ the entry point
@@ -360,13 +495,22 @@ def scipy_minimize(
         constraints: soft constraints (an ``MDMM``, or :class:`manifoldparam.soft.Constraint`
             objects, e.g. ``soft_constraints(model)``), turned into native scipy constraints
             for ``SLSQP`` / ``trust-constr`` / ``COBYLA`` / ``COBYQA``; scipy constraint objects
-            pass through unchanged.
+            pass through unchanged. After ``SLSQP`` and ``trust-constr`` each soft
+            constraint's multiplier (``constraint.lmbda``) is set from scipy's Lagrange
+            multipliers (COBYLA / COBYQA return none: left unchanged).
         **kwargs: passed to :func:`scipy.optimize.minimize` (``options=``, ``tol=``,
             ``bounds=``, ``callback=`` ...).
 
     Returns scipy's ``OptimizeResult``; ``params`` hold ``result.x`` afterwards (float64
     arithmetic in scipy, cast back to each tensor's dtype). ``result.nhev`` counts the
     Hessian-vector products.
+
+    Multipliers, in the library's sign convention (the Lagrangian ``f + scale·λ·c`` with
+    ``c = value - fn``, ``max - fn``, ``fn - min`` or ``clamp(fn) - fn``, stationary at the
+    solution): for ``min x² + y² s.t. x + y == 1``, ``λ = 1``; a binding ``MaxConstraint`` /
+    ``MinConstraint`` gets ``λ < 0``, one that does not bind ``λ = 0``; the clamp kinds keep
+    mdmm's signs (``MinConstraintHard``: ``λ > 0``). ``dual_update`` and
+    ``mdmm(loss).value`` then continue from scipy's solution instead of from ``λ = 0``.
 
     Example::
 
@@ -405,8 +549,9 @@ def scipy_minimize(
         extra["hessp"] = flat.hessp
     elif m in HESS_METHODS:
         extra["hess"] = flat.hess
+    placed: list[tuple[Any, _Placement]] = []
     if constraints:
-        extra["constraints"] = scipy_constraints(constraints, flat, m)
+        extra["constraints"], placed = _native_constraints(constraints, flat, m)
     try:
         result = minimize(fun, x0, method=method, **extra, **kwargs)
     except RuntimeError as err:
@@ -416,4 +561,6 @@ def scipy_minimize(
         raise new from err
     flat.set_x(result.x)
     result.nhev = flat.nhev
+    if placed:
+        _copy_multipliers(result, m, extra["constraints"], placed, flat)
     return result
