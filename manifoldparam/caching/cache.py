@@ -67,6 +67,7 @@ flag), pickling stores no tensors, and nothing keeps a module alive.
 from __future__ import annotations
 
 import contextlib
+import operator
 import weakref
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar, Token
@@ -149,6 +150,10 @@ class _StepCounter:
 _STEPS = _StepCounter()
 
 
+#: ``t._version`` without a Python frame (raises for inference tensors; see :func:`_version`).
+_VERSION: Callable[[Tensor], int] = operator.attrgetter("_version")
+
+
 def _version(t: Tensor) -> int:
     """``t._version``; -1 for inference tensors, which keep no version counter."""
     try:
@@ -196,31 +201,18 @@ class _Entry:
 
     def matches(self, x: Tensor, state: tuple[Tensor | None, ...]) -> bool:
         try:
-            if not (
-                self.x() is x
-                and x._version == self.version
-                and self.epoch == _STEPS.count
-                and self.out._version == self.out_version
-                and x.data_ptr() == self.ptr
-                and x.requires_grad == self.requires_grad
-                and x.dtype == self.dtype
-                and x.device == self.device
-                and len(state) == len(self.state)
-            ):
-                return False
-            for t, t0, v0 in zip(state, self.state, self.versions, strict=True):
-                if t is not t0 or (t is not None and t._version != v0):
-                    return False
-            return True
+            return self._matches(x, state, _VERSION)
         except RuntimeError:  # an inference tensor (no version counter): compare through -1
-            return self._matches_inference(x, state)
+            return self._matches(x, state, _version)
 
-    def _matches_inference(self, x: Tensor, state: tuple[Tensor | None, ...]) -> bool:
+    def _matches(
+        self, x: Tensor, state: tuple[Tensor | None, ...], version: Callable[[Tensor], int]
+    ) -> bool:
         if not (
             self.x() is x
-            and _version(x) == self.version
+            and version(x) == self.version
             and self.epoch == _STEPS.count
-            and _version(self.out) == self.out_version
+            and version(self.out) == self.out_version
             and x.data_ptr() == self.ptr
             and x.requires_grad == self.requires_grad
             and x.dtype == self.dtype
@@ -228,10 +220,10 @@ class _Entry:
             and len(state) == len(self.state)
         ):
             return False
-        return all(
-            t is t0 and (t is None or _version(t) == v0)
-            for t, t0, v0 in zip(state, self.state, self.versions, strict=True)
-        )
+        for t, t0, v0 in zip(state, self.state, self.versions, strict=True):
+            if t is not t0 or (t is not None and version(t) != v0):
+                return False
+        return True
 
 
 class _Slot:
