@@ -578,6 +578,21 @@ def test_inference_mode_then_training() -> None:
     assert_same(grads(ours), grads(ref))
 
 
+def test_inference_mode_reads_hit_and_see_updates() -> None:
+    """Values made in inference mode are inference tensors (no version counter): they are still
+    reused, and an in-place update of the original is still seen."""
+    model = make()
+    with counting() as calls, cached(), torch.inference_mode():
+        w1 = model.rec.weight
+        model.rec.weight  # noqa: B018
+        assert calls[0] == 1
+        with torch.no_grad():
+            model.rec.parametrizations.weight.original.add_(0.1)
+        w2 = model.rec.weight
+        assert calls[0] == 2
+    assert not torch.equal(w1, w2)
+
+
 # ============================================================================ scope and lifetime
 
 
