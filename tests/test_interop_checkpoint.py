@@ -204,3 +204,67 @@ def test_load_training_state_errors() -> None:
     sgd = Rebinding(model.parameters(), lr=0.1)
     with pytest.raises(RuntimeError, match="would not train the model"):
         load_training_state(training_state(model, sgd), model, sgd)
+
+
+# --------------------------------------------------------------------- torchzero resume
+def _tz_setup(seed: int, chain: str) -> tuple[Plain, MDMM, Any]:
+    tz = pytest.importorskip("torchzero")
+    model = constrained(seed).eval()  # no dropout: BFGS's line search wants one function
+    constrain(model.fc3, "weight", rms, eq=0.2, damping=5.0)
+    mdmm = MDMM(soft_constraints(model))
+    modules = [tz.m.Adam(), tz.m.LR(0.02)] if chain == "Adam" else [tz.m.BFGS(), tz.m.StrongWolfe()]
+    return model, mdmm, tz.Optimizer(model.parameters(), *modules)
+
+
+def _tz_train(model: Plain, mdmm: MDMM, opt: Any, rounds: int) -> list[float]:
+    """The method of multipliers: 4 torchzero steps at fixed multipliers, then dual_update."""
+    from manifoldparam.soft import dual_update
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(32, 5, dtype=DTYPE, generator=g)
+    y = torch.randn(32, 2, dtype=DTYPE, generator=g)
+
+    def closure(backward: bool = True) -> torch.Tensor:
+        value = mdmm(((model(x) - y) ** 2).mean()).value
+        if backward:
+            opt.zero_grad()
+            value.backward()
+        return value
+
+    losses = []
+    for _ in range(rounds):
+        losses += [float(opt.step(closure).detach()) for _ in range(4)]
+        dual_update(mdmm)
+    return losses
+
+
+@pytest.mark.parametrize("chain", ["Adam", "BFGS"])
+def test_torchzero_optimizer_resumes_bit_for_bit(chain: str) -> None:
+    model, mdmm, opt = _tz_setup(0, chain)
+    _tz_train(model, mdmm, opt, 2)
+    saved = _bytes(training_state(model, opt, mdmm))  # weights_only=True load
+    reference = _tz_train(model, mdmm, opt, 2)
+
+    # the hazard: torchzero's own load_state_dict adopts the checkpoint's (copied) tensors
+    model2, mdmm2, opt2 = _tz_setup(1, chain)
+    opt2.load_state_dict(saved["optimizer"])
+    own = {id(p) for p in model2.parameters()}
+    assert not any(id(p) in own for g in opt2.param_groups for p in g["params"])
+
+    model2, mdmm2, opt2 = _tz_setup(1, chain)
+    load_training_state(saved, model2, opt2, mdmm2)
+    assert [id(p) for g in opt2.param_groups for p in g["params"]] == [
+        id(p) for p in model2.parameters()
+    ]
+    assert _tz_train(model2, mdmm2, opt2, 2) == reference
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(mdmm.multipliers(), mdmm2.multipliers(), strict=True):
+        assert torch.equal(a, b) and bool(a.abs().sum() > 0)
+    assert_constraints(model2)
+
+    # control: the same weights and multipliers with a fresh optimizer state do not resume
+    model3, mdmm3, opt3 = _tz_setup(1, chain)
+    model3.load_state_dict(saved["model"])
+    mdmm3.load_state_dict(saved["multipliers"])
+    assert _tz_train(model3, mdmm3, opt3, 2) != reference

@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import warnings
+from collections import ChainMap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -258,6 +259,51 @@ def _plain_of(key: str) -> str:
 
 
 # ------------------------------------------------------------------------ training state
+def _portable(obj: Any) -> Any:
+    """An optimizer state dict in types ``torch.load(weights_only=True)`` accepts.
+
+    torchzero (0.4) stores its parameter groups as ``ChainMap`` objects (group settings over
+    the defaults) and, through ``locals()``, each module's class under ``"__class__"``: the
+    ``ChainMap`` becomes the ``dict`` it reads as, the class is dropped (nothing reads it).
+    Everything else is kept as it is.
+    """
+    if isinstance(obj, ChainMap):
+        obj = dict(obj)
+    if isinstance(obj, dict):
+        return {
+            k: _portable(v)
+            for k, v in obj.items()
+            if not (k == "__class__" and isinstance(v, type))
+        }
+    if isinstance(obj, list):
+        return [_portable(v) for v in obj]
+    return obj
+
+
+def _bind_to(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``saved`` with the tensors it carries replaced by ``optimizer``'s own.
+
+    torchzero's state dict holds the parameters themselves (``"params"``, with the per-module
+    state keyed by their old ``id``) and its ``load_state_dict`` adopts them: after a
+    ``torch.load`` those are copies, and training would update the copies. Handing it the
+    optimizer's current parameters (same order, checked shapes) binds the loaded state to
+    the model. A ``torch.optim`` state dict (``"state"`` / ``"param_groups"``) is returned
+    unchanged.
+    """
+    carried = saved.get("params")
+    if not (isinstance(carried, list) and all(isinstance(t, Tensor) for t in carried)):
+        return saved
+    own = [p for g in optimizer.param_groups for p in g["params"]]
+    shapes = [tuple(t.shape) for t in carried]
+    if shapes != [tuple(p.shape) for p in own]:
+        raise RuntimeError(
+            f"load_training_state: the checkpoint's {type(optimizer).__name__} optimized "
+            f"tensors of shapes {shapes}, this one {[tuple(p.shape) for p in own]}; build "
+            "the optimizer on the same parameters, in the same order, as when it was saved."
+        )
+    return {**saved, "params": own}
+
+
 def training_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
@@ -271,13 +317,14 @@ def training_state(
     Keys: ``"model"`` (its ``state_dict``: coordinates and buffers such as orthogonal base
     points), ``"optimizer"``, ``"multipliers"`` (an ``MDMM``'s ``state_dict``), ``"rng"`` (the
     CPU generator's state, and CUDA's when initialised) and ``extra`` (e.g. ``step=``). Save
-    it with :func:`torch.save`; it loads with ``torch.load(..., weights_only=True)``::
+    it with :func:`torch.save`; it loads with ``torch.load(..., weights_only=True)``, a
+    torchzero optimizer's state included (its ``ChainMap`` groups are stored as dicts)::
 
         torch.save(training_state(model, opt, mdmm, step=step), "ckpt.pt")
     """
     state: dict[str, Any] = {"model": model.state_dict()}
     if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
+        state["optimizer"] = _portable(optimizer.state_dict())
     if mdmm is not None:
         state["multipliers"] = mdmm.state_dict()
     if rng:
@@ -302,7 +349,9 @@ def load_training_state(
     Build ``model`` (with the same constraints), ``mdmm`` and ``optimizer`` as for a fresh
     run, then call this. Raises a clear error when a part is missing from ``state``, and when
     the optimizer, after loading, no longer holds ``model``'s / ``mdmm``'s own tensors (some
-    third-party optimizers rebind to the checkpoint's tensors and then train copies).
+    third-party optimizers rebind to the checkpoint's tensors and then train copies;
+    torchzero's, which carry the parameters in their state dict, are bound to the
+    optimizer's current parameters first).
     """
     for key, obj in (("model", model), ("optimizer", optimizer), ("multipliers", mdmm)):
         if obj is not None and key not in state:
@@ -318,7 +367,7 @@ def load_training_state(
         if mdmm is not None:
             own |= {id(p) for p in mdmm.parameters()}
         before = [id(p) for g in optimizer.param_groups for p in g["params"]]
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(_bind_to(optimizer, state["optimizer"]))
         after = [id(p) for g in optimizer.param_groups for p in g["params"]]
         if after != before or not set(after) <= own | set(before):
             raise RuntimeError(
