@@ -280,7 +280,7 @@ def _portable(obj: Any) -> Any:
     return obj
 
 
-def _bind_to(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> Mapping[str, Any]:
+def _bind_to(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> dict[str, Any]:
     """``saved`` with the tensors it carries replaced by ``optimizer``'s own.
 
     torchzero's state dict holds the parameters themselves (``"params"``, with the per-module
@@ -292,7 +292,7 @@ def _bind_to(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> Mapp
     """
     carried = saved.get("params")
     if not (isinstance(carried, list) and all(isinstance(t, Tensor) for t in carried)):
-        return saved
+        return dict(saved)
     own = [p for g in optimizer.param_groups for p in g["params"]]
     shapes = [tuple(t.shape) for t in carried]
     if shapes != [tuple(p.shape) for p in own]:
