@@ -41,6 +41,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:  # pragma: no cover - s
         all_reduce_grads,
         all_reduce_mean,
         broadcast_module,
+        global_closure,
         replica_divergence,
     )
     from manifoldparam.soft import (
@@ -146,7 +147,39 @@ def _worker(rank: int, port: int, out_dir: str) -> None:  # pragma: no cover - s
             "gap": [gap_start, global_gap()],
         }
 
+    def lbfgs_line_search() -> dict[str, object]:
+        """LBFGS with a strong-Wolfe line search on each rank's shard, closure wrapped in
+        global_closure: the ranks evaluate the same number of times and stay identical."""
+        model, ddp, _, _, x, y = setup()
+        opt = torch.optim.LBFGS(ddp.parameters(), lr=1, max_iter=8, line_search_fn="strong_wolfe")
+        calls = [0]
+        local: list[float] = []
+
+        @global_closure
+        @mp.cached_closure
+        def closure() -> torch.Tensor:
+            calls[0] += 1
+            opt.zero_grad()
+            loss = ((ddp(x) - y) ** 2).mean()
+            loss.backward()
+            local.append(float(loss.detach()))
+            return loss
+
+        start = float(closure().detach())
+        for _ in range(3):
+            end = float(opt.step(closure).detach())
+        w = model[0].weight.detach()
+        return {
+            "divergence": replica_divergence(model),
+            "calls": calls[0],
+            "start": start,
+            "end": end,
+            "first_local": local[0],
+            "orth": float((w.T @ w - torch.eye(4, dtype=dtype)).abs().max()),
+        }
+
     report = {
+        "lbfgs": lbfgs_line_search(),
         "synced": build(sync=True),
         "unsynced": build(sync=False),
         "mom_synced": multipliers_method(sync=True),
@@ -204,6 +237,17 @@ def test_ddp_two_cpu_ranks_keep_constrained_weights_and_multipliers_identical(
     for rep in reports:
         assert rep["mom_unsynced"]["multiplier_divergence"] > 1e-6
     assert reports[0]["mom_unsynced"]["lambda"][1] != reports[1]["mom_unsynced"]["lambda"][1]
+
+    # LBFGS + strong Wolfe through global_closure: each rank's own loss differs, the returned
+    # (global) one does not, so both ranks make the same number of evaluations and the same
+    # steps (without the wrapper the ranks' collectives fall out of step)
+    lb = [rep["lbfgs"] for rep in reports]
+    assert lb[0]["first_local"] != lb[1]["first_local"]
+    assert lb[0]["start"] == lb[1]["start"] and lb[0]["end"] == lb[1]["end"]
+    assert lb[0]["calls"] == lb[1]["calls"] > 4
+    for r in lb:
+        assert r["divergence"] == 0.0 and r["orth"] < 1e-10
+        assert r["end"] < 0.9 * r["start"]
 
 
 if __name__ == "__main__":  # pragma: no cover - the subprocess entry point

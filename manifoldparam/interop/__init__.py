@@ -11,7 +11,8 @@
 * :func:`check_second_order` -- a clear error where a second-order method meets a compiled
   module (:mod:`.compile`);
 * :func:`all_reduce_grads`, :func:`all_reduce_mean`, :func:`broadcast_module`,
-  :func:`replica_divergence` -- multipliers under DDP (:mod:`.distributed`).
+  :func:`global_closure`, :func:`replica_divergence` -- multipliers and line searches under
+  DDP (:mod:`.distributed`).
 """
 
 from manifoldparam.interop.checkpoint import (
@@ -26,6 +27,7 @@ from manifoldparam.interop.distributed import (
     all_reduce_grads,
     all_reduce_mean,
     broadcast_module,
+    global_closure,
     replica_divergence,
 )
 from manifoldparam.interop.export import export
@@ -47,6 +49,7 @@ __all__ = [
     "check_second_order",
     "export",
     "functional_call",
+    "global_closure",
     "load_plain_state_dict",
     "load_training_state",
     "per_sample_grads",

@@ -12,7 +12,9 @@ gradients; when the constraint functions depend on each rank's data, the ranks w
 apart. Either call :func:`all_reduce_grads` on ``mdmm.parameters()`` between ``backward()``
 and ``step()`` (first-order MDMM), or average the constraint values with
 :func:`all_reduce_mean` before :func:`manifoldparam.soft.dual_update` (method of
-multipliers). :func:`replica_divergence` checks that every rank holds the same tensors.
+multipliers). Optimizers with a line search or trust region need the same loss *value* on
+every rank: wrap their closure in :func:`global_closure`. :func:`replica_divergence` checks
+that every rank holds the same tensors.
 
 Example::
 
@@ -29,13 +31,22 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["all_reduce_grads", "all_reduce_mean", "broadcast_module", "replica_divergence"]
+__all__ = [
+    "all_reduce_grads",
+    "all_reduce_mean",
+    "broadcast_module",
+    "global_closure",
+    "replica_divergence",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _require_initialized(what: str) -> None:
@@ -86,6 +97,42 @@ def all_reduce_mean(tensors: Sequence[Tensor]) -> list[Tensor]:
         dist.all_reduce(s, op=dist.ReduceOp.SUM)
         out.append(s / world)
     return out
+
+
+def global_closure(closure: F) -> F:
+    """Wrap an optimizer closure so that every rank sees the mean loss over the ranks.
+
+    Line searches and trust regions (``torch.optim.LBFGS(line_search_fn="strong_wolfe")``,
+    torchzero, torchmin, scipy) decide from loss *values* how often to evaluate the closure.
+    DDP averages the gradients but not the returned loss, so with each rank's own loss the ranks
+    decide differently, call the closure a different number of times, and their collectives fall
+    out of step (a hang, or tensors filled with another collective's bytes). The wrapped closure
+    returns ``loss + (mean_over_ranks(loss) - loss).detach()``: the value every rank agrees on,
+    with the rank's own graph (whose gradients DDP averages). Collective: call it on every rank::
+
+        @global_closure
+        @manifoldparam.cached_closure
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(ddp(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)  # the same steps on every rank
+    """
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        loss = closure(*args, **kwargs)
+        if not isinstance(loss, Tensor):
+            loss = torch.as_tensor(float(loss), dtype=torch.float64)
+        mean = all_reduce_mean([loss])[0]
+        return loss + (mean - loss).detach() if loss.requires_grad else mean
+
+    wrapped.__name__ = getattr(closure, "__name__", "closure")
+    wrapped.__qualname__ = getattr(closure, "__qualname__", "closure")
+    wrapped.__doc__ = getattr(closure, "__doc__", None)
+    wrapped.__wrapped__ = closure  # type: ignore[attr-defined]
+    return wrapped  # type: ignore[return-value]
 
 
 @torch.no_grad()
