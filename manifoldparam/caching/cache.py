@@ -13,8 +13,9 @@ What is keyed (the contract)
 ``y = f(x)`` is returned for a later read only if all of the following are unchanged:
 
 * the *objects*: the read passes the same tensor ``x`` (checked by identity through a weak
-  reference, so a tensor substituted by ``functional_call`` or a re-assigned buffer is a miss,
-  and a freed tensor whose ``id`` is recycled can never match);
+  reference, so a tensor substituted by ``functional_call`` is a miss, and a freed tensor
+  whose ``id`` is recycled can never match) and ``p`` holds the same buffer objects (held by
+  the entry, so a re-assigned buffer is a miss);
 * their *contents*: ``x._version`` and every buffer's ``_version`` (bumped by every in-place
   change made through autograd-visible ops: ``optimizer.step()``, ``copy_``/``add_`` under
   ``no_grad``, :func:`~manifoldparam.rebase`, assignment ``module.weight = Q``), plus
