@@ -161,16 +161,22 @@ def _expand(v: Tensor) -> Tensor:
 
 
 def _choose(
-    a: Tensor, a2: Tensor, a4: Tensor, a6: Tensor, max_squarings: int | None
+    a: Tensor,
+    a2: Tensor,
+    a4: Tensor,
+    a6: Tensor,
+    max_squarings: int | None,
+    head: list[list[float]] | None = None,
 ) -> tuple[int, Tensor, int, bool, bool]:
     """(m, s per matrix, s_max, uniform s, overflow) from the norms of A, A², A⁴, A⁶.
 
     One host read (of the norms) unless ``max_squarings`` is given; with it, everything stays
     on the device: ``s`` clamped to ``max_squarings``, squarings masked, no overflow fallback.
+    ``head``: ``[‖A‖₁, ‖A²‖₁]`` per matrix, already read on the host (:func:`_head_norms`).
     """
     single = a.dtype in (torch.float32, torch.complex64)
     if max_squarings is None:
-        return _choose_on_host(a, a2, a4, a6, single)
+        return _choose_on_host(a, a2, a4, a6, single, head)
     n2, n4, n6 = _norm1(a2), _norm1(a4), _norm1(a6)
     d4 = n4.pow(1 / 4)
     d6 = n6.pow(1 / 6)
@@ -200,12 +206,20 @@ def _nan_min(x: float, y: float) -> float:
 
 
 def _choose_on_host(
-    a: Tensor, a2: Tensor, a4: Tensor, a6: Tensor, single: bool
+    a: Tensor,
+    a2: Tensor,
+    a4: Tensor,
+    a6: Tensor,
+    single: bool,
+    head: list[list[float]] | None = None,
 ) -> tuple[int, Tensor, int, bool, bool]:
-    """:func:`_choose` without ``max_squarings``: one host read of the four 1-norms of every
-    matrix, then the same arithmetic on Python floats (some thirty fewer tensor operations)."""
-    norms = torch.stack([_norm1(a), _norm1(a2), _norm1(a4), _norm1(a6)], dim=-1)
-    rows = norms.reshape(-1, 4).tolist()
+    """:func:`_choose` without ``max_squarings``: one host read of the 1-norms of every
+    matrix, then the same arithmetic on Python floats (some thirty fewer tensor operations).
+    The norms of A and A² are read here unless ``head`` brings them."""
+    if head is None:
+        head = _head_norms(a, a2)
+    tail = torch.stack([_norm1(a4), _norm1(a6)], dim=-1)
+    rows = [h + t for h, t in zip(head, tail.reshape(-1, 2).tolist(), strict=True)]
     theta = _THETA7_F32 if single else _THETA13
     s_list: list[float] = []
     overflow = False
@@ -226,8 +240,7 @@ def _choose_on_host(
         eta = eta3 if single else eta5
         s_list.append(max(math.ceil(math.log2(eta / theta)), 0) if eta > 0 else 0)
     m = 7 if single else 13
-    real = norms.dtype
-    s = torch.tensor(s_list, dtype=real, device=a.device).reshape(norms.shape[:-1])
+    s = torch.tensor(s_list, dtype=tail.dtype, device=a.device).reshape(tail.shape[:-1])
     if not s_list:
         return m, s, 0, True, False
     if overflow:
@@ -277,15 +290,19 @@ def _squarings(x: Tensor, s: Tensor, s_max: int, uniform: bool) -> tuple[Tensor,
     return x, sq
 
 
-def _taylor_choice(a: Tensor, a2: Tensor, single: bool) -> list[int] | None:
+def _head_norms(a: Tensor, a2: Tensor) -> list[list[float]]:
+    """``[‖A‖₁, ‖A²‖₁]`` of every matrix, read on the host (one read)."""
+    return torch.stack([_norm1(a), _norm1(a2)], dim=-1).reshape(-1, 2).tolist()
+
+
+def _taylor_choice(rows: list[list[float]], single: bool) -> list[int] | None:
     """Squarings per matrix for T_8, or None when Padé is cheaper (or a norm is not finite).
 
-    One host read of ``‖A‖₁`` and ``‖A²‖₁`` per matrix. The tail of T_8 starts at degree 9
-    (degree 8 for its derivative), so it is bounded through ``α₃ = max(d₃, d₄)``
+    From ``rows`` = :func:`_head_norms` (``‖A‖₁``, ``‖A²‖₁`` per matrix). The tail of T_8
+    starts at degree 9 (degree 8 for its derivative), so it is bounded through ``α₃ = max(d₃, d₄)``
     (Al-Mohy & Higham 2009, Lemma 4.1, p = 3) with ``d₄ ≤ ‖A²‖^{1/2}`` and
     ``d₃ ≤ (‖A‖·‖A²‖)^{1/3}``: no product beyond A² is spent on choosing.
     """
-    rows = torch.stack([_norm1(a), _norm1(a2)], dim=-1).reshape(-1, 2).tolist()
     if not rows:
         return None
     ell = _ELL8_F32 if single else _ELL8_F64
@@ -327,9 +344,11 @@ def _forward(a: Tensor, max_squarings: int | None) -> tuple:
     the Taylor path (m = 8) stores ``(A, A², P₁, A₄, Q₁, Q₂, -, -, -, R, squares, s)``.
     """
     a2 = a @ a
+    head = None
     if max_squarings is None:
         single = a.dtype in (torch.float32, torch.complex64)
-        s_list = _taylor_choice(a, a2, single)
+        head = _head_norms(a, a2)
+        s_list = _taylor_choice(head, single)
         if s_list is not None:
             real = a.real.dtype if a.is_complex() else a.dtype
             s8 = torch.tensor(s_list, dtype=real, device=a.device).reshape(a.shape[:-2])
@@ -341,7 +360,7 @@ def _forward(a: Tensor, max_squarings: int | None) -> tuple:
             return x, saved, (_TAYLOR, s_max, uniform)
     a4 = a2 @ a2
     a6 = a4 @ a2
-    m, s, s_max, uniform, overflow = _choose(a, a2, a4, a6, max_squarings)
+    m, s, s_max, uniform, overflow = _choose(a, a2, a4, a6, max_squarings, head)
     f = None
     if overflow:  # huge ‖A‖ (a power overflowed): pre-scale by the 1-norm, choose again
         s0 = torch.nan_to_num(torch.log2(_norm1(a) / 4.0).ceil().clamp(min=0.0), posinf=0.0)
