@@ -18,14 +18,19 @@ from tests.conftest import assert_on_stiefel, assert_spd
 DTYPE = torch.float64
 
 
-def _model() -> nn.Sequential:
-    torch.manual_seed(0)
-    m = nn.Sequential(
+def _plain() -> nn.Sequential:
+    """The architecture, unconstrained (what an export loads into)."""
+    return nn.Sequential(
         nn.Linear(5, 5, dtype=DTYPE),
         nn.Tanh(),
         nn.Linear(5, 5, bias=False, dtype=DTYPE),
         nn.Conv1d(1, 2, 3, dtype=DTYPE),
     )
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    m = _plain()
     mp.orthogonal(m[0])
     mp.bounded(m[0], "bias", low=-0.5, high=0.5)
     mp.spd(m[2])
@@ -98,12 +103,7 @@ def test_export_pickles_and_its_state_loads_with_weights_only() -> None:
     buf = io.BytesIO()
     torch.save(plain.state_dict(), buf)
     buf.seek(0)
-    fresh = nn.Sequential(
-        nn.Linear(5, 5, dtype=DTYPE),
-        nn.Tanh(),
-        nn.Linear(5, 5, bias=False, dtype=DTYPE),
-        nn.Conv1d(1, 2, 3, dtype=DTYPE),
-    )
+    fresh = _plain()
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     assert torch.equal(fresh(_x()), model(_x()))
 

@@ -68,6 +68,7 @@ flag), pickling stores no tensors, and nothing keeps a module alive.
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import weakref
 from collections.abc import Callable, Iterable
@@ -465,14 +466,11 @@ def cached_closure(closure: F) -> F:
     which version counters cannot see, since nothing is carried over between evaluations).
     """
 
+    @functools.wraps(closure)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         with cached(fresh=True):
             return closure(*args, **kwargs)
 
-    wrapped.__name__ = getattr(closure, "__name__", "closure")
-    wrapped.__qualname__ = getattr(closure, "__qualname__", "closure")
-    wrapped.__doc__ = getattr(closure, "__doc__", None)
-    wrapped.__wrapped__ = closure  # type: ignore[attr-defined]
     return wrapped  # type: ignore[return-value]
 
 

@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -121,6 +122,7 @@ def global_closure(closure: F) -> F:
         opt.step(closure)  # the same steps on every rank
     """
 
+    @functools.wraps(closure)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         loss = closure(*args, **kwargs)
         if not isinstance(loss, Tensor):
@@ -128,10 +130,6 @@ def global_closure(closure: F) -> F:
         mean = all_reduce_mean([loss])[0]
         return loss + (mean - loss).detach() if loss.requires_grad else mean
 
-    wrapped.__name__ = getattr(closure, "__name__", "closure")
-    wrapped.__qualname__ = getattr(closure, "__qualname__", "closure")
-    wrapped.__doc__ = getattr(closure, "__doc__", None)
-    wrapped.__wrapped__ = closure  # type: ignore[attr-defined]
     return wrapped  # type: ignore[return-value]
 
 
