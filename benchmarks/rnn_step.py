@@ -60,36 +60,32 @@ from manifoldparam.caching import auto_cache, cached  # noqa: E402
 
 
 class RNN(nn.Module):
-    """expRNN's cell with any recurrent module ``rec`` (``h ↦ h Wᵀ``)."""
+    """expRNN's cell with any recurrent module ``rec`` (``h ↦ h Wᵀ``).
 
-    def __init__(self, n: int, rec: nn.Module) -> None:
+    ``read_once``: read ``rec.weight`` once per forward and call ``F.linear(h, w)`` at each
+    step (no cache needed) instead of calling ``rec`` at each step.
+    """
+
+    def __init__(self, n: int, rec: nn.Module, read_once: bool = False) -> None:
         super().__init__()
         self.n = n
         self.inp = nn.Linear(N_INPUTS, n)
         self.rec = rec
         self.act = ModReLU(n)
         self.out = nn.Linear(n, N_CLASSES)
+        self.read_once = read_once
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = nn.functional.embedding(x, self.inp.weight.T) + self.inp.bias
         h = u.new_zeros(x.shape[1], self.n)
+        if self.read_once:
+            w = self.rec.weight
+            rec = lambda h: nn.functional.linear(h, w)  # noqa: E731
+        else:
+            rec = self.rec
         hs = []
         for u_t in u.unbind(0):  # not u[t]: its backward zero-fills (T, batch, n) per step
-            h = self.act(self.rec(h) + u_t)
-            hs.append(h)
-        return self.out(torch.stack(hs))
-
-
-class HoistedRNN(RNN):
-    """The same cell, reading ``rec.weight`` once per forward (no cache needed)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = nn.functional.embedding(x, self.inp.weight.T) + self.inp.bias
-        h = u.new_zeros(x.shape[1], self.n)
-        w = self.rec.weight
-        hs = []
-        for u_t in u.unbind(0):
-            h = self.act(nn.functional.linear(h, w) + u_t)
+            h = self.act(rec(h) + u_t)
             hs.append(h)
         return self.out(torch.stack(hs))
 
@@ -142,7 +138,7 @@ def make_variants(n: int, length: int, batch: int, uncached: bool) -> dict[str, 
         ours_auto, torch.optim.Adam(ours_auto.parameters(), 1e-3), none
     )
     torch.manual_seed(0)
-    hoisted = HoistedRNN(n, mp.orthogonal(orthogonal_linear(n)))
+    hoisted = RNN(n, mp.orthogonal(orthogonal_linear(n)), read_once=True)
     variants["manifoldparam, weight read once"] = trainer(
         hoisted, torch.optim.Adam(hoisted.parameters(), 1e-3), none
     )
