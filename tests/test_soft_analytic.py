@@ -31,9 +31,16 @@ def var(*vals: float) -> torch.Tensor:
 
 def solve_lbfgs(mdmm: MDMM, params: list[torch.Tensor], f, outer: int = 30) -> None:
     """The method of multipliers: LBFGS on the augmented Lagrangian, then dual_update."""
-    opt = torch.optim.LBFGS(params, lr=1, max_iter=100, tolerance_grad=1e-13,
-                            tolerance_change=1e-15, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1,
+        max_iter=100,
+        tolerance_grad=1e-13,
+        tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )
     for _ in range(outer):
+
         def closure() -> torch.Tensor:
             opt.zero_grad()
             value = mdmm(f()).value
@@ -63,8 +70,12 @@ def test_lbfgs_method_of_multipliers_equality() -> None:
         # min (x+1)² s.t. x >= 0: active; c = x, 2(x+1) + λ = 0: λ = -2
         (lambda x: MinConstraint(lambda: x[0], 0.0, damping=5.0, dtype=DT), -1.0, 0.0, -2.0),
         # min (x-3)² s.t. -1 <= x <= 1 (clamp kind): x = 1, λ = -4
-        (lambda x: BoundConstraintHard(lambda: x[0], -1.0, 1.0, damping=5.0, dtype=DT),
-         3.0, 1.0, -4.0),
+        (
+            lambda x: BoundConstraintHard(lambda: x[0], -1.0, 1.0, damping=5.0, dtype=DT),
+            3.0,
+            1.0,
+            -4.0,
+        ),
         (lambda x: MaxConstraintHard(lambda: x[0], 1.0, damping=5.0, dtype=DT), 3.0, 1.0, -4.0),
         # min (x+1)² s.t. x >= 1 (clamp kind): c = 1 - x below 1, 2(x+1) - λ = 0: λ = 4
         (lambda x: MinConstraintHard(lambda: x[0], 1.0, damping=5.0, dtype=DT), -1.0, 1.0, 4.0),
@@ -198,9 +209,15 @@ def test_adaptive_dual_step() -> None:
     assert con.lmbda.item() == pytest.approx(before.item() + min(5.0, 1.0 / abs(c)) * c)
     xy2 = var(0.3, -2.0)
     mdmm2 = MDMM([EqConstraint(lambda: xy2.sum(), 1.0, damping=10.0, dtype=DT)])
-    opt = torch.optim.LBFGS([xy2], max_iter=100, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-13, tolerance_change=1e-15)
+    opt = torch.optim.LBFGS(
+        [xy2],
+        max_iter=100,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-13,
+        tolerance_change=1e-15,
+    )
     for _ in range(40):
+
         def closure() -> torch.Tensor:
             opt.zero_grad()
             v = mdmm2((xy2**2).sum()).value

@@ -50,7 +50,7 @@ def test_declared_constraints_are_collected_with_their_shapes() -> None:
     ret = mdmm(torch.zeros((), dtype=DT))
     assert torch.allclose(ret.fn_values[2], model[2].weight.norm(dim=1))
     # the true violation: 0 for the rows within the bound
-    expected = (model[2].weight.norm(dim=1).clamp(max=1.0) - model[2].weight.norm(dim=1))
+    expected = model[2].weight.norm(dim=1).clamp(max=1.0) - model[2].weight.norm(dim=1)
     assert torch.equal(ret.infs[2], expected)
 
 
@@ -69,10 +69,15 @@ def test_hard_and_soft_on_the_same_attribute() -> None:
     r = 0.8 * 0.9 * float(rms(target) / target.abs().max())  # the solution stays in the box
     c = constrain(layer, "weight", rms, eq=r, damping=200.0)  # ρ·J H⁻¹ Jᵀ = 200/32
     mdmm = MDMM([c])
-    opt = torch.optim.LBFGS([layer.parametrizations.weight.original], max_iter=200,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-12,
-                            tolerance_change=1e-14)
+    opt = torch.optim.LBFGS(
+        [layer.parametrizations.weight.original],
+        max_iter=200,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-12,
+        tolerance_change=1e-14,
+    )
     for _ in range(15):
+
         def closure() -> torch.Tensor:
             opt.zero_grad()
             v = mdmm(((layer.weight - target) ** 2).sum()).value
@@ -108,8 +113,10 @@ def test_restore_feasibility_near_and_far() -> None:
     layer = nn.Linear(8, 8).double()
     with torch.no_grad():
         layer.weight.div_(layer.weight.abs().mean()).mul_(1.005)  # mean|W| = 1.005
-    cons = [constrain(layer, "weight", mean_abs, eq=1.0),
-            constrain(layer, "weight", rms, max=1.5)]  # inactive: must not be pinned
+    cons = [
+        constrain(layer, "weight", mean_abs, eq=1.0),
+        constrain(layer, "weight", rms, max=1.5),
+    ]  # inactive: must not be pinned
     state = layer.weight.detach().clone()
     before = soft.restore_feasibility(cons, levenberg=0.0)
     assert before.item() == pytest.approx(0.005)
@@ -143,16 +150,24 @@ def test_restore_through_a_hard_parametrization() -> None:
 def test_checkpoint_weights_only_and_bit_for_bit_resume() -> None:
     def build():
         model, mdmm = model_with_constraints()
-        opt = mdmm.make_optimizer(model.parameters(), optimizer=torch.optim.AdamW, lr=1e-2,
-                                  weight_decay=0.1, dual_lr=3e-2)
+        opt = mdmm.make_optimizer(
+            model.parameters(), optimizer=torch.optim.AdamW, lr=1e-2, weight_decay=0.1, dual_lr=3e-2
+        )
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.99)
         return model, mdmm, opt, sched
 
     model, mdmm, opt, sched = build()
     train(model, mdmm, opt, sched, 20)
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "mdmm": mdmm.state_dict(),
-                "opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "mdmm": mdmm.state_dict(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+        },
+        buf,
+    )
     train(model, mdmm, opt, sched, 20)
 
     buf.seek(0)
@@ -164,8 +179,11 @@ def test_checkpoint_weights_only_and_bit_for_bit_resume() -> None:
     opt2.load_state_dict(ckpt["opt"])
     sched2.load_state_dict(ckpt["sched"])
     train(model2, mdmm2, opt2, sched2, 20)
-    for a, b in zip([*model.parameters(), *mdmm.parameters()],
-                    [*model2.parameters(), *mdmm2.parameters()], strict=True):
+    for a, b in zip(
+        [*model.parameters(), *mdmm.parameters()],
+        [*model2.parameters(), *mdmm2.parameters()],
+        strict=True,
+    ):
         assert torch.equal(a, b)
     assert any(c.lmbda.abs().sum() > 0 for c in mdmm2)
 

@@ -113,8 +113,10 @@ def test_state_dict_keys_match_mdmm_and_load_its_checkpoint() -> None:
         theirs[0].lmbda.fill_(0.25)
         theirs[1].lmbda.fill_(-0.5)
     ours = manifoldparam.MDMM(
-        [manifoldparam.EqConstraint(lambda: w.sum(), 1.0),
-         manifoldparam.MaxConstraint(lambda: w[0], 2.0)]
+        [
+            manifoldparam.EqConstraint(lambda: w.sum(), 1.0),
+            manifoldparam.MaxConstraint(lambda: w[0], 2.0),
+        ]
     )
     ours.load_state_dict(theirs.state_dict())  # the slack is eliminated: its key is dropped
     assert ours[0].lmbda.item() == 0.25 and ours[1].lmbda.item() == -0.5

@@ -30,8 +30,9 @@ def train(xy, mdmm, opt, steps: int, sched=None) -> None:
 
 def test_groups_maximize_and_kwargs_reach_primal_only() -> None:
     xy, mdmm = problem()
-    opt = mdmm.make_optimizer([xy], optimizer=torch.optim.AdamW, lr=1e-2, weight_decay=0.3,
-                              betas=(0.8, 0.9))
+    opt = mdmm.make_optimizer(
+        [xy], optimizer=torch.optim.AdamW, lr=1e-2, weight_decay=0.3, betas=(0.8, 0.9)
+    )
     primal, dual = opt.param_groups
     assert primal["weight_decay"] == 0.3 and primal["betas"] == (0.8, 0.9)
     assert primal["maximize"] is False

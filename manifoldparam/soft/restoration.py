@@ -90,12 +90,14 @@ def restore_feasibility(
     with torch.no_grad():
         pairs = list(zip(constraints, [v.detach() for v in fns], strict=True))
         r = torch.cat([c.violation(v).reshape(-1) for c, v in pairs])
-        active = torch.cat([
-            (torch.ones_like(v) if c.always_active else (c.violation(v) != 0))
-            .to(v.dtype)
-            .reshape(-1)
-            for c, v in pairs
-        ])
+        active = torch.cat(
+            [
+                (torch.ones_like(v) if c.always_active else (c.violation(v) != 0))
+                .to(v.dtype)
+                .reshape(-1)
+                for c, v in pairs
+            ]
+        )
         worst = r.abs().amax()
     vec = torch.cat([v.reshape(-1) for v in fns])
     m = vec.numel()
