@@ -156,8 +156,10 @@ _STEPS = _StepCounter()
 _VERSION: Callable[[Tensor], int] = operator.attrgetter("_version")
 
 
-def _version(t: Tensor) -> int:
-    """``t._version``; -1 for inference tensors, which keep no version counter."""
+def _version(t: Tensor | None) -> int:
+    """``t._version``; -1 for inference tensors, which keep no version counter; -2 for None."""
+    if t is None:
+        return -2
     try:
         return t._version
     except RuntimeError:  # "Inference tensors do not track version counter"
@@ -197,35 +199,33 @@ class _Entry:
         # p's own tensors, held strongly (they belong to p, which holds this entry), compared by
         # identity: a re-assigned buffer is a miss even if its id were recycled.
         self.state = state
-        self.versions = tuple(-2 if t is None else _version(t) for t in state)
+        self.versions = tuple(_version(t) for t in state)
         self.out = out
         self.out_version = _version(out)
 
     def matches(self, x: Tensor, state: tuple[Tensor | None, ...]) -> bool:
         try:
             return self._matches(x, state, _VERSION)
-        except RuntimeError:  # an inference tensor (no version counter): compare through -1
-            return self._matches(x, state, _version)
+        except (RuntimeError, AttributeError):  # an inference tensor (no version counter), or a
+            return self._matches(x, state, _version)  # None buffer: the slow, careful way
 
     def _matches(
         self, x: Tensor, state: tuple[Tensor | None, ...], version: Callable[[Tensor], int]
     ) -> bool:
-        if not (
+        # One short-circuiting expression: the cheapest and likeliest-to-fail checks first.
+        return (
             self.x() is x
-            and version(x) == self.version
             and self.epoch == _STEPS.count
+            and version(x) == self.version
             and version(self.out) == self.out_version
             and x.data_ptr() == self.ptr
             and x.requires_grad == self.requires_grad
             and x.dtype == self.dtype
             and x.device == self.device
             and len(state) == len(self.state)
-        ):
-            return False
-        for t, t0, v0 in zip(state, self.state, self.versions, strict=True):
-            if t is not t0 or (t is not None and version(t) != v0):
-                return False
-        return True
+            and all(map(operator.is_, state, self.state))
+            and tuple(map(version, state)) == self.versions
+        )
 
 
 class _Slot:
@@ -329,26 +329,39 @@ def _state_tensors(p: nn.Module) -> tuple[Tensor | None, ...]:
     return tuple(p._buffers.values())
 
 
-def _bypass(x: Tensor) -> bool:
-    """Whether caching must step aside: transforms, tracing, compile, dispatch modes."""
+_peek_transform = torch._C._functorch.peek_interpreter_stack
+_dispatch_depth = torch._C._len_torch_dispatch_stack
+_saved_tensor_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+_is_tracing = torch._C._is_tracing
+_forward_ad = torch.autograd.forward_ad
+_grad_enabled = torch.is_grad_enabled
+_inference_mode = torch.is_inference_mode_enabled
+_any_autocast = torch._C._is_any_autocast_enabled
+_is_compiling = torch.compiler.is_compiling
+
+
+def _mode_bypass() -> bool:
+    """Whether caching must step aside for the current mode: ``torch.func`` transforms,
+    dispatch modes, forward-mode AD, saved-tensor hooks, ``torch.jit`` tracing. Checked on
+    every read (each is one C call)."""
     return (
-        torch._C._functorch.peek_interpreter_stack() is not None
-        or torch._C._len_torch_dispatch_stack() > 0
-        or torch.autograd.forward_ad._current_level >= 0
-        or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-        or torch._C._is_tracing()
-        or x.is_meta
-        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+        _peek_transform() is not None
+        or _dispatch_depth() > 0
+        or _forward_ad._current_level >= 0
+        or _saved_tensor_hooks(False) is not None
+        or _is_tracing()
     )
 
 
-def _mode_key(x: Tensor) -> tuple[bool, bool, torch.dtype | None]:
-    autocast = None
-    if torch._C._is_any_autocast_enabled():
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            autocast = torch.get_autocast_dtype(device_type)
-    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast)
+def _tensor_bypass(x: Tensor) -> bool:
+    """Whether ``x`` itself must not be cached (meta, functorch-wrapped). Checked only when an
+    entry would be stored: a hit needs the very object an entry was stored for."""
+    return x.is_meta or torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def evaluate(p: Parametrization, x: Tensor) -> Tensor:
@@ -356,9 +369,11 @@ def evaluate(p: Parametrization, x: Tensor) -> Tensor:
 
     The single entry point through which every constrained value is made. Caching is on inside
     :func:`cached` and for parametrizations in automatic mode (:func:`auto_cache`); otherwise
-    this is exactly ``p._map(x)``. See the module docstring for what is keyed.
+    this is exactly ``p._map(x)``. See the module docstring for what is keyed. A hit is read
+    at every access of a cached weight (an RNN reads it at each time step): the hit path is a
+    handful of C calls and attribute reads.
     """
-    if torch.compiler.is_compiling():  # first: dynamo cannot trace ContextVar.get
+    if _is_compiling():  # first: dynamo cannot trace ContextVar.get
         return p._map(x)
     scope = _SCOPE.get()
     slot: _Slot | None = p.__dict__.get(_SLOT_ATTR)
@@ -369,17 +384,25 @@ def evaluate(p: Parametrization, x: Tensor) -> Tensor:
         token = _AUTO
     else:
         token = scope
-    if _bypass(x):
+    if _mode_bypass():
+        return p._map(x)
+    key = (
+        token,
+        _grad_enabled(),
+        _inference_mode(),
+        _autocast_dtype(x) if _any_autocast() else None,
+    )
+    state = _state_tensors(p)
+    if slot is not None:
+        entry = slot.entries.get(key)
+        if entry is not None and entry.matches(x, state):
+            return entry.out
+    if _tensor_bypass(x):
         return p._map(x)
     if slot is None:
         slot = _Slot()
         p.__dict__[_SLOT_ATTR] = slot
         _STEPS.install()
-    key = (token, *_mode_key(x))
-    state = _state_tensors(p)
-    entry = slot.entries.get(key)
-    if entry is not None and entry.matches(x, state):
-        return entry.out
 
     inner = p._map(x)
     inputs = tuple(t for t in (x, *state) if t is not None and t.requires_grad)

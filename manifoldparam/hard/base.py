@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from manifoldparam.caching.cache import evaluate
+from manifoldparam.caching.read import install as install_read
 
 __all__ = [
     "Parametrization",
@@ -229,18 +230,20 @@ def register(
 ) -> nn.Module:
     """Check ``module.<name>``, build its parametrization and register it through torch.
 
-    ``build(shape, owner=..., **options)`` makes the parametrization (a class such as
-    :class:`~manifoldparam.Orthogonal`); the public constructors (:func:`manifoldparam.orthogonal`,
-    ...) are this one call. It runs :func:`checked_weight` and
-    :meth:`Parametrization.validate` before touching the module, then
-    :func:`torch.nn.utils.parametrize.register_parametrization` (whose first ``right_inverse``
-    call moves the current weight to the nearest point of the set). Returns ``module``.
+        ``build(shape, owner=..., **options)`` makes the parametrization (a class such as
+        :class:`~manifoldparam.Orthogonal`); the public constructors (:func:`manifoldparam.orthogonal`,
+        ...) are this one call. It runs :func:`checked_weight` and
+        :meth:`Parametrization.validate` before touching the module, then
+        :func:`torch.nn.utils.parametrize.register_parametrization` (whose first ``right_inverse``
+        call moves the current weight to the nearest point of the set), and gives the attribute the
+    fast read path of :mod:`manifoldparam.caching.read`. Returns ``module``.
     """
     weight = checked_weight(module, name)
     parametrization = build(weight.shape, owner=owner_name(module, name), **options)
     parametrization.validate(weight)
     parametrization.to(device=weight.device, dtype=weight.dtype)
     parametrize.register_parametrization(module, name, parametrization)
+    install_read(module, name)
     return module
 
 

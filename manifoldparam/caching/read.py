@@ -1,0 +1,112 @@
+r"""The read path of a constrained attribute: ``module.weight`` in a few microseconds.
+
+:func:`torch.nn.utils.parametrize.register_parametrization` makes ``module.weight`` a property
+of the class it creates for ``module`` (``ParametrizedLinear``, one per parametrized module
+and shared only with its deep copies). Its getter calls the ``ParametrizationList`` module,
+whose ``forward`` calls the parametrization module and then probes ``hasattr(self, "1")``
+(an ``AttributeError`` raised and caught on every read) to look for a chain: about 15 µs of
+Python per read before the cache is even consulted. An RNN reads its kernel at every time
+step, so with ``T = 100`` that is most of what a cache costs.
+
+:func:`install` replaces that property, on the same class and only for the attributes a
+``manifoldparam`` constructor registered, with one whose getter goes straight to
+:meth:`Parametrization.forward` (and so to the cache) when the read is the plain case, and
+otherwise calls torch's own getter, so every behaviour of ``parametrize`` is kept:
+
+* the plain case: one parametrization (ours) on the attribute, one ``original`` tensor, no
+  forward/backward hooks on the ``ParametrizationList`` or on the parametrization (nor global
+  module hooks), no compiled ``__call__`` or instance ``forward`` on either, not compiling,
+  not tracing with ``torch.jit``, and ``torch.nn.utils.parametrize.cached()`` not active
+  (inside it, torch's getter and its cache decide, as for any parametrization);
+* anything else (a chain added later with ``register_parametrization``, hooks added later,
+  ...) takes torch's path, checked at every read.
+
+The setter is torch's (``module.weight = W`` calls ``right_inverse``). The class object stays
+the same (no class swap) and nothing global is patched; ``remove_parametrizations`` deletes
+the property as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.modules.module as _module_globals
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = ["install"]
+
+
+def _plain_call(m: nn.Module) -> bool:
+    """Whether ``m(...)`` is exactly the class's ``forward``: no hooks, not compiled, no
+    ``forward`` set on the instance."""
+    return not (
+        "forward" in m.__dict__
+        or m._forward_pre_hooks
+        or m._forward_hooks
+        or m._backward_pre_hooks
+        or m._backward_hooks
+        or m._compiled_call_impl is not None
+    )
+
+
+def _no_global_hooks() -> bool:
+    g = _module_globals
+    return not (
+        g._global_forward_pre_hooks
+        or g._global_forward_hooks
+        or g._global_backward_pre_hooks
+        or g._global_backward_hooks
+    )
+
+
+def _getter(name: str, torch_get: Callable[[nn.Module], Tensor]) -> Callable[[nn.Module], Tensor]:
+    from manifoldparam.hard.base import Parametrization
+
+    is_compiling = torch.compiler.is_compiling
+    is_tracing = torch._C._is_tracing
+
+    def get(self: nn.Module) -> Tensor:
+        plists = self._modules.get("parametrizations")
+        plist = plists._modules.get(name) if plists is not None else None
+        modules = plist._modules if plist is not None else None
+        if (
+            modules is not None
+            and len(modules) == 1
+            and not parametrize._cache_enabled
+            and not is_compiling()
+            and not is_tracing()
+        ):
+            p = modules["0"]
+            x = plist._parameters.get("original")  # type: ignore[union-attr]
+            if (
+                isinstance(p, Parametrization)
+                and x is not None
+                and _plain_call(plist)  # type: ignore[arg-type]
+                and _plain_call(p)
+                and _no_global_hooks()
+            ):
+                return p.forward(x)
+        return torch_get(self)
+
+    get.__name__ = get.__qualname__ = name
+    get.__doc__ = f"``{name}``, read through its manifoldparam parametrization (and cache)."
+    return get
+
+
+def install(module: nn.Module, name: str) -> None:
+    """Give ``module.<name>`` (just registered by a manifoldparam constructor) the fast getter.
+
+    Does nothing if the attribute is not a parametrize property (or already has it).
+    """
+    cls = type(module)
+    prop = cls.__dict__.get(name)
+    if not isinstance(prop, property) or prop.fget is None:
+        return
+    if getattr(prop.fget, "_manifoldparam", False):
+        return
+    fast = property(_getter(name, prop.fget), prop.fset, prop.fdel, prop.__doc__)
+    setattr(cls, name, fast)
+    # A marker on the getter: a property object takes no attributes.
+    fast.fget._manifoldparam = True  # type: ignore[union-attr]
