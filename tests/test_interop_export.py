@@ -134,3 +134,16 @@ def test_soft_declarations_can_be_kept() -> None:
 def test_export_rejects_non_modules() -> None:
     with pytest.raises(TypeError, match=r"nn\.Module"):
         export({"weight": torch.zeros(2)})  # type: ignore[arg-type]
+
+
+def test_jit_trace_records_the_maps_and_follows_the_originals() -> None:
+    """``torch.jit.trace`` of a constrained model (the orthogonal map is traced as
+    ``matrix_exp``: a Function with non-tensor outputs cannot be recorded): the trace equals the
+    eager model, and re-reads the originals (a later change shows in both)."""
+    model = _model()[:3]
+    x = torch.randn(4, 5, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    traced = torch.jit.trace(model, x)
+    torch.testing.assert_close(traced(x), model(x), atol=1e-12, rtol=0.0)
+    with torch.no_grad():
+        model[0].parametrizations.weight.original.add_(0.2)
+    torch.testing.assert_close(traced(x), model(x), atol=1e-12, rtol=0.0)

@@ -20,7 +20,8 @@ What is keyed (the contract)
   change made through autograd-visible ops: ``optimizer.step()``, ``copy_``/``add_`` under
   ``no_grad``, :func:`~manifoldparam.rebase`, assignment ``module.weight = Q``), plus
   ``x.data_ptr()``, ``dtype``, ``device``, ``requires_grad`` (which catch ``x.data = ...``
-  and ``module.to(...)``);
+  and ``module.to(...)``; the entry holds an alias of the storage it was made from, so that
+  storage's address cannot be recycled by a later ``x.data = ...`` while the entry lives);
 * no ``torch.optim.Optimizer.step()`` has finished since (a process-wide step counter,
   advanced by a global optimizer step hook): fused optimizers (``Adam(fused=True)`` and
   friends) update parameters without bumping their version counters, and third-party
@@ -183,6 +184,7 @@ class _Entry:
         "ptr",
         "requires_grad",
         "state",
+        "storage",
         "version",
         "versions",
         "x",
@@ -193,6 +195,9 @@ class _Entry:
         self.epoch = _STEPS.count
         self.version = _version(x)
         self.ptr = x.data_ptr()
+        # Keeps the storage alive: no other tensor can get its address while this entry lives
+        # (half() then float() could otherwise land the new data at the old address).
+        self.storage = x.detach()
         self.dtype = x.dtype
         self.device = x.device
         self.requires_grad = x.requires_grad

@@ -15,9 +15,9 @@ otherwise calls torch's own getter, so every behaviour of ``parametrize`` is kep
 
 * the plain case: one parametrization (ours) on the attribute, one ``original`` tensor, no
   forward/backward hooks on the ``ParametrizationList`` or on the parametrization (nor global
-  module hooks), no compiled ``__call__`` or instance ``forward`` on either, not compiling,
-  not tracing with ``torch.jit``, and ``torch.nn.utils.parametrize.cached()`` not active
-  (inside it, torch's getter and its cache decide, as for any parametrization);
+  module hooks), no compiled ``__call__`` or instance ``forward`` on either, and
+  ``torch.nn.utils.parametrize.cached()`` not active (inside it, torch's getter and its cache
+  decide, as for any parametrization);
 * anything else (a chain added later with ``register_parametrization``, hooks added later,
   ...) takes torch's path, checked at every read.
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 import torch.nn.modules.module as _module_globals
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -38,22 +37,22 @@ from torch.nn.utils import parametrize
 __all__ = ["install"]
 
 
-def _plain_call(m: nn.Module) -> bool:
-    """Whether ``m(...)`` is exactly the class's ``forward``: no hooks, not compiled, no
-    ``forward`` set on the instance."""
-    return not (
-        "forward" in m.__dict__
-        or m._forward_pre_hooks
+def _hooked(m: nn.Module) -> bool:
+    """Whether ``m(...)`` may do more than the class's ``forward``: hooks, a compiled call, a
+    ``forward`` set on the instance. (Module.__call__'s own fast-path test, plus the last two.)"""
+    return bool(
+        m._forward_pre_hooks
         or m._forward_hooks
         or m._backward_pre_hooks
         or m._backward_hooks
         or m._compiled_call_impl is not None
+        or "forward" in m.__dict__
     )
 
 
-def _no_global_hooks() -> bool:
+def _global_hooks() -> bool:
     g = _module_globals
-    return not (
+    return bool(
         g._global_forward_pre_hooks
         or g._global_forward_hooks
         or g._global_backward_pre_hooks
@@ -64,31 +63,26 @@ def _no_global_hooks() -> bool:
 def _getter(name: str, torch_get: Callable[[nn.Module], Tensor]) -> Callable[[nn.Module], Tensor]:
     from manifoldparam.hard.base import Parametrization
 
-    is_compiling = torch.compiler.is_compiling
-    is_tracing = torch._C._is_tracing
-
     def get(self: nn.Module) -> Tensor:
-        plists = self._modules.get("parametrizations")
-        plist = plists._modules.get(name) if plists is not None else None
-        modules = plist._modules if plist is not None else None
+        # Read at every time step of an RNN: one expression, cheapest tests first. Under
+        # torch.compile or jit tracing the fast path is also taken (evaluate steps aside there).
+        try:
+            plist = self._modules["parametrizations"]._modules[name]  # type: ignore[union-attr]
+            p = plist._modules["0"]  # type: ignore[union-attr]
+            x = plist._parameters["original"]  # type: ignore[union-attr]
+        except KeyError:  # a tensor list (several originals), or not set up as torch expects
+            return torch_get(self)
         if (
-            modules is not None
-            and len(modules) == 1
-            and not parametrize._cache_enabled
-            and not is_compiling()
-            and not is_tracing()
+            x is None
+            or parametrize._cache_enabled
+            or len(plist._modules) != 1  # type: ignore[union-attr, arg-type]
+            or not isinstance(p, Parametrization)
+            or _hooked(plist)  # type: ignore[arg-type]
+            or _hooked(p)
+            or _global_hooks()
         ):
-            p = modules["0"]
-            x = plist._parameters.get("original")  # type: ignore[union-attr]
-            if (
-                isinstance(p, Parametrization)
-                and x is not None
-                and _plain_call(plist)  # type: ignore[arg-type]
-                and _plain_call(p)
-                and _no_global_hooks()
-            ):
-                return p.forward(x)
-        return torch_get(self)
+            return torch_get(self)
+        return p.forward(x)
 
     get.__name__ = get.__qualname__ = name
     get.__doc__ = f"``{name}``, read through its manifoldparam parametrization (and cache)."

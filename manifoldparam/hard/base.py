@@ -230,12 +230,12 @@ def register(
 ) -> nn.Module:
     """Check ``module.<name>``, build its parametrization and register it through torch.
 
-        ``build(shape, owner=..., **options)`` makes the parametrization (a class such as
-        :class:`~manifoldparam.Orthogonal`); the public constructors (:func:`manifoldparam.orthogonal`,
-        ...) are this one call. It runs :func:`checked_weight` and
-        :meth:`Parametrization.validate` before touching the module, then
-        :func:`torch.nn.utils.parametrize.register_parametrization` (whose first ``right_inverse``
-        call moves the current weight to the nearest point of the set), and gives the attribute the
+    ``build(shape, owner=..., **options)`` makes the parametrization (a class such as
+    :class:`~manifoldparam.Orthogonal`); the public constructors
+    (:func:`manifoldparam.orthogonal`, ...) are this one call. It runs :func:`checked_weight`
+    and :meth:`Parametrization.validate` before touching the module, then
+    :func:`torch.nn.utils.parametrize.register_parametrization` (whose first ``right_inverse``
+    call moves the current weight to the nearest point of the set), and gives the attribute the
     fast read path of :mod:`manifoldparam.caching.read`. Returns ``module``.
     """
     weight = checked_weight(module, name)

@@ -67,11 +67,12 @@ def _exp(a: Tensor, max_squarings: int | None) -> Tensor:
 
     On the CPU in eager mode the number of squarings is chosen from norms read on the host
     (free there: the data is on the host). On an accelerator a fixed, masked number of
-    squarings is used instead, so nothing syncs. Under ``torch.compile`` the exponential is
+    squarings is used instead, so nothing syncs. Under ``torch.compile`` (and ``torch.jit.trace``,
+    which cannot record a Function with non-tensor outputs) the exponential is
     ``torch.linalg.matrix_exp``, which inductor lowers natively (Dynamo does not yet trace
     the custom autograd.Function inside a parametrization: "Placeholder node not found").
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._is_tracing():
         return torch.linalg.matrix_exp(a)
     if max_squarings is None and a.device.type != "cpu":
         max_squarings = SYNC_FREE_SQUARINGS
