@@ -160,6 +160,13 @@ def _expand(v: Tensor) -> Tensor:
     return v[..., None, None]
 
 
+def _scale(x: Tensor, s: Tensor, s_max: int, uniform: bool, k: int = 1) -> Tensor:
+    """``x · 2^{-k·s}`` for each matrix; a Python scalar when every matrix has ``s = s_max``."""
+    if uniform:
+        return x * 2.0 ** (-k * s_max)
+    return x * _expand(torch.exp2(-k * s)).to(x.dtype)
+
+
 def _choose(
     a: Tensor,
     a2: Tensor,
@@ -354,8 +361,7 @@ def _forward(a: Tensor, max_squarings: int | None) -> tuple:
             s8 = torch.tensor(s_list, dtype=real, device=a.device).reshape(a.shape[:-2])
             s_max, uniform = max(s_list), max(s_list) == min(s_list)
             if s_max > 0:
-                f = _expand(torch.exp2(-s8)).to(a.dtype)
-                a, a2 = a * f, a2 * (f * f)
+                a, a2 = _scale(a, s8, s_max, uniform), _scale(a2, s8, s_max, uniform, 2)
             x, saved = _taylor_saved(a, a2, s8, s_max, uniform)
             return x, saved, (_TAYLOR, s_max, uniform)
     a4 = a2 @ a2
@@ -398,7 +404,7 @@ def _adjoint(g: Tensor, saved: tuple, m: int, s_max: int, uniform: bool, solve_l
     if m == _TAYLOR:
         ga = _adjoint_taylor(g, a, a2, a4, a6, w, w1)
         if s_max > 0:
-            ga = ga * _expand(torch.exp2(-s)).to(ga.dtype)
+            ga = _scale(ga, s, s_max, uniform)
         return ga
     # R = Q^{-1} P with Q = V - U, P = V + U.
     if solve_lu:
@@ -433,7 +439,7 @@ def _adjoint(g: Tensor, saved: tuple, m: int, s_max: int, uniform: bool, solve_l
     ga = ga + ga2 @ ah + ah @ ga2
     # Scaling: A_s = 2^{-s} A.
     if s_max > 0:
-        ga = ga * _expand(torch.exp2(-s)).to(ga.dtype)
+        ga = _scale(ga, s, s_max, uniform)
     return ga
 
 
@@ -454,7 +460,7 @@ def _adjoint_taylor(
 def _recompute(a: Tensor, m: int, s: Tensor, s_max: int, uniform: bool) -> tuple:
     """The forward intermediates with tracked ops (for double backward), same m and s."""
     if s_max > 0:
-        a = a * _expand(torch.exp2(-s)).to(a.dtype)
+        a = _scale(a, s, s_max, uniform)
     a2 = a @ a
     if m == _TAYLOR:
         return _taylor_saved(a, a2, s, s_max, uniform)[1]
@@ -472,7 +478,7 @@ def _tangent(e: Tensor, saved: tuple, m: int, s_max: int, uniform: bool) -> Tens
     """Forward-mode derivative of :func:`_forward`: L_r(A, E), Al-Mohy & Higham's scheme."""
     a, a2, a4, a6, w, w1, z1, lu, piv, r, sq, s = saved
     if s_max > 0:
-        e = e * _expand(torch.exp2(-s)).to(e.dtype)
+        e = _scale(e, s, s_max, uniform)
     if m == _TAYLOR:  # (a2, a4, a6, w, w1) hold (A², P₁, A₄, Q₁, Q₂)
         p1, q1, q2 = a4, w, w1
         d2 = a @ e + e @ a
@@ -546,7 +552,7 @@ class _ExpmNoJvp(torch.autograd.Function):
             rec = _recompute(a, m, s, s_max, uniform)
             return _adjoint(g, rec, m, s_max, uniform, solve_lu=False), None
         if s_max > 0:
-            a = a * _expand(torch.exp2(-s)).to(a.dtype)
+            a = _scale(a, s, s_max, uniform)
         return _adjoint(g, (a, *saved), m, s_max, uniform, solve_lu=True), None
 
     @staticmethod
@@ -572,7 +578,7 @@ class _Expm(_ExpmNoJvp):
         m, s_max, uniform = ctx.meta
         s = saved[-1]
         if s_max > 0:
-            a = a * _expand(torch.exp2(-s)).to(a.dtype)
+            a = _scale(a, s, s_max, uniform)
         lx = _tangent(e, (a, *saved), m, s_max, uniform)
         return (lx, *([None] * len(saved)), None)
 
