@@ -557,6 +557,47 @@ def test_assignment_rebase_and_dtype_change_invalidate() -> None:
     assert model.rec.weight.dtype == torch.float32
 
 
+def test_data_rebound_to_a_view_of_the_same_memory_is_a_miss() -> None:
+    """``original.data = original.data.t()`` keeps the address and the version counter and
+    changes the value: the entry also keys the view (shape, strides, offset)."""
+    torch.manual_seed(0)
+    layer = auto_cache(mp.bounded(nn.Linear(5, 5).to(DT), "weight", low=-0.5, high=0.5))
+    x = layer.parametrizations.weight.original
+    before = layer.weight.detach().clone()
+    version, ptr = x._version, x.data_ptr()
+    with torch.no_grad():
+        x.data = x.data.t()
+    assert (x._version, x.data_ptr()) == (version, ptr)  # what the older keys saw: no change
+    torch.testing.assert_close(layer.weight, before.t(), **TOL)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_swapping_conversion_and_load_after_cached_reads(grad: bool) -> None:
+    """With ``swap_module_params_on_conversion`` torch swaps ``original`` in place
+    (``torch.utils.swap_tensors``), which refuses a tensor that is weakly referenced or held
+    by a live graph. A cache entry must hold neither across ``.to()`` / ``load_state_dict``:
+    both work after cached reads in either grad mode, as they do with no cache."""
+    xs, _ = data()
+    model = auto_cache(make())
+    state = copy.deepcopy(model.state_dict())
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with torch.set_grad_enabled(grad):
+            model(xs)  # entries (holding graphs when grad is on), no backward
+        model.float()
+        assert original_of(model).dtype == torch.float32
+        with torch.set_grad_enabled(grad):
+            model(xs.float())
+        model.double()
+        with torch.set_grad_enabled(grad):
+            model(xs)
+        model.load_state_dict(state)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    torch.testing.assert_close(model(xs), make()(xs), **TOL)
+
+
 def test_in_place_edit_of_returned_value_is_not_served_again() -> None:
     model = make()
     with cached():

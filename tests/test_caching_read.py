@@ -209,3 +209,27 @@ def test_two_attributes_and_a_deep_copy_read_their_own() -> None:
         torch.testing.assert_close(mod.weight, torch_read(mod, "weight"), **TOL)
         torch.testing.assert_close(mod.bias, torch_read(mod, "bias"), **TOL)
     assert not torch.allclose(m.weight, twin.weight)
+
+
+def test_fx_symbolic_trace_records_the_parametrization() -> None:
+    """torch.fx replaces ``nn.Module.__call__`` while tracing; the read then takes torch's path,
+    so the graph calls the parametrization (it is not baked in as a constant) and follows later
+    changes of the original."""
+    m = layer("nonnegative")
+    gm = torch.fx.symbolic_trace(m)
+    nodes = [(n.op, n.target) for n in gm.graph.nodes]
+    assert ("call_module", "parametrizations.weight") in nodes
+    assert not any(op == "get_attr" and "constant" in str(t) for op, t in nodes)
+    x = torch.randn(2, 5, dtype=DT)
+    with torch.no_grad():
+        m.parametrizations.weight.original.add_(1.0)
+    torch.testing.assert_close(gm(x), m(x), **TOL)
+
+
+@pytest.mark.parametrize("kind", list(CONSTRUCTORS))
+def test_jit_script_says_why_it_cannot_run(kind: str) -> None:
+    """torch.jit.script compiles module properties: like torch's own parametrizations, a
+    constrained model scripts, and running it raises an error that names the alternatives."""
+    scripted = torch.jit.script(layer(kind))
+    with pytest.raises(Exception, match=r"torch\.jit\.script.*torch\.compile"):
+        scripted(torch.randn(2, 5, dtype=DT))

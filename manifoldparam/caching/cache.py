@@ -12,16 +12,21 @@ What is keyed (the contract)
 (buffers such as ``Orthogonal.base``, and parameters if a subclass has any). A stored value
 ``y = f(x)`` is returned for a later read only if all of the following are unchanged:
 
-* the *objects*: the read passes the same tensor ``x`` (checked by identity through a weak
-  reference, so a tensor substituted by ``functional_call`` is a miss, and a freed tensor
-  whose ``id`` is recycled can never match) and ``p`` holds the same buffer objects (held by
-  the entry, so a re-assigned buffer is a miss);
+* the *objects*: the read passes the same tensor ``x`` and ``p`` holds the same buffer
+  objects, compared by identity and held by the entry (so a tensor substituted by
+  ``functional_call`` or a re-assigned buffer is a miss, and no ``id`` can be recycled). The
+  entry holds them strongly, not through weak references: ``torch.utils.swap_tensors`` (which
+  ``module.to()`` and ``load_state_dict`` use with ``swap_module_params_on_conversion``)
+  refuses a weakly referenced tensor, and one a live graph holds: so ``module.to()`` and
+  ``load_state_dict`` drop the parametrization's cache before they touch ``x``;
 * their *contents*: ``x._version`` and every buffer's ``_version`` (bumped by every in-place
   change made through autograd-visible ops: ``optimizer.step()``, ``copy_``/``add_`` under
   ``no_grad``, :func:`~manifoldparam.rebase`, assignment ``module.weight = Q``), plus
-  ``x.data_ptr()``, ``dtype``, ``device``, ``requires_grad`` (which catch ``x.data = ...``
-  and ``module.to(...)``; the entry holds an alias of the storage it was made from, so that
-  storage's address cannot be recycled by a later ``x.data = ...`` while the entry lives);
+  ``x.data_ptr()``, the view (shape, strides, storage offset), ``dtype``, ``device``,
+  ``requires_grad`` (which catch ``x.data = ...``, also ``x.data = x.data.t()`` with its
+  unchanged address and version, and ``module.to(...)``; the entry holds an alias of the
+  storage it was made from, so that storage's address cannot be recycled by a later
+  ``x.data = ...`` while the entry lives);
 * no ``torch.optim.Optimizer.step()`` has finished since (a process-wide step counter,
   advanced by a global optimizer step hook): fused optimizers (``Adam(fused=True)`` and
   friends) update parameters without bumping their version counters, and third-party
@@ -179,22 +184,32 @@ class _Entry:
         "device",
         "dtype",
         "epoch",
+        "offset",
         "out",
         "out_version",
         "ptr",
         "requires_grad",
+        "shape",
         "state",
         "storage",
+        "stride",
         "version",
         "versions",
         "x",
     )
 
     def __init__(self, x: Tensor, state: tuple[Tensor | None, ...], out: Tensor) -> None:
-        self.x = weakref.ref(x)
+        # x itself, held (a weak reference would forbid torch.utils.swap_tensors on it, which
+        # Module._apply and load_state_dict use when swapping is on); its identity is compared.
+        self.x = x
         self.epoch = _STEPS.count
         self.version = _version(x)
         self.ptr = x.data_ptr()
+        # The view over that memory: ``x.data = x.data.t()`` keeps the address and the version
+        # counter but changes the value.
+        self.shape = x.shape
+        self.stride = x.stride()
+        self.offset = x.storage_offset()
         # Keeps the storage alive: no other tensor can get its address while this entry lives
         # (half() then float() could otherwise land the new data at the old address).
         self.storage = x.detach()
@@ -219,11 +234,14 @@ class _Entry:
     ) -> bool:
         # One short-circuiting expression: the cheapest and likeliest-to-fail checks first.
         return (
-            self.x() is x
+            self.x is x
             and self.epoch == _STEPS.count
             and version(x) == self.version
             and version(self.out) == self.out_version
             and x.data_ptr() == self.ptr
+            and x.stride() == self.stride
+            and x.shape == self.shape
+            and x.storage_offset() == self.offset
             and x.requires_grad == self.requires_grad
             and x.dtype == self.dtype
             and x.device == self.device

@@ -15,7 +15,8 @@ otherwise calls torch's own getter, so every behaviour of ``parametrize`` is kep
 
 * the plain case: one parametrization (ours) on the attribute, one ``original`` tensor, no
   forward/backward hooks on the ``ParametrizationList`` or on the parametrization (nor global
-  module hooks), no compiled ``__call__`` or instance ``forward`` on either, and
+  module hooks), no compiled ``__call__`` or instance ``forward`` on either, ``nn.Module.__call__``
+  not replaced (``torch.fx.symbolic_trace`` does so while tracing), and
   ``torch.nn.utils.parametrize.cached()`` not active (inside it, torch's getter and its cache
   decide, as for any parametrization);
 * anything else (a chain added later with ``register_parametrization``, hooks added later,
@@ -30,11 +31,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.modules.module as _module_globals
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 __all__ = ["install"]
+
+#: ``nn.Module.__call__`` as torch defines it. torch.fx.symbolic_trace replaces it on the class
+#: while tracing (to record ``call_module`` nodes); a read then takes torch's path, so the graph
+#: calls the parametrization instead of baking the weight in as a constant.
+_CALL = nn.Module.__call__
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -63,7 +70,8 @@ def _global_hooks() -> bool:
 def _getter(name: str, torch_get: Callable[[nn.Module], Tensor]) -> Callable[[nn.Module], Tensor]:
     from manifoldparam.hard.base import Parametrization
 
-    def get(self: nn.Module) -> Tensor:
+    @torch.jit.unused
+    def read(self: nn.Module) -> Tensor:
         # Read at every time step of an RNN: one expression, cheapest tests first. Under
         # torch.compile or jit tracing the fast path is also taken (evaluate steps aside there).
         try:
@@ -80,9 +88,20 @@ def _getter(name: str, torch_get: Callable[[nn.Module], Tensor]) -> Callable[[nn
             or _hooked(plist)  # type: ignore[arg-type]
             or _hooked(p)
             or _global_hooks()
+            or nn.Module.__call__ is not _CALL
         ):
             return torch_get(self)
         return p.forward(x)
+
+    def get(self: nn.Module) -> Tensor:
+        # TorchScript compiles module properties: it gets this line and a stub for ``read``, so
+        # scripting succeeds and running says why it cannot work (as torch's own getter does).
+        if torch.jit.is_scripting():
+            raise RuntimeError(
+                "manifoldparam constraints do not work under torch.jit.script (nor do torch's "
+                "own parametrizations); use torch.compile, torch.export or torch.jit.trace."
+            )
+        return read(self)
 
     get.__name__ = get.__qualname__ = name
     get.__doc__ = f"``{name}``, read through its manifoldparam parametrization (and cache)."

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from manifoldparam.caching.cache import evaluate
+from manifoldparam.caching.cache import evaluate, invalidate
 from manifoldparam.caching.read import install as install_read
 
 __all__ = [
@@ -71,6 +71,10 @@ class Parametrization(nn.Module):
 
     #: Human name of the set, used in messages ("orthogonal", "symmetric positive definite").
     set_name: str = "constrained set"
+
+    # torch.jit.script compiles every property and ``forward`` of a submodule; these are
+    # Python-only (the attribute's getter raises a clear error when a scripted model runs).
+    __jit_unused_properties__ = ("dim", "manifold")
 
     def __init__(
         self, shape: Sequence[int], *, atol: float | None = None, owner: str | None = None
@@ -117,8 +121,17 @@ class Parametrization(nn.Module):
             )
 
     # ----------------------------------------------------------------- public API
+    @torch.jit.unused
     def forward(self, x: Tensor) -> Tensor:
         return evaluate(self, x)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> nn.Module:
+        # .to() / .double() / .cuda(): the cached values are of the old tensors. Module._apply
+        # visits children (this module) before their parent's ``original``, so dropping them
+        # here also releases their graphs, which would otherwise make
+        # torch.utils.swap_tensors (swap_module_params_on_conversion) refuse ``original``.
+        invalidate(self)
+        return super()._apply(fn, recurse)
 
     def right_inverse(self, w: Tensor) -> Tensor:
         _check_finite(w, self.owner, "assigned value" if self._registered else "weight")
@@ -243,8 +256,15 @@ def register(
     parametrization.validate(weight)
     parametrization.to(device=weight.device, dtype=weight.dtype)
     parametrize.register_parametrization(module, name, parametrization)
+    # load_state_dict writes ``original`` before it reaches the parametrization: drop the cache
+    # first (its graphs hold ``original``, and a swapping load refuses a tensor held elsewhere).
+    module.parametrizations[name].register_load_state_dict_pre_hook(_drop_cache)
     install_read(module, name)
     return module
+
+
+def _drop_cache(plist: nn.Module, *_: Any) -> None:
+    invalidate(plist)
 
 
 def _reject_manifold_parameter(weight: Tensor, owner: str) -> None:
