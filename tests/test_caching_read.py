@@ -7,6 +7,7 @@ same gradients, same hooks, chains and ``parametrize.cached()`` behaviour -- whi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 
@@ -223,6 +224,26 @@ def test_fx_symbolic_trace_records_the_parametrization() -> None:
     x = torch.randn(2, 5, dtype=DT)
     with torch.no_grad():
         m.parametrizations.weight.original.add_(1.0)
+    torch.testing.assert_close(gm(x), m(x), **TOL)
+
+
+class _Deep(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return False  # trace into the ParametrizationList and the parametrization
+
+
+@pytest.mark.parametrize("mode", ["off", "auto", "cached"])
+def test_fx_tracing_into_the_parametrization_with_caching_on(mode: str) -> None:
+    """A tracer that enters the parametrization passes an fx Proxy as ``original``: the cache
+    steps aside (no store, no bool() of a Proxy) and the traced map equals the module."""
+    m = layer("nonnegative")
+    if mode == "auto":
+        mp.auto_cache(m)
+    with cached() if mode == "cached" else contextlib.nullcontext():
+        graph = _Deep().trace(m)
+    gm = torch.fx.GraphModule(m, graph)
+    assert not any(n.op == "call_module" for n in graph.nodes)
+    x = torch.randn(2, 5, dtype=DT)
     torch.testing.assert_close(gm(x), m(x), **TOL)
 
 

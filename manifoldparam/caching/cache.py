@@ -12,13 +12,14 @@ What is keyed (the contract)
 (buffers such as ``Orthogonal.base``, and parameters if a subclass has any). A stored value
 ``y = f(x)`` is returned for a later read only if all of the following are unchanged:
 
-* the *objects*: the read passes the same tensor ``x`` and ``p`` holds the same buffer
-  objects, compared by identity and held by the entry (so a tensor substituted by
-  ``functional_call`` or a re-assigned buffer is a miss, and no ``id`` can be recycled). The
-  entry holds them strongly, not through weak references: ``torch.utils.swap_tensors`` (which
-  ``module.to()`` and ``load_state_dict`` use with ``swap_module_params_on_conversion``)
-  refuses a weakly referenced tensor, and one a live graph holds: so ``module.to()`` and
-  ``load_state_dict`` drop the parametrization's cache before they touch ``x``;
+* the *objects*: the read passes the same tensor ``x`` (checked by identity through a weak
+  reference, so a tensor substituted by ``functional_call`` is a miss, a freed tensor whose
+  ``id`` is recycled can never match, and a replaced original is not kept alive) and ``p``
+  holds the same buffer objects (held by the entry, so a re-assigned buffer is a miss).
+  ``torch.utils.swap_tensors`` (``module.to()`` and ``load_state_dict`` with
+  ``swap_module_params_on_conversion``) refuses a weakly referenced tensor or one a live
+  graph holds, so ``module.to()`` and, for the constructors, ``load_state_dict`` drop the
+  parametrization's cache before they touch ``x``;
 * their *contents*: ``x._version`` and every buffer's ``_version`` (bumped by every in-place
   change made through autograd-visible ops: ``optimizer.step()``, ``copy_``/``add_`` under
   ``no_grad``, :func:`~manifoldparam.rebase`, assignment ``module.weight = Q``), plus
@@ -199,9 +200,10 @@ class _Entry:
     )
 
     def __init__(self, x: Tensor, state: tuple[Tensor | None, ...], out: Tensor) -> None:
-        # x itself, held (a weak reference would forbid torch.utils.swap_tensors on it, which
-        # Module._apply and load_state_dict use when swapping is on); its identity is compared.
-        self.x = x
+        # Weak: a stale entry must not keep a replaced original (and its .grad) alive.
+        # Module._apply and load_state_dict drop the cache before torch.utils.swap_tensors,
+        # which refuses a weakly referenced tensor.
+        self.x = weakref.ref(x)
         self.epoch = _STEPS.count
         self.version = _version(x)
         self.ptr = x.data_ptr()
@@ -234,7 +236,7 @@ class _Entry:
     ) -> bool:
         # One short-circuiting expression: the cheapest and likeliest-to-fail checks first.
         return (
-            self.x is x
+            self.x() is x
             and self.epoch == _STEPS.count
             and version(x) == self.version
             and version(self.out) == self.out_version
@@ -377,9 +379,13 @@ def _mode_bypass() -> bool:
 
 
 def _tensor_bypass(x: Tensor) -> bool:
-    """Whether ``x`` itself must not be cached (meta, functorch-wrapped). Checked only when an
+    """Whether ``x`` itself must not be cached (meta, functorch-wrapped, not a tensor). Checked
+    only when an
     entry would be stored: a hit needs the very object an entry was stored for."""
-    return x.is_meta or torch._C._functorch.is_functorch_wrapped_tensor(x)
+    # Not a tensor: a torch.fx Proxy (symbolic_trace into the parametrization).
+    return (
+        not isinstance(x, Tensor) or x.is_meta or torch._C._functorch.is_functorch_wrapped_tensor(x)
+    )
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:

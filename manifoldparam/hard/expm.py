@@ -4,10 +4,10 @@ Small norms first. If every matrix has :math:`\alpha = \max(\|A^2\|_1^{1/2},
 (\|A\|_1\|A^2\|_1)^{1/3}) \le 4\ell_8` (a bound on :math:`\max(d_3, d_4)` from the one product
 :math:`A^2`; :math:`\alpha = \|A^2\|_1^{1/2}` for skew :math:`A`, see below; :math:`\ell_8 =
 0.445` in float32, :math:`0.038` in float64), the result is the degree-8 Taylor polynomial
-:math:`T_8(2^{-s}A)^{2^s}`, :math:`s \le 2`, evaluated in three products (Bader, Blanes & Casas
-2019; the scheme ``torch.linalg.matrix_exp`` also uses): no LU, no solve, a backward of six
-products. This is the regime of a trained orthogonal weight near its base point (e.g. ρ(A) ≲
-0.6 at n = 190). Otherwise:
+:math:`T_8(2^{-s}A)^{2^s}`, :math:`s \le 2` (:math:`s \le 1` in float32), evaluated in three
+products (Bader, Blanes & Casas 2019; the scheme ``torch.linalg.matrix_exp`` also uses): no LU,
+no solve, a backward of six products. This is the regime of a trained orthogonal weight near
+its base point (e.g. ρ(A) ≲ 0.6 at n = 190). Otherwise:
 
 What is computed. :func:`expm` returns :math:`X = r_m(2^{-s}A)^{2^s} \approx \exp(A)` for a
 (batched) square matrix :math:`A` of shape ``(*batch, n, n)``, where :math:`r_m = q_m^{-1}p_m`
@@ -60,7 +60,7 @@ Skew matrices (the orthogonal map's) are detected, not flagged: a matrix with
 :math:`\rho(A) \le \min_k \|A^{2k}\|_1^{1/2k}` (its even powers are Hermitian), and the
 scaling uses that bound instead of the 1-norm bound :math:`(\|A\|_1\|A^2\|_1)^{1/3}` on
 :math:`d_3`, which for skew matrices can be :math:`\sqrt n` times too large. A trained
-orthogonal RNN kernel (n = 190, float32) gets one squaring of :math:`T_8` instead of two
+orthogonal RNN kernel (n = 190, float32) takes :math:`T_8` with one squaring instead of two
 (about 12% of a forward+backward). The products and the backward are the same (torch exposes
 no symmetric-product kernel).
 
@@ -152,8 +152,10 @@ _ELL8_F32 = 0.44
 _ELL8_F64 = 0.0375
 # T_8 is used while it needs at most this many squarings (then it is cheaper than Pade 7
 # without squarings: 3 + s products forward and 6 + 2s backward, against 4 + 9 and an LU
-# with two solves).
+# with two solves). float32: at most one, since two squarings of T_8 lose 3-10x more to
+# rounding than Pade 7 without squarings (measured, n = 256..1024, skew and general A).
 _TAYLOR_MAX_SQUARINGS = 2
+_TAYLOR_MAX_SQUARINGS_F32 = 1
 _TAYLOR = 8  # the value of m that marks the Taylor path
 
 
@@ -343,13 +345,14 @@ def _taylor_choice(rows: list[list[float]], single: bool) -> list[int] | None:
     if not rows:
         return None
     ell = _ELL8_F32 if single else _ELL8_F64
+    cap = _TAYLOR_MAX_SQUARINGS_F32 if single else _TAYLOR_MAX_SQUARINGS
     s_list = []
     for n1, n2, skew in rows:
         alpha = n2**0.5 if skew else max(n2**0.5, (n1 * n2) ** (1 / 3))
         if not math.isfinite(alpha):
             return None
         s8 = max(math.ceil(math.log2(alpha / ell)), 0) if alpha > 0 else 0
-        if s8 > _TAYLOR_MAX_SQUARINGS:
+        if s8 > cap:
             return None
         s_list.append(s8)
     return s_list
