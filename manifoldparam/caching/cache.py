@@ -380,8 +380,7 @@ def _mode_bypass() -> bool:
 
 def _tensor_bypass(x: Tensor) -> bool:
     """Whether ``x`` itself must not be cached (meta, functorch-wrapped, not a tensor). Checked
-    only when an
-    entry would be stored: a hit needs the very object an entry was stored for."""
+    only when an entry would be stored: a hit needs the very object an entry was stored for."""
     # Not a tensor: a torch.fx Proxy (symbolic_trace into the parametrization).
     return (
         not isinstance(x, Tensor) or x.is_meta or torch._C._functorch.is_functorch_wrapped_tensor(x)

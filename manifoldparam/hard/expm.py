@@ -176,7 +176,8 @@ def _skew(a: Tensor) -> Tensor:
     ``√n·ρ(A)``), is not needed. A trained orthogonal weight at n = 190 (``‖A‖₁ ≈ 1.5``,
     ``‖A²‖₁^{1/2} ≈ 0.85``, ``ρ ≈ 0.6``) needs one squaring of T_8 in float32 instead of two.
     """
-    return (a + a.mH).abs().amax((-2, -1)).eq(0).to(_norm1(a[..., :1, :1]).dtype)
+    asym = (a + a.mH).abs().amax((-2, -1))  # the real dtype
+    return asym.eq(0).to(asym.dtype)
 
 
 def _expand(v: Tensor) -> Tensor:
