@@ -110,6 +110,9 @@ class SPD(Parametrization):
     def _map(self, x: Tensor) -> Tensor:
         factor = self.cholesky_factor(x)
         w = factor @ factor.mT
+        # Symmetric to the bit: a GEMM need not round (i, j) and (j, i) alike (MKL's AVX-512
+        # kernels do not), and fl(a + b) = fl(b + a). The same map and derivative, one pass.
+        w = (w + w.mT).mul_(0.5)
         if self.min_eigenvalue:
             w = w + self.min_eigenvalue * self._eye(w)
         return w
