@@ -182,18 +182,13 @@ class _Entry:
 
     __slots__ = (
         "__weakref__",
-        "device",
         "dtype",
         "epoch",
-        "offset",
         "out",
         "out_version",
-        "ptr",
         "requires_grad",
-        "shape",
         "state",
         "storage",
-        "stride",
         "version",
         "versions",
         "x",
@@ -206,17 +201,12 @@ class _Entry:
         self.x = weakref.ref(x)
         self.epoch = _STEPS.count
         self.version = _version(x)
-        self.ptr = x.data_ptr()
-        # The view over that memory: ``x.data = x.data.t()`` keeps the address and the version
-        # counter but changes the value.
-        self.shape = x.shape
-        self.stride = x.stride()
-        self.offset = x.storage_offset()
-        # Keeps the storage alive: no other tensor can get its address while this entry lives
-        # (half() then float() could otherwise land the new data at the old address).
+        # Keeps the storage alive (no other tensor can get its address while this entry lives:
+        # half() then float() could otherwise land the new data at the old address) and records
+        # the view over it: ``x.data = x.data.t()`` keeps the address and the version counter
+        # but changes the value. Compared with ``x.is_set_to(self.storage)``.
         self.storage = x.detach()
         self.dtype = x.dtype
-        self.device = x.device
         self.requires_grad = x.requires_grad
         # p's own tensors, held strongly (they belong to p, which holds this entry), compared by
         # identity: a re-assigned buffer is a miss even if its id were recycled.
@@ -235,18 +225,16 @@ class _Entry:
         self, x: Tensor, state: tuple[Tensor | None, ...], version: Callable[[Tensor], int]
     ) -> bool:
         # One short-circuiting expression: the cheapest and likeliest-to-fail checks first.
+        # ``is_set_to``: the same storage (so the same device), offset, shape and strides as the
+        # alias this entry holds: one call for what ``x.data = ...`` can change.
         return (
             self.x() is x
             and self.epoch == _STEPS.count
             and version(x) == self.version
             and version(self.out) == self.out_version
-            and x.data_ptr() == self.ptr
-            and x.stride() == self.stride
-            and x.shape == self.shape
-            and x.storage_offset() == self.offset
-            and x.requires_grad == self.requires_grad
+            and x.is_set_to(self.storage)
             and x.dtype == self.dtype
-            and x.device == self.device
+            and x.requires_grad == self.requires_grad
             and len(state) == len(self.state)
             and all(map(operator.is_, state, self.state))
             and tuple(map(version, state)) == self.versions
