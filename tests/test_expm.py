@@ -14,7 +14,7 @@ from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
-from manifoldparam.hard.expm import expm
+from manifoldparam.hard.expm import expm, expm_skew
 
 F64 = torch.float64
 
@@ -461,3 +461,96 @@ def test_property_value_and_gradient(n, log_norm, skew, s):
     assert _rel(out, ref) < 1e-12 * max(1.0, log_norm)
     grad = _grad(expm, a, g)
     assert _rel(grad, _frechet_adjoint_scipy(a, g)) < 1e-12 * max(1.0, log_norm)
+
+
+# --------------------------------------------------------------------------- expm_skew
+
+
+def _lower(shape, seed: int = 0, dtype=F64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=F64).tril(-1).to(dtype)
+
+
+def _via_expm(low: torch.Tensor) -> torch.Tensor:
+    return expm(low - low.mT)
+
+
+# Taylor with 0 / 1 / 2 squarings, Padé 7, Padé 13 with squarings, a batch mixing them.
+SKEW_CASES = [((6, 6), 0.01), ((6, 6), 0.05), ((6, 6), 0.1), ((6, 6), 0.4), ((5, 5), 12.0)]
+
+
+@pytest.mark.parametrize(("shape", "norm"), SKEW_CASES)
+def test_expm_skew_is_expm_of_l_minus_lt_value_and_gradient(shape, norm):
+    """Same value as ``expm(L - Lᵀ)`` and the same gradient w.r.t. ``L`` (float64, to
+    round-off), on every path (its backward uses the projected last step)."""
+    low = _lower(shape) * norm
+    g = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+    assert _rel(expm_skew(low), _via_expm(low)) < 1e-14
+    assert _rel(_grad(expm_skew, low, g), _grad(_via_expm, low, g)) < 1e-12
+    # Any square L, not only a triangle: the gradient is exact w.r.t. every entry.
+    full = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(2)) * norm
+    assert _rel(_grad(expm_skew, full, g), _grad(_via_expm, full, g)) < 1e-12
+
+
+def test_expm_skew_mixed_batch_gradcheck_and_gradgradcheck():
+    low = torch.stack([_lower((4, 4), i) * r for i, r in enumerate([0.02, 0.3, 9.0])])
+    low.requires_grad_()
+    assert gradcheck(expm_skew, (low,))
+    assert gradgradcheck(expm_skew, (low,))
+
+
+def test_expm_skew_under_torch_func():
+    low = torch.stack([_lower((5, 5), i) * r for i, r in enumerate([0.05, 2.0])])
+    # Not a function of row or column sums of squares (those are constant on O(n)).
+    weight = torch.randn(5, 5, dtype=F64, generator=torch.Generator().manual_seed(3))
+
+    def loss(x):
+        return (expm_skew(x) ** 3 * weight).sum()
+
+    def loss_ref(x):
+        return (_via_expm(x) ** 3 * weight).sum()
+
+    assert (
+        _rel(
+            torch.func.vmap(torch.func.grad(loss))(low),
+            torch.func.vmap(torch.func.grad(loss_ref))(low),
+        )
+        < 1e-12
+    )
+    e = torch.randn_like(low)
+    _, t = torch.func.jvp(expm_skew, (low,), (e,))
+    _, t_ref = torch.func.jvp(_via_expm, (low,), (e,))
+    assert _rel(t, t_ref) < 1e-12
+    h = torch.func.hessian(loss)(low[0])
+    assert _rel(h, torch.func.hessian(loss_ref)(low[0])) < 1e-10
+
+
+def _count_products(fn) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (
+                torch.ops.aten.mm.default,
+                torch.ops.aten.bmm.default,
+                torch.ops.aten.addmm.default,
+            ):
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+@pytest.mark.parametrize("norm", [0.01, 1.0])  # Taylor, Padé 7
+def test_expm_skew_backward_saves_one_product(norm):
+    low = (_lower((8, 8)) * norm).requires_grad_()
+    g = torch.randn(8, 8, dtype=F64)
+    ours = expm_skew(low)
+    ref = _via_expm(low)
+    n_ours = _count_products(lambda: torch.autograd.grad(ours, low, g))
+    n_ref = _count_products(lambda: torch.autograd.grad(ref, low, g))
+    assert n_ours == n_ref - 1

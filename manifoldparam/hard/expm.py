@@ -100,7 +100,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["expm"]
+__all__ = ["expm", "expm_skew"]
 
 # Padé [m/m] coefficients of exp (Higham 2005), normalised by b_0 (same r_m, O(1) numbers).
 _B7 = (17297280.0, 8648640.0, 1995840.0, 277200.0, 25200.0, 1512.0, 56.0, 1.0)
@@ -328,10 +328,12 @@ def _squarings(x: Tensor, s: Tensor, s_max: int, uniform: bool) -> tuple[Tensor,
     return x, sq
 
 
-def _head_norms(a: Tensor, a2: Tensor) -> list[list[float]]:
+def _head_norms(a: Tensor, a2: Tensor, skew: bool = False) -> list[list[float]]:
     """``[‖A‖₁, ‖A²‖₁, skew]`` of every matrix (``skew``: 1.0 if ``Aᴴ = -A``, see
-    :func:`_skew`), read on the host (one read)."""
-    return torch.stack([_norm1(a), _norm1(a2), _skew(a)], dim=-1).reshape(-1, 3).tolist()
+    :func:`_skew`), read on the host (one read). ``skew=True``: A is skew by construction
+    (``L - Lᴴ``, :func:`expm_skew`), so the test is not run."""
+    flag = torch.ones_like(_norm1(a2)) if skew else _skew(a)
+    return torch.stack([_norm1(a), _norm1(a2), flag], dim=-1).reshape(-1, 3).tolist()
 
 
 def _taylor_choice(rows: list[list[float]], single: bool) -> list[int] | None:
@@ -378,8 +380,9 @@ def _taylor_saved(a: Tensor, a2: Tensor, s: Tensor, s_max: int, uniform: bool) -
     return x, (a, a2, p1, a4, q1, q2, empty, empty, piv, r, sq, s)
 
 
-def _forward(a: Tensor, max_squarings: int | None) -> tuple:
-    """Forward pass; returns X and everything the backward needs.
+def _forward(a: Tensor, max_squarings: int | None, skew: bool = False) -> tuple:
+    """Forward pass; returns X and everything the backward needs (``skew``: A is skew by
+    construction, see :func:`_head_norms`).
 
     Saved layout ``(A, A², A⁴, A⁶, W, W₁, Z₁, LU, piv, R, squares, s)`` for Padé (m = 7, 13);
     the Taylor path (m = 8) stores ``(A, A², P₁, A₄, Q₁, Q₂, -, -, -, R, squares, s)``.
@@ -388,7 +391,7 @@ def _forward(a: Tensor, max_squarings: int | None) -> tuple:
     head = None
     if max_squarings is None:
         single = a.dtype in (torch.float32, torch.complex64)
-        head = _head_norms(a, a2)
+        head = _head_norms(a, a2, skew)
         s_list = _taylor_choice(head, single)
         if s_list is not None:
             real = a.real.dtype if a.is_complex() else a.dtype
@@ -427,8 +430,33 @@ def _forward(a: Tensor, max_squarings: int | None) -> tuple:
     return x, (a, a2, a4, a6, w, w1, z1, lu, piv, r, sq, s), (m, s_max, uniform)
 
 
-def _adjoint(g: Tensor, saved: tuple, m: int, s_max: int, uniform: bool, solve_lu: bool) -> Tensor:
-    """Reverse-mode derivative of :func:`_forward` (gradient w.r.t. the input A)."""
+def _tail(ga: Tensor, ga2: Tensor, a: Tensor, lower: bool) -> Tensor:
+    """The last step of the adjoint, ``A² = A·A``: ``Ā = ga + ga2·Aᴴ + Aᴴ·ga2``.
+
+    ``lower`` (``A = L - Lᴴ`` made by :func:`expm_skew`, whose only use of ``Ā`` is the
+    gradient ``P(Ā) = Ā - Āᴴ`` w.r.t. ``L``): with ``Aᴴ = -A`` and ``S = ga2 + ga2ᴴ``,
+    ``P(ga2·Aᴴ + Aᴴ·ga2) = -(S·A + A·S) = -(X - Xᴴ)`` for ``X = S·A`` (``(SA)ᴴ = -AS``), so
+    ``Y = ga - S·A`` has ``P(Y) = P(Ā)``: one product instead of two. ``Y`` is returned as
+    the gradient w.r.t. ``A``; it is not ``Ā`` (only its skew part is), which is exact for
+    ``L`` because the subtraction ``L - Lᴴ`` applies ``P`` in its backward.
+    """
+    if lower:
+        return ga - (ga2 + ga2.mH) @ a
+    ah = a.mH
+    return ga + ga2 @ ah + ah @ ga2
+
+
+def _adjoint(
+    g: Tensor,
+    saved: tuple,
+    m: int,
+    s_max: int,
+    uniform: bool,
+    solve_lu: bool,
+    lower: bool = False,
+) -> Tensor:
+    """Reverse-mode derivative of :func:`_forward`: the gradient w.r.t. the input A, or with
+    ``lower`` w.r.t. ``L`` where ``A = L - Lᴴ`` (see :func:`_tail`)."""
     a, a2, a4, a6, w, w1, z1, lu, piv, r, sq, s = saved
     # Squarings, reversed: X_{j+1} = X_j X_j.
     for j in range(s_max - 1, -1, -1):
@@ -436,7 +464,7 @@ def _adjoint(g: Tensor, saved: tuple, m: int, s_max: int, uniform: bool, solve_l
         gj = xj @ g + g @ xj
         g = gj if uniform else torch.where(_expand(s > j), gj, g)
     if m == _TAYLOR:
-        ga = _adjoint_taylor(g, a, a2, a4, a6, w, w1)
+        ga = _adjoint_taylor(g, a, a2, a4, a6, w, w1, lower)
         if s_max > 0:
             ga = _scale(ga, s, s_max, uniform)
         return ga
@@ -469,8 +497,7 @@ def _adjoint(g: Tensor, saved: tuple, m: int, s_max: int, uniform: bool, solve_l
     a2h = a2.mH
     ga4 = ga4 + ga6 @ a2h
     ga2 = ga2 + a4.mH @ ga6 + ga4 @ a2h + a2h @ ga4
-    ah = a.mH
-    ga = ga + ga2 @ ah + ah @ ga2
+    ga = _tail(ga, ga2, a, lower)
     # Scaling: A_s = 2^{-s} A.
     if s_max > 0:
         ga = _scale(ga, s, s_max, uniform)
@@ -478,17 +505,23 @@ def _adjoint(g: Tensor, saved: tuple, m: int, s_max: int, uniform: bool, solve_l
 
 
 def _adjoint_taylor(
-    g: Tensor, a: Tensor, a2: Tensor, p1: Tensor, a4: Tensor, q1: Tensor, q2: Tensor
+    g: Tensor,
+    a: Tensor,
+    a2: Tensor,
+    p1: Tensor,
+    a4: Tensor,
+    q1: Tensor,
+    q2: Tensor,
+    lower: bool = False,
 ) -> Tensor:
-    """Reverse-mode derivative of :func:`_taylor8` (six products)."""
+    """Reverse-mode derivative of :func:`_taylor8` (six products; five with ``lower``)."""
     g_q1 = g @ q2.mH
     g_q2 = q1.mH @ g
     g_a4 = g_q1 + _X7 * g_q2
     ga2 = _combine(g, g_q2, g_q1, _Y2, _X6, _X3).add_(g_a4 @ p1.mH)
     g_p1 = a2.mH @ g_a4
     ga2 = ga2.add_(g_p1, alpha=_X2)
-    ah = a.mH
-    return _combine(g, g_q2, g_p1, 1.0, _X5, _X1).add_(ga2 @ ah).add_(ah @ ga2)
+    return _tail(_combine(g, g_q2, g_p1, 1.0, _X5, _X1), ga2, a, lower)
 
 
 def _recompute(a: Tensor, m: int, s: Tensor, s_max: int, uniform: bool) -> tuple:
@@ -552,11 +585,15 @@ def _tangent_squarings(lx: Tensor, sq: Tensor, s: Tensor, s_max: int, uniform: b
 
 
 class _ExpmNoJvp(torch.autograd.Function):
-    """The Function without forward mode (Dynamo cannot trace a custom ``jvp``)."""
+    """The Function without forward mode (Dynamo cannot trace a custom ``jvp``).
+
+    ``lower``: ``a = L - Lᴴ`` made by :func:`expm_skew`, the backward returns a gradient
+    whose skew part is exact (see :func:`_tail`).
+    """
 
     @staticmethod
-    def forward(a: Tensor, max_squarings: int | None):  # type: ignore[override]
-        x, saved, meta = _forward(a, max_squarings)
+    def forward(a: Tensor, max_squarings: int | None, lower: bool):  # type: ignore[override]
+        x, saved, meta = _forward(a, max_squarings, skew=lower)
         # The scaled input is not returned (it may be the input itself): rebuilt in backward.
         # Without squarings R is the output itself: a placeholder is returned instead.
         saved = list(saved[1:])
@@ -566,9 +603,10 @@ class _ExpmNoJvp(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        a = inputs[0]
+        a, _, lower = inputs
         x, *saved, meta = output
         ctx.meta = meta
+        ctx.lower = lower
         ctx.mark_non_differentiable(*saved)
         if meta[1] == 0:
             saved[8] = x
@@ -579,24 +617,25 @@ class _ExpmNoJvp(torch.autograd.Function):
     def backward(ctx, g: Tensor, *_unused):  # type: ignore[override]
         a, *saved = ctx.saved_tensors
         m, s_max, uniform = ctx.meta
+        lower = ctx.lower
         if g is None:
-            return None, None
+            return None, None, None
         s = saved[-1]
         if torch.is_grad_enabled() and (a.requires_grad or g.requires_grad):
             rec = _recompute(a, m, s, s_max, uniform)
-            return _adjoint(g, rec, m, s_max, uniform, solve_lu=False), None
+            return _adjoint(g, rec, m, s_max, uniform, solve_lu=False, lower=lower), None, None
         if s_max > 0:
             a = _scale(a, s, s_max, uniform)
-        return _adjoint(g, (a, *saved), m, s_max, uniform, solve_lu=True), None
+        return _adjoint(g, (a, *saved), m, s_max, uniform, solve_lu=True, lower=lower), None, None
 
     @staticmethod
-    def vmap(info, in_dims, a: Tensor, max_squarings: int | None):  # type: ignore[override]
+    def vmap(info, in_dims, a: Tensor, max_squarings: int | None, lower: bool):  # type: ignore[override]
         d = in_dims[0]
         if d is None:
-            out = _apply(a, max_squarings)
+            out = _apply(a, max_squarings, lower)
             return out, tuple(None for _ in out)
         a = a.movedim(d, 0)
-        out = _apply(a, max_squarings)
+        out = _apply(a, max_squarings, lower)
         # The stacked squares have the squaring index first, the batch second.
         dims = [0] * (len(out) - 1) + [None]
         dims[-3] = 1  # (x, a2, a4, a6, w, w1, z1, lu, piv, r, sq, s, meta)
@@ -607,7 +646,7 @@ class _Expm(_ExpmNoJvp):
     """With forward mode; used outside ``torch.compile``."""
 
     @staticmethod
-    def jvp(ctx, e: Tensor, _max_squarings_t):  # type: ignore[override]
+    def jvp(ctx, e: Tensor, _max_squarings_t, _lower_t):  # type: ignore[override]
         a, *saved = ctx.saved_tensors
         m, s_max, uniform = ctx.meta
         s = saved[-1]
@@ -617,9 +656,18 @@ class _Expm(_ExpmNoJvp):
         return (lx, *([None] * len(saved)), None)
 
 
-def _apply(a: Tensor, max_squarings: int | None) -> tuple:
+def _apply(a: Tensor, max_squarings: int | None, lower: bool = False) -> tuple:
     fn = _ExpmNoJvp if torch.compiler.is_compiling() else _Expm
-    return fn.apply(a, max_squarings)
+    return fn.apply(a, max_squarings, lower)
+
+
+def _check(a: Tensor, max_squarings: int | None) -> None:
+    if a.dim() < 2 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"expm needs square matrices (*, n, n), got shape {tuple(a.shape)}")
+    if max_squarings is not None and max_squarings < 0:
+        raise ValueError("max_squarings must be >= 0")
+    if not (a.dtype.is_floating_point or a.dtype.is_complex):
+        raise TypeError(f"expm needs a floating or complex tensor, got {a.dtype}")
 
 
 def expm(a: Tensor, *, max_squarings: int | None = None) -> Tensor:
@@ -636,14 +684,25 @@ def expm(a: Tensor, *, max_squarings: int | None = None) -> Tensor:
             (one host read per call). An int ``k``: no host read; always ``k`` (masked)
             squarings, accurate while ``‖a‖ ≲ 4·2^k``.
     """
-    if a.dim() < 2 or a.shape[-1] != a.shape[-2]:
-        raise ValueError(f"expm needs square matrices (*, n, n), got shape {tuple(a.shape)}")
-    if max_squarings is not None and max_squarings < 0:
-        raise ValueError("max_squarings must be >= 0")
+    return _expm(a, max_squarings, lower=False)
+
+
+def expm_skew(lower: Tensor, *, max_squarings: int | None = None) -> Tensor:
+    r"""``exp(L - Lᴴ)``, the exponential of the skew(-Hermitian) matrix ``A = L - Lᴴ``, with
+    the exact gradient w.r.t. ``L`` (``L`` is any square matrix, e.g. a strict lower triangle).
+
+    The same value and derivatives as ``expm(L - L.mH)``, one product cheaper in the backward:
+    the gradient w.r.t. ``L`` is :math:`P(ar A) = ar A - ar A^H`, and the last step of
+    the adjoint needs only the Hermitian part of its ``A²`` term there (see ``_tail``); the
+    skew test of the norm read is skipped. The orthogonal map's exponential.
+    """
+    return _expm(lower, max_squarings, lower=True)
+
+
+def _expm(a: Tensor, max_squarings: int | None, lower: bool) -> Tensor:
+    _check(a, max_squarings)
     if a.dtype in (torch.float16, torch.bfloat16):
-        return expm(a.float(), max_squarings=max_squarings).to(a.dtype)
-    if not (a.dtype.is_floating_point or a.dtype.is_complex):
-        raise TypeError(f"expm needs a floating or complex tensor, got {a.dtype}")
+        return _expm(a.float(), max_squarings, lower).to(a.dtype)
     if a.shape[-1] == 0:
         return a.clone()
-    return _apply(a, max_squarings)[0]
+    return _apply(a - a.mH if lower else a, max_squarings, lower)[0]
