@@ -332,8 +332,9 @@ def _head_norms(a: Tensor, a2: Tensor, skew: bool = False) -> list[list[float]]:
     """``[‖A‖₁, ‖A²‖₁, skew]`` of every matrix (``skew``: 1.0 if ``Aᴴ = -A``, see
     :func:`_skew`), read on the host (one read). ``skew=True``: A is skew by construction
     (``L - Lᴴ``, :func:`expm_skew`), so the test is not run."""
-    flag = torch.ones_like(_norm1(a2)) if skew else _skew(a)
-    return torch.stack([_norm1(a), _norm1(a2), flag], dim=-1).reshape(-1, 3).tolist()
+    n2 = _norm1(a2)
+    flag = torch.ones_like(n2) if skew else _skew(a)
+    return torch.stack([_norm1(a), n2, flag], dim=-1).reshape(-1, 3).tolist()
 
 
 def _taylor_choice(rows: list[list[float]], single: bool) -> list[int] | None:
@@ -692,7 +693,7 @@ def expm_skew(lower: Tensor, *, max_squarings: int | None = None) -> Tensor:
     the exact gradient w.r.t. ``L`` (``L`` is any square matrix, e.g. a strict lower triangle).
 
     The same value and derivatives as ``expm(L - L.mH)``, one product cheaper in the backward:
-    the gradient w.r.t. ``L`` is :math:`P(ar A) = ar A - ar A^H`, and the last step of
+    the gradient w.r.t. ``L`` is :math:`P(\bar A) = \bar A - \bar A^H`, and the last step of
     the adjoint needs only the Hermitian part of its ``A²`` term there (see ``_tail``); the
     skew test of the norm read is skipped. The orthogonal map's exponential.
     """
