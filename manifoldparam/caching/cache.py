@@ -15,12 +15,16 @@ What is keyed (the contract)
 * the *objects*: the read passes the same tensor ``x`` (checked by identity through a weak
   reference, so a tensor substituted by ``functional_call`` is a miss, a freed tensor whose
   ``id`` is recycled can never match, and a replaced original is not kept alive) and ``p``
-  holds the same buffer objects (held by the entry, so a re-assigned buffer is a miss).
+  holds the same buffer objects (held by the entry, so a re-assigned buffer is a miss, also
+  one written straight into ``p._buffers`` as ``functional_call`` does); assigning any
+  attribute of a parametrization (``p.base = B``, also a setting such as ``p.map = "cayley"``)
+  drops its entries (``Parametrization.__setattr__``).
   ``torch.utils.swap_tensors`` (``module.to()`` and ``load_state_dict`` with
   ``swap_module_params_on_conversion``) refuses a weakly referenced tensor or one a live
   graph holds, so ``module.to()`` and, for the constructors, ``load_state_dict`` drop the
   parametrization's cache before they touch ``x``;
-* their *contents*: ``x._version`` and every buffer's ``_version`` (bumped by every in-place
+* their *contents*: ``x._version`` and every buffer's ``_version`` (compared as one sum, since
+  version counters only grow; bumped by every in-place
   change made through autograd-visible ops: ``optimizer.step()``, ``copy_``/``add_`` under
   ``no_grad``, :func:`~manifoldparam.rebase`, assignment ``module.weight = Q``), plus
   ``x.data_ptr()``, the view (shape, strides, storage offset), ``dtype``, ``device``,
@@ -40,8 +44,7 @@ What is keyed (the contract)
   exits); automatic mode has its own.
 
 The one change nothing sees is an in-place write through ``.data`` (``p.data.add_(...)``)
-outside an optimizer step: call :func:`invalidate` after such writes. Changing a
-parametrization's plain Python settings (``p.map = "cayley"``) likewise needs :func:`invalidate`.
+outside an optimizer step: call :func:`invalidate` after such writes.
 
 Gradients
 ---------
@@ -177,68 +180,77 @@ class _Entry:
     """One stored value and everything it was computed from.
 
     Read on every access of a cached weight (an RNN reads it at each time step), so
-    :meth:`matches` is written as one short-circuiting expression over plain attributes.
+    :meth:`matches` is one short-circuiting expression over plain attributes.
     """
 
     __slots__ = (
         "__weakref__",
+        "bufs",
         "dtype",
         "epoch",
         "out",
-        "out_version",
         "requires_grad",
         "state",
         "storage",
-        "version",
-        "versions",
+        "total",
+        "tracked",
         "x",
     )
 
-    def __init__(self, x: Tensor, state: tuple[Tensor | None, ...], out: Tensor) -> None:
+    def __init__(
+        self, x: Tensor, p: nn.Module, state: tuple[Tensor | None, ...], out: Tensor
+    ) -> None:
         # Weak: a stale entry must not keep a replaced original (and its .grad) alive.
         # Module._apply and load_state_dict drop the cache before torch.utils.swap_tensors,
         # which refuses a weakly referenced tensor.
         self.x = weakref.ref(x)
         self.epoch = _STEPS.count
-        self.version = _version(x)
         # Keeps the storage alive (no other tensor can get its address while this entry lives:
         # half() then float() could otherwise land the new data at the old address) and records
         # the view over it: ``x.data = x.data.t()`` keeps the address and the version counter
-        # but changes the value. Compared with ``x.is_set_to(self.storage)``.
+        # but changes the value. Compared with ``x.is_set_to(self.storage)``. A detached alias
+        # shares x's version counter (also after ``x.data = ...``, which keeps x's counter).
         self.storage = x.detach()
         self.dtype = x.dtype
         self.requires_grad = x.requires_grad
         # p's own tensors, held strongly (they belong to p, which holds this entry), compared by
-        # identity: a re-assigned buffer is a miss even if its id were recycled.
-        self.state = state
-        self.versions = tuple(_version(t) for t in state)
+        # identity: a re-assigned buffer is a miss even if its id were recycled. Also written
+        # straight into ``p._buffers`` (torch.func.functional_call does), so compared on each
+        # read; ``bufs``: the plain case (buffers only), compared without building ``state``.
+        plain = not (p._modules or p._parameters)
+        self.bufs = tuple(p._buffers.values()) if plain else None
+        self.state = None if plain else state
         self.out = out
-        self.out_version = _version(out)
+        # Version counters only grow, so one sum over x's alias, the returned value and p's
+        # tensors tells whether any of them was modified in place.
+        self.tracked = (self.storage, out, *(t for t in state if t is not None))
+        self.total = sum(map(_version, self.tracked))
 
-    def matches(self, x: Tensor, state: tuple[Tensor | None, ...]) -> bool:
+    def matches(self, x: Tensor, p: nn.Module) -> bool:
+        # Read on every hit: plain attribute reads and C calls, cheapest first. ``is_set_to``:
+        # the same storage (so the same device), offset, shape and strides as the alias this
+        # entry holds: one call for what ``x.data = ...`` can change.
         try:
-            return self._matches(x, state, _VERSION)
-        except (RuntimeError, AttributeError):  # an inference tensor (no version counter), or a
-            return self._matches(x, state, _version)  # None buffer: the slow, careful way
-
-    def _matches(
-        self, x: Tensor, state: tuple[Tensor | None, ...], version: Callable[[Tensor], int]
-    ) -> bool:
-        # One short-circuiting expression: the cheapest and likeliest-to-fail checks first.
-        # ``is_set_to``: the same storage (so the same device), offset, shape and strides as the
-        # alias this entry holds: one call for what ``x.data = ...`` can change.
+            unchanged = sum(map(_VERSION, self.tracked)) == self.total
+        except RuntimeError:  # an inference tensor (no version counter): the careful way
+            unchanged = sum(map(_version, self.tracked)) == self.total
         return (
-            self.x() is x
+            unchanged
+            and self.x() is x
             and self.epoch == _STEPS.count
-            and version(x) == self.version
-            and version(self.out) == self.out_version
             and x.is_set_to(self.storage)
-            and x.dtype == self.dtype
-            and x.requires_grad == self.requires_grad
-            and len(state) == len(self.state)
-            and all(map(operator.is_, state, self.state))
-            and tuple(map(version, state)) == self.versions
+            and x.dtype is self.dtype
+            and x.requires_grad is self.requires_grad
+            and self._same_state(p)
         )
+
+    def _same_state(self, p: nn.Module) -> bool:
+        if self.bufs is not None:
+            bufs = p._buffers
+            return len(bufs) == len(self.bufs) and all(map(operator.is_, bufs.values(), self.bufs))
+        state = _state_tensors(p)
+        assert self.state is not None
+        return len(state) == len(self.state) and all(map(operator.is_, state, self.state))
 
 
 class _Slot:
@@ -353,19 +365,6 @@ _any_autocast = torch._C._is_any_autocast_enabled
 _is_compiling = torch.compiler.is_compiling
 
 
-def _mode_bypass() -> bool:
-    """Whether caching must step aside for the current mode: ``torch.func`` transforms,
-    dispatch modes, forward-mode AD, saved-tensor hooks, ``torch.jit`` tracing. Checked on
-    every read (each is one C call)."""
-    return (
-        _peek_transform() is not None
-        or _dispatch_depth() > 0
-        or _forward_ad._current_level >= 0
-        or _saved_tensor_hooks(False) is not None
-        or _is_tracing()
-    )
-
-
 def _tensor_bypass(x: Tensor) -> bool:
     """Whether ``x`` itself must not be cached (meta, functorch-wrapped, not a tensor). Checked
     only when an entry would be stored: a hit needs the very object an entry was stored for."""
@@ -400,7 +399,15 @@ def evaluate(p: Parametrization, x: Tensor) -> Tensor:
         token = _AUTO
     else:
         token = scope
-    if _mode_bypass():
+    # Caching steps aside for torch.func transforms, dispatch modes, forward-mode AD,
+    # saved-tensor hooks and torch.jit tracing: one C call each, inlined (run on every read).
+    if (
+        _peek_transform() is not None
+        or _dispatch_depth() > 0
+        or _forward_ad._current_level >= 0
+        or _saved_tensor_hooks(False) is not None
+        or _is_tracing()
+    ):
         return p._map(x)
     key = (
         token,
@@ -408,10 +415,9 @@ def evaluate(p: Parametrization, x: Tensor) -> Tensor:
         _inference_mode(),
         _autocast_dtype(x) if _any_autocast() else None,
     )
-    state = _state_tensors(p)
     if slot is not None:
         entry = slot.entries.get(key)
-        if entry is not None and entry.matches(x, state):
+        if entry is not None and entry.matches(x, p):
             return entry.out
     if _tensor_bypass(x):
         return p._map(x)
@@ -420,16 +426,17 @@ def evaluate(p: Parametrization, x: Tensor) -> Tensor:
         p.__dict__[_SLOT_ATTR] = slot
         _STEPS.install()
 
+    state = _state_tensors(p)
     inner = p._map(x)
     inputs = tuple(t for t in (x, *state) if t is not None and t.requires_grad)
     if inner.requires_grad and inputs:
         graph = _GraphState(inner, inputs, slot, drop_on_backward=token is _AUTO)
         out = _Reuse.apply(graph, *inputs)
-        entry = _Entry(x, state, out)
+        entry = _Entry(x, p, state, out)
         graph.entry = weakref.ref(entry)
     else:
         out = inner
-        entry = _Entry(x, state, out)
+        entry = _Entry(x, p, state, out)
     if scope is not None and not any(k[0] is scope for k in slot.entries):
         scope.slots.append(weakref.ref(slot))
     slot.entries[key] = entry
@@ -565,7 +572,8 @@ def auto_cache(model: nn.Module | Iterable[nn.Module], enabled: bool = True) -> 
 def invalidate(model: nn.Module | Iterable[nn.Module] | None = None) -> None:
     """Drop cached values: of every constrained weight in ``model``, or with no argument, every
     entry of the current :func:`cached` block. Needed only after writes no version counter sees
-    (``original.data.copy_(...)``, changing a parametrization's Python attributes)."""
+    (``original.data.copy_(...)``). Assigning an attribute of a
+    parametrization (``p.base = B``, ``p.map = "cayley"``) drops its cache by itself."""
     if model is None:
         scope = _SCOPE.get()
         if scope is not None:

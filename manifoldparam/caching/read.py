@@ -44,31 +44,37 @@ __all__ = ["install"]
 _CALL = nn.Module.__call__
 
 
-def _hooked(m: nn.Module) -> bool:
-    """Whether ``m(...)`` may do more than the class's ``forward``: hooks, a compiled call, a
-    ``forward`` set on the instance. (Module.__call__'s own fast-path test, plus the last two.)"""
-    return bool(
-        m._forward_pre_hooks
-        or m._forward_hooks
-        or m._backward_pre_hooks
-        or m._backward_hooks
-        or m._compiled_call_impl is not None
-        or "forward" in m.__dict__
-    )
-
-
-def _global_hooks() -> bool:
-    g = _module_globals
-    return bool(
-        g._global_forward_pre_hooks
+def _plain(plist: nn.Module, p: nn.Module) -> bool:
+    """Whether ``plist(x)`` and ``p(x)`` do nothing but their classes' ``forward``: no hooks (on
+    either, nor global module hooks), no compiled call, no ``forward`` set on an instance, and
+    ``nn.Module.__call__`` not replaced. One function (called on every read) of dict reads."""
+    a, b, g = plist.__dict__, p.__dict__, _module_globals
+    return not (
+        a["_forward_pre_hooks"]
+        or a["_forward_hooks"]
+        or a["_backward_pre_hooks"]
+        or a["_backward_hooks"]
+        or b["_forward_pre_hooks"]
+        or b["_forward_hooks"]
+        or b["_backward_pre_hooks"]
+        or b["_backward_hooks"]
+        or plist._compiled_call_impl is not None
+        or p._compiled_call_impl is not None
+        or "forward" in a
+        or "forward" in b
+        or g._global_forward_pre_hooks
         or g._global_forward_hooks
         or g._global_backward_pre_hooks
         or g._global_backward_hooks
+        or nn.Module.__call__ is not _CALL
     )
 
 
 def _getter(name: str, torch_get: Callable[[nn.Module], Tensor]) -> Callable[[nn.Module], Tensor]:
+    from manifoldparam.caching.cache import evaluate
     from manifoldparam.hard.base import Parametrization
+
+    plain_forward = Parametrization.forward
 
     @torch.jit.unused
     def read(self: nn.Module) -> Tensor:
@@ -76,22 +82,20 @@ def _getter(name: str, torch_get: Callable[[nn.Module], Tensor]) -> Callable[[nn
         # torch.compile or jit tracing the fast path is also taken (evaluate steps aside there).
         try:
             plist = self._modules["parametrizations"]._modules[name]  # type: ignore[union-attr]
-            p = plist._modules["0"]  # type: ignore[union-attr]
+            chain = plist._modules  # type: ignore[union-attr]
+            p = chain["0"]
             x = plist._parameters["original"]  # type: ignore[union-attr]
+            if (
+                x is None
+                or parametrize._cache_enabled
+                or len(chain) != 1
+                or type(p).forward is not plain_forward  # not ours, or forward overridden
+                or not _plain(plist, p)  # type: ignore[arg-type]
+            ):
+                return torch_get(self)
         except KeyError:  # a tensor list (several originals), or not set up as torch expects
             return torch_get(self)
-        if (
-            x is None
-            or parametrize._cache_enabled
-            or len(plist._modules) != 1  # type: ignore[union-attr, arg-type]
-            or not isinstance(p, Parametrization)
-            or _hooked(plist)  # type: ignore[arg-type]
-            or _hooked(p)
-            or _global_hooks()
-            or nn.Module.__call__ is not _CALL
-        ):
-            return torch_get(self)
-        return p.forward(x)
+        return evaluate(p, x)  # p.forward(x)
 
     def get(self: nn.Module) -> Tensor:
         # TorchScript compiles module properties: it gets this line and a stub for ``read``, so

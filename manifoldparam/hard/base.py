@@ -87,6 +87,26 @@ class Parametrization(nn.Module):
         #: "Linear.weight": names the constrained attribute in every message.
         self.owner = owner or f"<{type(self).__name__}>"
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Any assignment drops the cached values: a new buffer or parameter object
+        # (``self.base = B`` in _inverse, load_state_dict with assign=True; the cache compares
+        # these tensors' versions on each read, not their identity) or a new setting
+        # (``p.map = "cayley"``) changes what the map computes.
+        super().__setattr__(name, value)
+        invalidate(self)
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        invalidate(self)
+
+    def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
+        super().register_buffer(name, tensor, persistent)
+        invalidate(self)
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        super().register_parameter(name, param)
+        invalidate(self)
+
     # ----------------------------------------------------------------- subclass API
     def _map(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
