@@ -557,6 +557,25 @@ def test_assignment_rebase_and_dtype_change_invalidate() -> None:
     assert model.rec.weight.dtype == torch.float32
 
 
+def test_changed_setting_and_in_place_buffer_edit_are_misses() -> None:
+    """A setting (``p.map``) changes the map with no tensor changing: assigning it drops the
+    entries. An in-place edit of a buffer bumps its version: the next read recomputes."""
+    model = auto_cache(make())
+    p = model.rec.parametrizations.weight[0]
+    with torch.no_grad():
+        original_of(model).add_(0.3)
+    w_expm = model.rec.weight
+    p.map = "cayley"
+    w_cayley = model.rec.weight
+    assert not torch.allclose(w_cayley, w_expm)
+    torch.testing.assert_close(w_cayley, p._map(original_of(model)), **TOL)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=DT))
+    with torch.no_grad():
+        p.base.copy_(q)  # in place: a version bump of a buffer, not of the original
+    torch.testing.assert_close(model.rec.weight, p._map(original_of(model)), **TOL)
+    assert not torch.allclose(model.rec.weight, w_cayley)
+
+
 def test_data_rebound_to_a_view_of_the_same_memory_is_a_miss() -> None:
     """``original.data = original.data.t()`` keeps the address and the version counter and
     changes the value: the entry also keys the view (shape, strides, offset)."""

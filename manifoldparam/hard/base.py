@@ -88,10 +88,9 @@ class Parametrization(nn.Module):
         self.owner = owner or f"<{type(self).__name__}>"
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # Any assignment drops the cached values: a new buffer or parameter object
-        # (``self.base = B`` in _inverse, load_state_dict with assign=True; the cache compares
-        # these tensors' versions on each read, not their identity) or a new setting
-        # (``p.map = "cayley"``) changes what the map computes.
+        # Any assignment drops the cached values: a new setting (``p.map = "cayley"``) changes
+        # what the map computes, which no tensor's version shows. (A new buffer object is also
+        # seen by the cache's identity check, which covers writes into ``_buffers``.)
         super().__setattr__(name, value)
         invalidate(self)
 
