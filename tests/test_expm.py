@@ -14,7 +14,7 @@ from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
-from manifoldparam.hard.expm import expm, expm_skew
+from manifoldparam.hard.expm import expm, expm_projected, expm_skew
 
 F64 = torch.float64
 
@@ -498,6 +498,20 @@ def test_expm_skew_is_expm_of_l_minus_lt_value_and_gradient(shape, norm):
     # Any square L, not only a triangle: the gradient is exact w.r.t. every entry.
     full = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(2)) * norm
     assert _rel(_grad(expm_skew, full, g), _grad(_via_expm, full, g)) < 1e-12
+
+
+@pytest.mark.parametrize(("shape", "norm"), SKEW_CASES)
+def test_expm_projected_gradient_is_exact_in_its_skew_part_only(shape, norm):
+    """``expm_projected(A)``: the value of ``expm(A)``; the gradient w.r.t. ``A`` is not ``Ā``
+    (one product is skipped), but its skew part ``P(Y) = Y - Yᵀ`` is ``P(Ā)``: what a caller
+    whose construction of ``A`` applies ``P`` (``L - Lᵀ``, ``Orthogonal.skew``) receives."""
+    low = _lower(shape) * norm
+    a = low - low.mT
+    g = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+    y, ref = _grad(expm_projected, a, g), _grad(expm, a, g)
+    assert _rel(expm_projected(a), expm(a)) < 1e-14
+    assert _rel(y - y.mT, ref - ref.mT) < 1e-12
+    assert _rel(y, ref) > 1e-3  # not the full gradient: the skipped product is real
 
 
 def test_expm_skew_mixed_batch_gradcheck_and_gradgradcheck():

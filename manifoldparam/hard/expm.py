@@ -100,7 +100,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["expm", "expm_skew"]
+__all__ = ["expm", "expm_projected", "expm_skew"]
 
 # Padé [m/m] coefficients of exp (Higham 2005), normalised by b_0 (same r_m, O(1) numbers).
 _B7 = (17297280.0, 8648640.0, 1995840.0, 277200.0, 25200.0, 1512.0, 56.0, 1.0)
@@ -324,6 +324,8 @@ def _squarings(x: Tensor, s: Tensor, s_max: int, uniform: bool) -> tuple[Tensor,
         squares.append(x)
         xx = x @ x
         x = xx if uniform else torch.where(_expand(s > j), xx, x)
+    if len(squares) == 1:  # (no copy: nothing writes to a saved square)
+        return x, squares[0].unsqueeze(0)
     sq = torch.stack(squares) if squares else x.new_empty((0, *x.shape))
     return x, sq
 
@@ -331,10 +333,12 @@ def _squarings(x: Tensor, s: Tensor, s_max: int, uniform: bool) -> tuple[Tensor,
 def _head_norms(a: Tensor, a2: Tensor, skew: bool = False) -> list[list[float]]:
     """``[‖A‖₁, ‖A²‖₁, skew]`` of every matrix (``skew``: 1.0 if ``Aᴴ = -A``, see
     :func:`_skew`), read on the host (one read). ``skew=True``: A is skew by construction
-    (``L - Lᴴ``, :func:`expm_skew`), so the test is not run."""
+    (:func:`expm_projected`): the test is not run and only ``‖A²‖₁`` is read (all the Taylor
+    choice needs; ``‖A‖₁`` is NaN, and :func:`_forward` reads the norms again for Padé)."""
     n2 = _norm1(a2)
-    flag = torch.ones_like(n2) if skew else _skew(a)
-    return torch.stack([_norm1(a), n2, flag], dim=-1).reshape(-1, 3).tolist()
+    if skew:
+        return [[math.nan, v, 1.0] for v in n2.reshape(-1).tolist()]
+    return torch.stack([_norm1(a), n2, _skew(a)], dim=-1).reshape(-1, 3).tolist()
 
 
 def _taylor_choice(rows: list[list[float]], single: bool) -> list[int] | None:
@@ -402,6 +406,8 @@ def _forward(a: Tensor, max_squarings: int | None, skew: bool = False) -> tuple:
                 a, a2 = _scale(a, s8, s_max, uniform), _scale(a2, s8, s_max, uniform, 2)
             x, saved = _taylor_saved(a, a2, s8, s_max, uniform)
             return x, saved, (_TAYLOR, s_max, uniform)
+        if skew:  # ‖A‖₁ was not read (the overflow test of _choose_on_host needs it)
+            head = None
     a4 = a2 @ a2
     a6 = a4 @ a2
     m, s, s_max, uniform, overflow = _choose(a, a2, a4, a6, max_squarings, head)
@@ -431,17 +437,18 @@ def _forward(a: Tensor, max_squarings: int | None, skew: bool = False) -> tuple:
     return x, (a, a2, a4, a6, w, w1, z1, lu, piv, r, sq, s), (m, s_max, uniform)
 
 
-def _tail(ga: Tensor, ga2: Tensor, a: Tensor, lower: bool) -> Tensor:
+def _tail(ga: Tensor, ga2: Tensor, a: Tensor, projected: bool) -> Tensor:
     """The last step of the adjoint, ``A² = A·A``: ``Ā = ga + ga2·Aᴴ + Aᴴ·ga2``.
 
-    ``lower`` (``A = L - Lᴴ`` made by :func:`expm_skew`, whose only use of ``Ā`` is the
-    gradient ``P(Ā) = Ā - Āᴴ`` w.r.t. ``L``): with ``Aᴴ = -A`` and ``S = ga2 + ga2ᴴ``,
-    ``P(ga2·Aᴴ + Aᴴ·ga2) = -(S·A + A·S) = -(X - Xᴴ)`` for ``X = S·A`` (``(SA)ᴴ = -AS``), so
-    ``Y = ga - S·A`` has ``P(Y) = P(Ā)``: one product instead of two. ``Y`` is returned as
-    the gradient w.r.t. ``A``; it is not ``Ā`` (only its skew part is), which is exact for
-    ``L`` because the subtraction ``L - Lᴴ`` applies ``P`` in its backward.
+    ``projected`` (``A`` skew by construction, e.g. ``L - Lᴴ`` made by :func:`expm_skew`,
+    whose only use of ``Ā`` is ``P(Ā) = Ā - Āᴴ``, the gradient w.r.t. ``L``): with
+    ``Aᴴ = -A`` and ``S = ga2 + ga2ᴴ``, ``P(ga2·Aᴴ + Aᴴ·ga2) = -(S·A + A·S) = -(X - Xᴴ)``
+    for ``X = S·A`` (``(SA)ᴴ = -AS``), so ``Y = ga - S·A`` has ``P(Y) = P(Ā)``: one product
+    instead of two. ``Y`` is returned as the gradient w.r.t. ``A``; it is not ``Ā`` (only its
+    skew part is), which is exact for ``L`` because the subtraction ``L - Lᴴ`` applies ``P``
+    in its backward.
     """
-    if lower:
+    if projected:
         return ga - (ga2 + ga2.mH) @ a
     ah = a.mH
     return ga + ga2 @ ah + ah @ ga2
@@ -454,10 +461,10 @@ def _adjoint(
     s_max: int,
     uniform: bool,
     solve_lu: bool,
-    lower: bool = False,
+    projected: bool = False,
 ) -> Tensor:
     """Reverse-mode derivative of :func:`_forward`: the gradient w.r.t. the input A, or with
-    ``lower`` w.r.t. ``L`` where ``A = L - Lᴴ`` (see :func:`_tail`)."""
+    ``projected`` one whose skew part is that gradient (see :func:`_tail`)."""
     a, a2, a4, a6, w, w1, z1, lu, piv, r, sq, s = saved
     # Squarings, reversed: X_{j+1} = X_j X_j.
     for j in range(s_max - 1, -1, -1):
@@ -465,7 +472,7 @@ def _adjoint(
         gj = xj @ g + g @ xj
         g = gj if uniform else torch.where(_expand(s > j), gj, g)
     if m == _TAYLOR:
-        ga = _adjoint_taylor(g, a, a2, a4, a6, w, w1, lower)
+        ga = _adjoint_taylor(g, a, a2, a4, a6, w, w1, projected)
         if s_max > 0:
             ga = _scale(ga, s, s_max, uniform)
         return ga
@@ -498,7 +505,7 @@ def _adjoint(
     a2h = a2.mH
     ga4 = ga4 + ga6 @ a2h
     ga2 = ga2 + a4.mH @ ga6 + ga4 @ a2h + a2h @ ga4
-    ga = _tail(ga, ga2, a, lower)
+    ga = _tail(ga, ga2, a, projected)
     # Scaling: A_s = 2^{-s} A.
     if s_max > 0:
         ga = _scale(ga, s, s_max, uniform)
@@ -513,16 +520,16 @@ def _adjoint_taylor(
     a4: Tensor,
     q1: Tensor,
     q2: Tensor,
-    lower: bool = False,
+    projected: bool = False,
 ) -> Tensor:
-    """Reverse-mode derivative of :func:`_taylor8` (six products; five with ``lower``)."""
+    """Reverse-mode derivative of :func:`_taylor8` (six products; five with ``projected``)."""
     g_q1 = g @ q2.mH
     g_q2 = q1.mH @ g
     g_a4 = g_q1 + _X7 * g_q2
     ga2 = _combine(g, g_q2, g_q1, _Y2, _X6, _X3).add_(g_a4 @ p1.mH)
     g_p1 = a2.mH @ g_a4
     ga2 = ga2.add_(g_p1, alpha=_X2)
-    return _tail(_combine(g, g_q2, g_p1, 1.0, _X5, _X1), ga2, a, lower)
+    return _tail(_combine(g, g_q2, g_p1, 1.0, _X5, _X1), ga2, a, projected)
 
 
 def _recompute(a: Tensor, m: int, s: Tensor, s_max: int, uniform: bool) -> tuple:
@@ -588,13 +595,14 @@ def _tangent_squarings(lx: Tensor, sq: Tensor, s: Tensor, s_max: int, uniform: b
 class _ExpmNoJvp(torch.autograd.Function):
     """The Function without forward mode (Dynamo cannot trace a custom ``jvp``).
 
-    ``lower``: ``a = L - Lᴴ`` made by :func:`expm_skew`, the backward returns a gradient
-    whose skew part is exact (see :func:`_tail`).
+    ``projected``: ``a`` is skew by construction and the caller uses only the skew part of its
+    gradient (:func:`expm_projected`); the backward returns a gradient whose skew part is exact
+    (see :func:`_tail`).
     """
 
     @staticmethod
-    def forward(a: Tensor, max_squarings: int | None, lower: bool):  # type: ignore[override]
-        x, saved, meta = _forward(a, max_squarings, skew=lower)
+    def forward(a: Tensor, max_squarings: int | None, projected: bool):  # type: ignore[override]
+        x, saved, meta = _forward(a, max_squarings, skew=projected)
         # The scaled input is not returned (it may be the input itself): rebuilt in backward.
         # Without squarings R is the output itself: a placeholder is returned instead.
         saved = list(saved[1:])
@@ -604,10 +612,12 @@ class _ExpmNoJvp(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        a, _, lower = inputs
+        a, _, projected = inputs
         x, *saved, meta = output
         ctx.meta = meta
-        ctx.lower = lower
+        ctx.projected = projected
+        # The saved outputs get no gradient: without this, autograd would fill each with zeros.
+        ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*saved)
         if meta[1] == 0:
             saved[8] = x
@@ -618,25 +628,30 @@ class _ExpmNoJvp(torch.autograd.Function):
     def backward(ctx, g: Tensor, *_unused):  # type: ignore[override]
         a, *saved = ctx.saved_tensors
         m, s_max, uniform = ctx.meta
-        lower = ctx.lower
+        projected = ctx.projected
         if g is None:
             return None, None, None
         s = saved[-1]
         if torch.is_grad_enabled() and (a.requires_grad or g.requires_grad):
             rec = _recompute(a, m, s, s_max, uniform)
-            return _adjoint(g, rec, m, s_max, uniform, solve_lu=False, lower=lower), None, None
+            ga = _adjoint(g, rec, m, s_max, uniform, solve_lu=False, projected=projected)
+            return ga, None, None
         if s_max > 0:
             a = _scale(a, s, s_max, uniform)
-        return _adjoint(g, (a, *saved), m, s_max, uniform, solve_lu=True, lower=lower), None, None
+        return (
+            _adjoint(g, (a, *saved), m, s_max, uniform, solve_lu=True, projected=projected),
+            None,
+            None,
+        )
 
     @staticmethod
-    def vmap(info, in_dims, a: Tensor, max_squarings: int | None, lower: bool):  # type: ignore[override]
+    def vmap(info, in_dims, a: Tensor, max_squarings: int | None, projected: bool):  # type: ignore[override]
         d = in_dims[0]
         if d is None:
-            out = _apply(a, max_squarings, lower)
+            out = _apply(a, max_squarings, projected)
             return out, tuple(None for _ in out)
         a = a.movedim(d, 0)
-        out = _apply(a, max_squarings, lower)
+        out = _apply(a, max_squarings, projected)
         # The stacked squares have the squaring index first, the batch second.
         dims = [0] * (len(out) - 1) + [None]
         dims[-3] = 1  # (x, a2, a4, a6, w, w1, z1, lu, piv, r, sq, s, meta)
@@ -647,7 +662,7 @@ class _Expm(_ExpmNoJvp):
     """With forward mode; used outside ``torch.compile``."""
 
     @staticmethod
-    def jvp(ctx, e: Tensor, _max_squarings_t, _lower_t):  # type: ignore[override]
+    def jvp(ctx, e: Tensor, _max_squarings_t, _projected_t):  # type: ignore[override]
         a, *saved = ctx.saved_tensors
         m, s_max, uniform = ctx.meta
         s = saved[-1]
@@ -657,9 +672,9 @@ class _Expm(_ExpmNoJvp):
         return (lx, *([None] * len(saved)), None)
 
 
-def _apply(a: Tensor, max_squarings: int | None, lower: bool = False) -> tuple:
+def _apply(a: Tensor, max_squarings: int | None, projected: bool = False) -> tuple:
     fn = _ExpmNoJvp if torch.compiler.is_compiling() else _Expm
-    return fn.apply(a, max_squarings, lower)
+    return fn.apply(a, max_squarings, projected)
 
 
 def _check(a: Tensor, max_squarings: int | None) -> None:
@@ -685,7 +700,7 @@ def expm(a: Tensor, *, max_squarings: int | None = None) -> Tensor:
             (one host read per call). An int ``k``: no host read; always ``k`` (masked)
             squarings, accurate while ``‖a‖ ≲ 4·2^k``.
     """
-    return _expm(a, max_squarings, lower=False)
+    return _expm(a, max_squarings, projected=False)
 
 
 def expm_skew(lower: Tensor, *, max_squarings: int | None = None) -> Tensor:
@@ -695,15 +710,28 @@ def expm_skew(lower: Tensor, *, max_squarings: int | None = None) -> Tensor:
     The same value and derivatives as ``expm(L - L.mH)``, one product cheaper in the backward:
     the gradient w.r.t. ``L`` is :math:`P(\bar A) = \bar A - \bar A^H`, and the last step of
     the adjoint needs only the Hermitian part of its ``A²`` term there (see ``_tail``); the
-    skew test of the norm read is skipped. The orthogonal map's exponential.
+    skew test of the norm read is skipped.
     """
-    return _expm(lower, max_squarings, lower=True)
+    _check(lower, max_squarings)
+    return expm_projected(lower - lower.mH, max_squarings=max_squarings)
 
 
-def _expm(a: Tensor, max_squarings: int | None, lower: bool) -> Tensor:
+def expm_projected(a: Tensor, *, max_squarings: int | None = None) -> Tensor:
+    r"""``exp(A)`` for ``A`` skew(-Hermitian) *by construction*, whose gradient the caller uses
+    only through its skew part :math:`P(\bar A) = \bar A - \bar A^H`: the backward returns a
+    tensor ``Y`` with ``P(Y) = P(Ā)`` (one product fewer), not ``Ā`` itself.
+
+    For a construction of ``A`` from free coordinates whose own backward applies ``P``, such
+    as ``A = L - Lᴴ`` (:func:`expm_skew`, ``Orthogonal.skew``). Not a general ``expm``: its
+    gradient w.r.t. ``A`` itself is not ``Ā``.
+    """
+    return _expm(a, max_squarings, projected=True)
+
+
+def _expm(a: Tensor, max_squarings: int | None, projected: bool) -> Tensor:
     _check(a, max_squarings)
     if a.dtype in (torch.float16, torch.bfloat16):
-        return _expm(a.float(), max_squarings, lower).to(a.dtype)
+        return _expm(a.float(), max_squarings, projected).to(a.dtype)
     if a.shape[-1] == 0:
         return a.clone()
-    return _apply(a - a.mH if lower else a, max_squarings, lower)[0]
+    return _apply(a, max_squarings, projected)[0]

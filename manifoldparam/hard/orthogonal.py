@@ -49,7 +49,7 @@ from manifoldparam.hard.base import (
     max_abs,
     register,
 )
-from manifoldparam.hard.expm import expm_skew
+from manifoldparam.hard.expm import expm_projected
 
 __all__ = ["Orthogonal", "orthogonal", "rebase"]
 
@@ -62,9 +62,9 @@ _MAPS = ("expm", "cayley")
 SYNC_FREE_SQUARINGS = 10
 
 
-def _exp(lower: Tensor, max_squarings: int | None) -> Tensor:
-    """exp(A), A = L - Lᵀ, through :func:`~manifoldparam.hard.expm.expm_skew` (a backward at
-    about 2 forwards).
+def _exp(a: Tensor, max_squarings: int | None) -> Tensor:
+    """exp(A), A = L - Lᵀ (made by ``Orthogonal.skew``), through
+    :func:`~manifoldparam.hard.expm.expm_projected` (a backward at about 2 forwards).
 
     On the CPU in eager mode the number of squarings is chosen from norms read on the host
     (free there: the data is on the host). On an accelerator a fixed, masked number of
@@ -74,10 +74,10 @@ def _exp(lower: Tensor, max_squarings: int | None) -> Tensor:
     the custom autograd.Function inside a parametrization: "Placeholder node not found").
     """
     if torch.compiler.is_compiling() or torch._C._is_tracing():
-        return torch.linalg.matrix_exp(lower - lower.mT)
-    if max_squarings is None and lower.device.type != "cpu":
+        return torch.linalg.matrix_exp(a)
+    if max_squarings is None and a.device.type != "cpu":
         max_squarings = SYNC_FREE_SQUARINGS
-    return expm_skew(lower, max_squarings=max_squarings)
+    return expm_projected(a, max_squarings=max_squarings)
 
 
 def _cayley(a: Tensor, k: int) -> Tensor:
@@ -195,23 +195,28 @@ class Orthogonal(Parametrization):
             t = t.mT
         return t.reshape(self.shape)
 
-    def lower(self, x: Tensor) -> Tensor:
-        """The strictly lower-triangular L of the coordinates ``x`` (``A = L - Lᵀ``)."""
-        n = self.n
-        flat = x.new_zeros(*x.shape[:-1], n * n).index_copy(-1, self.index, x)
-        return flat.unflatten(-1, (n, n))
-
     def skew(self, x: Tensor) -> Tensor:
-        """The skew-symmetric matrix A of the coordinates ``x`` (shape ``(*batch, dim)``)."""
-        low = self.lower(x)
+        """The skew-symmetric matrix ``A = L - Lᵀ`` of the coordinates ``x`` (shape
+        ``(*batch, dim)``), ``L`` strictly lower triangular.
+
+        ``L`` is a scatter (its backward a gather: ``index_copy`` and a gather-built ``A`` cost
+        2-4x more in one direction), and the subtraction's backward applies
+        ``P(Ā) = Ā - Āᵀ``, which :func:`~manifoldparam.hard.expm.expm_projected` relies on.
+        """
+        n = self.n
+        index = self.index.expand(*x.shape[:-1], -1)
+        low = x.new_zeros(*x.shape[:-1], n * n).scatter(-1, index, x).unflatten(-1, (n, n))
         return low - low.mT
 
     # ------------------------------------------------------------ the map
     def _map(self, x: Tensor) -> Tensor:
+        a = self.skew(x)
         if self.map == "expm":
-            e = _exp(self.lower(x), self.max_squarings)[..., : self.k]
+            e = _exp(a, self.max_squarings)
+            if self.k < self.n:  # (a full slice would still cost a copy in the backward)
+                e = e[..., : self.k]
         else:
-            e = _cayley(self.skew(x), self.k)
+            e = _cayley(a, self.k)
         t = self.base @ e
         if self.newton_schulz > 0:
             t = t + _newton_schulz_correction(t.detach(), self.newton_schulz)
