@@ -32,6 +32,8 @@ Rounds are interleaved across variants in one process (each round runs ``--steps
 every variant, in a rotated order); the table reports the median seconds per step over rounds,
 the median over rounds of the ratio to the unconstrained step *of the same round* (with its
 quartiles: the machine's speed drifts between rounds), and the median extra milliseconds.
+Below it, our ``cached()`` step over each peer's step of the same round (median, quartiles,
+and in how many rounds ours was the faster): the direct comparison, with the same pairing.
 """
 
 from __future__ import annotations
@@ -237,6 +239,20 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         print(
             f"| {k} | {v['median_ms']:.1f} | {v['ratio']:.3f}x "
             f"[{v['ratio_q1']:.3f}, {v['ratio_q3']:.3f}] | {v['extra_ms']:+.1f} |"
+        )
+    # The peers against our cached step directly, paired per round as above.
+    ours = "manifoldparam cached()"
+    print()
+    for peer in ("geotorch + parametrize.cached()", "geoopt RiemannianAdam"):
+        if peer not in times:
+            continue
+        r = [a / b for a, b in zip(times[ours], times[peer], strict=True)]
+        q1, _, q3 = statistics.quantiles(r, n=4) if len(r) > 1 else (r * 3)
+        faster = sum(x < 1.0 for x in r)
+        table[f"{ours} / {peer}"] = {"ratio": statistics.median(r), "ratio_q1": q1, "ratio_q3": q3}
+        print(
+            f"{ours} / {peer}: {statistics.median(r):.3f}x [{q1:.3f}, {q3:.3f}] "
+            f"(ours faster in {faster} of {len(r)} rounds)"
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
