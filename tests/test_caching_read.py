@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 
 import manifoldparam as mp
 from manifoldparam.caching import cached
+from manifoldparam.hard.base import register
 
 DT = torch.float64
 TOL = {"atol": 1e-12, "rtol": 0.0}
@@ -141,6 +142,21 @@ def test_instance_forward_is_called() -> None:
     plist = m.parametrizations.weight
     plist.forward = lambda: torch.zeros(5, 5, dtype=DT)  # type: ignore[method-assign]
     assert torch.equal(m.weight, torch.zeros(5, 5, dtype=DT))
+
+
+def test_subclass_overriding_forward_is_called() -> None:
+    """The fast getter calls the cache directly only for ``Parametrization.forward`` itself; a
+    subclass that overrides ``forward`` is read through torch's path, so its forward runs."""
+
+    class Shifted(mp.Orthogonal):
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(x) + 1.0
+
+    m = nn.Linear(5, 5, bias=False).double()
+    register(m, "weight", Shifted)
+    w = m.weight
+    plain = m.parametrizations.weight[0]._map(m.parametrizations.weight.original)
+    torch.testing.assert_close(w, plain + 1.0, **TOL)
 
 
 def test_torch_cached_keeps_torchs_behaviour(list_calls: list[int]) -> None:
