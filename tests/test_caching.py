@@ -29,7 +29,7 @@ from manifoldparam.caching import (
     is_auto,
     set_auto,
 )
-from manifoldparam.hard.base import Parametrization
+from manifoldparam.hard.base import Parametrization, register
 
 DT = torch.float64
 TOL = {"atol": 1e-12, "rtol": 0.0}
@@ -574,6 +574,62 @@ def test_changed_setting_and_in_place_buffer_edit_are_misses() -> None:
         p.base.copy_(q)  # in place: a version bump of a buffer, not of the original
     torch.testing.assert_close(model.rec.weight, p._map(original_of(model)), **TOL)
     assert not torch.allclose(model.rec.weight, w_cayley)
+
+
+def test_swapped_buffer_with_a_lower_version_and_an_edited_original_is_a_miss() -> None:
+    """``torch.utils.swap_tensors`` gives a buffer the other tensor's version counter, which can
+    be lower: with an in-place edit of the original at the same time, a *sum* of versions would
+    be unchanged. Versions are compared one by one."""
+    model = make()
+    p = model.rec.parametrizations.weight[0]
+    x = original_of(model)
+    with torch.no_grad():
+        p.base.mul_(1.0)  # base version 0 -> 1
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=DT))
+    with cached(), torch.no_grad():
+        model.rec.weight  # noqa: B018
+        torch.utils.swap_tensors(p.base, q.clone())  # same object, version 1 -> 0
+        x.add_(0.1)  # version + 1
+        torch.testing.assert_close(model.rec.weight, p._map(x), **TOL)
+
+
+class _Lazy(Parametrization):
+    """Registers a buffer on its first map (a pattern torch's own parametrizations allow)."""
+
+    def _map(self, x: Tensor) -> Tensor:
+        if "u" not in self._buffers:
+            self.register_buffer("u", torch.ones_like(x))
+        return x * self.u
+
+    def _inverse(self, w: Tensor) -> Tensor:
+        return w
+
+    def project(self, w: Tensor) -> Tensor:
+        return w
+
+    def distance(self, w: Tensor) -> Tensor:
+        return w.new_zeros(())
+
+
+def test_buffer_registered_by_the_map_is_watched() -> None:
+    m = register(nn.Linear(3, 3, bias=False).double(), "weight", _Lazy)
+    p = m.parametrizations.weight[0]
+    x = m.parametrizations.weight.original
+    p._buffers.pop("u", None)
+    with cached(), torch.no_grad():
+        m.weight  # noqa: B018  (registers u, then stores the value)
+        p.u.mul_(3.0)
+        torch.testing.assert_close(m.weight, x * 3.0, **TOL)
+
+
+def test_train_and_eval_keep_the_cache() -> None:
+    model = make()
+    with cached(), counting() as calls:
+        w = model.rec.weight
+        model.eval()
+        assert model.rec.weight is w
+        model.train()
+        assert model.rec.weight is w and calls[0] == 1
 
 
 def test_data_rebound_to_a_view_of_the_same_memory_is_a_miss() -> None:

@@ -514,6 +514,16 @@ def test_expm_projected_gradient_is_exact_in_its_skew_part_only(shape, norm):
     assert _rel(y, ref) > 1e-3  # not the full gradient: the skipped product is real
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_expm_skew_half_precision_subtracts_in_float32(dtype):
+    """``L - Lᴴ`` is formed after the upcast (rounding it in half precision would change A):
+    a full square L, whose entries above and below the diagonal are both nonzero."""
+    gen = torch.Generator().manual_seed(3)
+    low = (torch.randn(6, 6, generator=gen) * 0.7).to(dtype)
+    ref = expm_skew(low.float()).to(dtype)
+    assert torch.equal(expm_skew(low), ref)
+
+
 def test_expm_skew_mixed_batch_gradcheck_and_gradgradcheck():
     low = torch.stack([_lower((4, 4), i) * r for i, r in enumerate([0.02, 0.3, 9.0])])
     low.requires_grad_()

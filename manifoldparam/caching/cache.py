@@ -23,8 +23,7 @@ What is keyed (the contract)
   ``swap_module_params_on_conversion``) refuses a weakly referenced tensor or one a live
   graph holds, so ``module.to()`` and, for the constructors, ``load_state_dict`` drop the
   parametrization's cache before they touch ``x``;
-* their *contents*: ``x._version`` and every buffer's ``_version`` (compared as one sum, since
-  version counters only grow; bumped by every in-place
+* their *contents*: ``x._version`` and every buffer's ``_version`` (bumped by every in-place
   change made through autograd-visible ops: ``optimizer.step()``, ``copy_``/``add_`` under
   ``no_grad``, :func:`~manifoldparam.rebase`, assignment ``module.weight = Q``), plus
   ``x.data_ptr()``, the view (shape, strides, storage offset), ``dtype``, ``device``,
@@ -166,10 +165,8 @@ _STEPS = _StepCounter()
 _VERSION: Callable[[Tensor], int] = operator.attrgetter("_version")
 
 
-def _version(t: Tensor | None) -> int:
-    """``t._version``; -1 for inference tensors, which keep no version counter; -2 for None."""
-    if t is None:
-        return -2
+def _version(t: Tensor) -> int:
+    """``t._version``; -1 for inference tensors, which keep no version counter."""
     try:
         return t._version
     except RuntimeError:  # "Inference tensors do not track version counter"
@@ -192,13 +189,13 @@ class _Entry:
         "requires_grad",
         "state",
         "storage",
-        "total",
         "tracked",
+        "versions",
         "x",
     )
 
     def __init__(
-        self, x: Tensor, p: nn.Module, state: tuple[Tensor | None, ...], out: Tensor
+        self, x: Tensor, state: tuple[Tensor | None, ...], plain: bool, out: Tensor
     ) -> None:
         # Weak: a stale entry must not keep a replaced original (and its .grad) alive.
         # Module._apply and load_state_dict drop the cache before torch.utils.swap_tensors,
@@ -213,27 +210,28 @@ class _Entry:
         self.storage = x.detach()
         self.dtype = x.dtype
         self.requires_grad = x.requires_grad
-        # p's own tensors, held strongly (they belong to p, which holds this entry), compared by
-        # identity: a re-assigned buffer is a miss even if its id were recycled. Also written
-        # straight into ``p._buffers`` (torch.func.functional_call does), so compared on each
-        # read; ``bufs``: the plain case (buffers only), compared without building ``state``.
-        plain = not (p._modules or p._parameters)
-        self.bufs = tuple(p._buffers.values()) if plain else None
+        # p's own tensors (read before the map ran), held strongly (they belong to p, which
+        # holds this entry), compared by identity: a re-assigned buffer is a miss even if its
+        # id were recycled. Also written straight into ``p._buffers`` (torch.func.functional_call
+        # does), so compared on each read. ``plain`` (p has buffers only): ``state`` is then
+        # ``tuple(p._buffers.values())``, compared as ``bufs`` without calling _state_tensors.
+        self.bufs = state if plain else None
         self.state = None if plain else state
         self.out = out
-        # Version counters only grow, so one sum over x's alias, the returned value and p's
-        # tensors tells whether any of them was modified in place.
+        # One tuple of versions for x (its alias shares x's counter), the returned value and
+        # p's tensors: any in-place change of one of them is a miss. (Compared as a tuple, not
+        # a sum: torch.utils.swap_tensors can lower a counter.)
         self.tracked = (self.storage, out, *(t for t in state if t is not None))
-        self.total = sum(map(_version, self.tracked))
+        self.versions = tuple(map(_version, self.tracked))
 
     def matches(self, x: Tensor, p: nn.Module) -> bool:
         # Read on every hit: plain attribute reads and C calls, cheapest first. ``is_set_to``:
         # the same storage (so the same device), offset, shape and strides as the alias this
         # entry holds: one call for what ``x.data = ...`` can change.
         try:
-            unchanged = sum(map(_VERSION, self.tracked)) == self.total
+            unchanged = tuple(map(_VERSION, self.tracked)) == self.versions
         except RuntimeError:  # an inference tensor (no version counter): the careful way
-            unchanged = sum(map(_version, self.tracked)) == self.total
+            unchanged = tuple(map(_version, self.tracked)) == self.versions
         return (
             unchanged
             and self.x() is x
@@ -427,16 +425,17 @@ def evaluate(p: Parametrization, x: Tensor) -> Tensor:
         _STEPS.install()
 
     state = _state_tensors(p)
+    plain = not (p._modules or p._parameters)
     inner = p._map(x)
     inputs = tuple(t for t in (x, *state) if t is not None and t.requires_grad)
     if inner.requires_grad and inputs:
         graph = _GraphState(inner, inputs, slot, drop_on_backward=token is _AUTO)
         out = _Reuse.apply(graph, *inputs)
-        entry = _Entry(x, p, state, out)
+        entry = _Entry(x, state, plain, out)
         graph.entry = weakref.ref(entry)
     else:
         out = inner
-        entry = _Entry(x, p, state, out)
+        entry = _Entry(x, state, plain, out)
     if scope is not None and not any(k[0] is scope for k in slot.entries):
         scope.slots.append(weakref.ref(slot))
     slot.entries[key] = entry

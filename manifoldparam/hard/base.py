@@ -92,7 +92,8 @@ class Parametrization(nn.Module):
         # what the map computes, which no tensor's version shows. (A new buffer object is also
         # seen by the cache's identity check, which covers writes into ``_buffers``.)
         super().__setattr__(name, value)
-        if "_modules" in self.__dict__:  # (not before nn.Module.__init__)
+        # (Not before nn.Module.__init__, and not for ``training``: train()/eval() keep it.)
+        if name != "training" and "_modules" in self.__dict__:
             invalidate(self)
 
     def __delattr__(self, name: str) -> None:

@@ -713,6 +713,8 @@ def expm_skew(lower: Tensor, *, max_squarings: int | None = None) -> Tensor:
     skew test of the norm read is skipped.
     """
     _check(lower, max_squarings)
+    if lower.dtype in (torch.float16, torch.bfloat16):  # L - Lᴴ in float32, as in expm
+        return expm_skew(lower.float(), max_squarings=max_squarings).to(lower.dtype)
     return expm_projected(lower - lower.mH, max_squarings=max_squarings)
 
 
@@ -723,7 +725,9 @@ def expm_projected(a: Tensor, *, max_squarings: int | None = None) -> Tensor:
 
     For a construction of ``A`` from free coordinates whose own backward applies ``P``, such
     as ``A = L - Lᴴ`` (:func:`expm_skew`, ``Orthogonal.skew``). Not a general ``expm``: its
-    gradient w.r.t. ``A`` itself is not ``Ā``.
+    gradient w.r.t. ``A`` itself is not ``Ā``, and for an ``A`` that is not skew even the value
+    is wrong (the Taylor path's scaling uses the bound ``ρ(A) ≤ ‖A²‖₁^½``, true only for
+    normal ``A``; the skew test is skipped).
     """
     return _expm(a, max_squarings, projected=True)
 
