@@ -294,6 +294,18 @@ def _plus_identity(x: Tensor, c: float) -> Tensor:
     return x
 
 
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _add_product(c: Tensor, x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
+    """``c + alpha·(x @ y)``, in place on ``c`` (a fresh temporary): for single matrices one
+    GEMM that accumulates into ``c`` (an elementwise pass fewer). Not under ``torch.func``
+    transforms, which have no batching rule for ``addmm_``."""
+    if c.dim() == 2 and x.dim() == 2 and y.dim() == 2 and not _is_wrapped(c):
+        return c.addmm_(x, y, alpha=alpha)
+    return c.add_(x @ y, alpha=alpha)
+
+
 def _combine(x: Tensor, y: Tensor, z: Tensor, cx: float, cy: float, cz: float) -> Tensor:
     """``cx·x + cy·y + cz·z`` in three kernels (a fresh tensor, differentiable)."""
     return (x * cx).add_(y, alpha=cy).add_(z, alpha=cz)
@@ -372,7 +384,7 @@ def _taylor8(a: Tensor, a2: Tensor) -> tuple[Tensor, ...]:
     a4 = a2 @ p1
     q1 = (a2 * _X3).add_(a4)
     q2 = _plus_identity(_combine(a, a2, a4, _X5, _X6, _X7), _X4)
-    r = _plus_identity((q1 @ q2).add_(a2, alpha=_Y2).add_(a), 1.0)
+    r = _plus_identity(_add_product(torch.add(a, a2, alpha=_Y2), q1, q2), 1.0)
     return r, p1, a4, q1, q2
 
 
@@ -438,7 +450,8 @@ def _forward(a: Tensor, max_squarings: int | None, skew: bool = False) -> tuple:
 
 
 def _tail(ga: Tensor, ga2: Tensor, a: Tensor, projected: bool) -> Tensor:
-    """The last step of the adjoint, ``A² = A·A``: ``Ā = ga + ga2·Aᴴ + Aᴴ·ga2``.
+    """The last step of the adjoint, ``A² = A·A``: ``Ā = ga + ga2·Aᴴ + Aᴴ·ga2`` (``ga``, a
+    fresh temporary, is updated in place on the projected path).
 
     ``projected`` (``A`` skew by construction, e.g. ``L - Lᴴ`` made by :func:`expm_skew`,
     whose only use of ``Ā`` is ``P(Ā) = Ā - Āᴴ``, the gradient w.r.t. ``L``): with
@@ -449,7 +462,7 @@ def _tail(ga: Tensor, ga2: Tensor, a: Tensor, projected: bool) -> Tensor:
     in its backward.
     """
     if projected:
-        return ga - (ga2 + ga2.mH) @ a
+        return _add_product(ga, ga2 + ga2.mH, a, alpha=-1.0)
     ah = a.mH
     return ga + ga2 @ ah + ah @ ga2
 
@@ -672,9 +685,19 @@ class _Expm(_ExpmNoJvp):
         return (lx, *([None] * len(saved)), None)
 
 
+#: What ``Function.apply`` calls once it has bound default arguments through
+#: ``inspect.signature`` (tens of µs per call, for a Function whose arguments are always all
+#: passed) and unwrapped dead functorch wrappers.
+_base_apply = super(torch.autograd.Function, _Expm).apply
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
 def _apply(a: Tensor, max_squarings: int | None, projected: bool = False) -> tuple:
-    fn = _ExpmNoJvp if torch.compiler.is_compiling() else _Expm
-    return fn.apply(a, max_squarings, projected)
+    if torch.compiler.is_compiling():
+        return _ExpmNoJvp.apply(a, max_squarings, projected)
+    if _functorch_active() or _is_wrapped(a):
+        return _Expm.apply(a, max_squarings, projected)
+    return _base_apply(a, max_squarings, projected)
 
 
 def _check(a: Tensor, max_squarings: int | None) -> None:
