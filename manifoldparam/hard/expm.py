@@ -307,7 +307,10 @@ def _add_product(c: Tensor, x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
 
 
 def _combine(x: Tensor, y: Tensor, z: Tensor, cx: float, cy: float, cz: float) -> Tensor:
-    """``cx·x + cy·y + cz·z`` in three kernels (a fresh tensor, differentiable)."""
+    """``cx·x + cy·y + cz·z`` in three kernels, two when ``cx = 1`` (a fresh tensor,
+    differentiable)."""
+    if cx == 1.0:
+        return torch.add(x, y, alpha=cy).add_(z, alpha=cz)
     return (x * cx).add_(y, alpha=cy).add_(z, alpha=cz)
 
 
@@ -382,7 +385,7 @@ def _taylor8(a: Tensor, a2: Tensor) -> tuple[Tensor, ...]:
     """T_8(A) at the (scaled) A and A², and the intermediates its derivatives need."""
     p1 = (a * _X1).add_(a2, alpha=_X2)
     a4 = a2 @ p1
-    q1 = (a2 * _X3).add_(a4)
+    q1 = torch.add(a4, a2, alpha=_X3)
     q2 = _plus_identity(_combine(a, a2, a4, _X5, _X6, _X7), _X4)
     r = _plus_identity(_add_product(torch.add(a, a2, alpha=_Y2), q1, q2), 1.0)
     return r, p1, a4, q1, q2
@@ -482,7 +485,7 @@ def _adjoint(
     # Squarings, reversed: X_{j+1} = X_j X_j.
     for j in range(s_max - 1, -1, -1):
         xj = sq[j].mH
-        gj = xj @ g + g @ xj
+        gj = _add_product(xj @ g, g, xj)
         g = gj if uniform else torch.where(_expand(s > j), gj, g)
     if m == _TAYLOR:
         ga = _adjoint_taylor(g, a, a2, a4, a6, w, w1, projected)
@@ -538,8 +541,8 @@ def _adjoint_taylor(
     """Reverse-mode derivative of :func:`_taylor8` (six products; five with ``projected``)."""
     g_q1 = g @ q2.mH
     g_q2 = q1.mH @ g
-    g_a4 = g_q1 + _X7 * g_q2
-    ga2 = _combine(g, g_q2, g_q1, _Y2, _X6, _X3).add_(g_a4 @ p1.mH)
+    g_a4 = torch.add(g_q1, g_q2, alpha=_X7)
+    ga2 = _add_product(_combine(g, g_q2, g_q1, _Y2, _X6, _X3), g_a4, p1.mH)
     g_p1 = a2.mH @ g_a4
     ga2 = ga2.add_(g_p1, alpha=_X2)
     return _tail(_combine(g, g_q2, g_p1, 1.0, _X5, _X1), ga2, a, projected)
@@ -600,7 +603,7 @@ def _tangent_squarings(lx: Tensor, sq: Tensor, s: Tensor, s_max: int, uniform: b
     """Forward-mode derivative of :func:`_squarings`."""
     for j in range(s_max):
         xj = sq[j]
-        lj = xj @ lx + lx @ xj
+        lj = _add_product(xj @ lx, lx, xj)
         lx = lj if uniform else torch.where(_expand(s > j), lj, lx)
     return lx
 
