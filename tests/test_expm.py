@@ -395,7 +395,8 @@ def test_host_reads():
     assert calls == ["tolist"]  # ‖A‖, ‖A²‖: Taylor T8, nothing else
     with _count_host_reads() as calls:
         y = expm(a)
-    assert calls == ["tolist", "tolist"]  # ‖A‖, ‖A²‖ (too large for T8), then Padé's norms
+    # ‖A‖, ‖A²‖ (too large for T8), ‖A⁴‖ (still too large), then Padé's norms.
+    assert calls == ["tolist", "tolist", "tolist"]
     with _count_host_reads() as calls:
         y.backward(g)
     assert calls == []
@@ -404,6 +405,25 @@ def test_host_reads():
         z.backward(g)
     assert calls == []
     assert _rel(z, y) < 1e-13
+
+
+def test_sharper_d4_keeps_taylor_where_the_a2_bound_fails():
+    """Skew A (float64, n = 32, ρ = 0.12): ‖A²‖₁^½ = 0.177 asks for 3 squarings of T_8 (more
+    than the 2 allowed, hence Padé 13 before), ‖A⁴‖₁^¼ = 0.146 (also a bound on ρ) for 2:
+    T_8 it is, after a second host read, with the value and gradient of matrix_exp."""
+    from manifoldparam.hard.expm import _forward
+
+    gen = torch.Generator().manual_seed(5)
+    low = torch.randn(32, 32, generator=gen, dtype=F64).tril(-1)
+    a = low - low.mT
+    a = a * (0.12 / torch.linalg.matrix_norm(a, 2))
+    assert _forward(a, None)[2][:2] == (8, 2)
+    with _count_host_reads() as calls:
+        y = expm(a)
+    assert calls == ["tolist", "tolist"]
+    assert _rel(y, torch.linalg.matrix_exp(a)) < 1e-14
+    g = torch.randn(32, 32, generator=gen, dtype=F64)
+    assert _rel(_grad(expm, a, g), _grad(torch.linalg.matrix_exp, a, g)) < 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex128])

@@ -6,8 +6,9 @@ Small norms first. If every matrix has :math:`\alpha = \max(\|A^2\|_1^{1/2},
 0.445` in float32, :math:`0.038` in float64), the result is the degree-8 Taylor polynomial
 :math:`T_8(2^{-s}A)^{2^s}`, :math:`s \le 2` (:math:`s \le 1` in float32), evaluated in three
 products (Bader, Blanes & Casas 2019; the scheme ``torch.linalg.matrix_exp`` also uses): no LU,
-no solve, a backward of six products. This is the regime of a trained orthogonal weight near
-its base point (e.g. ρ(A) ≲ 0.6 at n = 190). Otherwise:
+no solve, a backward of six products. When that bound fails, :math:`A^4` (which Padé needs
+anyway) gives the sharper :math:`d_4 = \|A^4\|_1^{1/4}` for a second try. This is the regime
+of a trained orthogonal weight near its base point (e.g. ρ(A) ≲ 0.75 at n = 190). Otherwise:
 
 What is computed. :func:`expm` returns :math:`X = r_m(2^{-s}A)^{2^s} \approx \exp(A)` for a
 (batched) square matrix :math:`A` of shape ``(*batch, n, n)``, where :math:`r_m = q_m^{-1}p_m`
@@ -71,9 +72,13 @@ double backward (Hessian-vector products) is exact for the approximant; without
 ``create_graph`` it uses the saved intermediates.
 
 Host syncs. Choosing the method and :math:`s` needs the norms on the host: one read of
-:math:`\|A\|_1, \|A^2\|_1` (the Taylor test); when that fails, a second read of the norms of
-:math:`A^2, A^4, A^6` (the choice is then scalar arithmetic on the host; nothing else syncs,
-the backward and jvp none; a third read only on the overflow path). This
+:math:`\|A\|_1, \|A^2\|_1` (the Taylor test); when that fails, a second read, of
+:math:`\|A^4\|_1` (the Taylor test again with the sharper :math:`d_4 = \|A^4\|^{1/4}`: a
+trained RNN kernel with :math:`\rho(A) \approx 0.6` has :math:`\|A^2\|_1^{1/2} \approx 0.9`
+but :math:`d_4 \approx 0.65`, so it keeps :math:`T_8` with one squaring instead of Padé 7);
+when that fails too, a third read of the norms of :math:`A^2, A^4, A^6` (the choice is then
+scalar arithmetic on the host; nothing else syncs, the backward and jvp none; a fourth read
+only on the overflow path). :math:`A^4` is computed once, for both. This
 is the same kind of sync as ``torch.linalg.matrix_exp``'s own norm-dependent branching; the
 alternative, a fixed maximum number of masked squarings, would cost one product per unused
 squaring on every call (and two in the backward). ``max_squarings=k`` selects that sync-free
@@ -356,22 +361,27 @@ def _head_norms(a: Tensor, a2: Tensor, skew: bool = False) -> list[list[float]]:
     return torch.stack([_norm1(a), n2, _skew(a)], dim=-1).reshape(-1, 3).tolist()
 
 
-def _taylor_choice(rows: list[list[float]], single: bool) -> list[int] | None:
+def _taylor_choice(
+    rows: list[list[float]], single: bool, n4: list[float] | None = None
+) -> list[int] | None:
     """Squarings per matrix for T_8, or None when Padé is cheaper (or a norm is not finite).
 
-    From ``rows`` = :func:`_head_norms` (``‖A‖₁``, ``‖A²‖₁``, skew per matrix). The tail of
-    T_8 starts at degree 9 (degree 8 for its derivative), so it is bounded through
-    ``α₃ = max(d₃, d₄)`` (Al-Mohy & Higham 2009, Lemma 4.1, p = 3) with ``d₄ ≤ ‖A²‖^{1/2}`` and
-    ``d₃ ≤ (‖A‖·‖A²‖)^{1/3}``; for skew A, ``α₃ ≤ ‖A²‖₁^{1/2}`` (:func:`_skew`). No
-    product beyond A² is spent on choosing.
+    From ``rows`` = :func:`_head_norms` (``‖A‖₁``, ``‖A²‖₁``, skew per matrix) and, when
+    given, ``n4`` = ``‖A⁴‖₁`` per matrix. The tail of T_8 starts at degree 9 (degree 8 for its
+    derivative), so it is bounded through ``α₃ = max(d₃, d₄)`` (Al-Mohy & Higham 2009, Lemma
+    4.1, p = 3) with ``d₄ = ‖A⁴‖^{1/4} ≤ ‖A²‖^{1/2}`` and ``d₃ ≤ (‖A‖·‖A²‖)^{1/3}``; for skew A,
+    ``α₃ = ρ(A) ≤ d₄`` (:func:`_skew`). ``‖A²‖^{1/2}`` can be 1.5x ``ρ(A)`` where ``d₄`` is
+    1.2x (a trained RNN kernel, n = 190): :func:`_forward` computes ``A⁴`` (which Padé needs
+    anyway) and asks again before it gives up on T_8.
     """
     if not rows:
         return None
     ell = _ELL8_F32 if single else _ELL8_F64
     cap = _TAYLOR_MAX_SQUARINGS_F32 if single else _TAYLOR_MAX_SQUARINGS
     s_list = []
-    for n1, n2, skew in rows:
-        alpha = n2**0.5 if skew else max(n2**0.5, (n1 * n2) ** (1 / 3))
+    for i, (n1, n2, skew) in enumerate(rows):
+        d4 = n2**0.5 if n4 is None else min(n2**0.5, n4[i] ** 0.25)
+        alpha = d4 if skew else max(d4, (n1 * n2) ** (1 / 3))
         if not math.isfinite(alpha):
             return None
         s8 = max(math.ceil(math.log2(alpha / ell)), 0) if alpha > 0 else 0
@@ -413,6 +423,9 @@ def _forward(a: Tensor, max_squarings: int | None, skew: bool = False) -> tuple:
         single = a.dtype in (torch.float32, torch.complex64)
         head = _head_norms(a, a2, skew)
         s_list = _taylor_choice(head, single)
+        if s_list is None:  # the sharper d₄ = ‖A⁴‖^{1/4}, from the A⁴ Padé would compute
+            a4 = a2 @ a2
+            s_list = _taylor_choice(head, single, _norm1(a4).reshape(-1).tolist())
         if s_list is not None:
             real = a.real.dtype if a.is_complex() else a.dtype
             s8 = torch.tensor(s_list, dtype=real, device=a.device).reshape(a.shape[:-2])
@@ -423,7 +436,8 @@ def _forward(a: Tensor, max_squarings: int | None, skew: bool = False) -> tuple:
             return x, saved, (_TAYLOR, s_max, uniform)
         if skew:  # ‖A‖₁ was not read (the overflow test of _choose_on_host needs it)
             head = None
-    a4 = a2 @ a2
+    else:
+        a4 = a2 @ a2
     a6 = a4 @ a2
     m, s, s_max, uniform, overflow = _choose(a, a2, a4, a6, max_squarings, head)
     f = None
