@@ -182,10 +182,10 @@ class _Entry:
 
     __slots__ = (
         "__weakref__",
-        "bufs",
         "dtype",
         "epoch",
         "out",
+        "plain",
         "requires_grad",
         "state",
         "storage",
@@ -214,9 +214,9 @@ class _Entry:
         # holds this entry), compared by identity: a re-assigned buffer is a miss even if its
         # id were recycled. Also written straight into ``p._buffers`` (torch.func.functional_call
         # does), so compared on each read. ``plain`` (p has buffers only): ``state`` is then
-        # ``tuple(p._buffers.values())``, compared as ``bufs`` without calling _state_tensors.
-        self.bufs = state if plain else None
-        self.state = None if plain else state
+        # ``tuple(p._buffers.values())``, compared without calling _state_tensors.
+        self.state = state
+        self.plain = plain
         self.out = out
         # One tuple of versions for x (its alias shares x's counter), the returned value and
         # p's tensors: any in-place change of one of them is a miss. (Compared as a tuple, not
@@ -243,11 +243,12 @@ class _Entry:
         )
 
     def _same_state(self, p: nn.Module) -> bool:
-        if self.bufs is not None:
-            bufs = p._buffers
-            return len(bufs) == len(self.bufs) and all(map(operator.is_, bufs.values(), self.bufs))
-        state = _state_tensors(p)
-        assert self.state is not None
+        if self.plain:  # still buffers only (a parameter or submodule added since is a miss)
+            if p._parameters or p._modules:
+                return False
+            state = p._buffers.values()
+        else:
+            state = _state_tensors(p)
         return len(state) == len(self.state) and all(map(operator.is_, state, self.state))
 
 

@@ -96,18 +96,6 @@ class Parametrization(nn.Module):
         if name != "training" and "_modules" in self.__dict__:
             invalidate(self)
 
-    def __delattr__(self, name: str) -> None:
-        super().__delattr__(name)
-        invalidate(self)
-
-    def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
-        super().register_buffer(name, tensor, persistent)
-        invalidate(self)
-
-    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
-        super().register_parameter(name, param)
-        invalidate(self)
-
     # ----------------------------------------------------------------- subclass API
     def _map(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
