@@ -740,7 +740,7 @@ def expm(a: Tensor, *, max_squarings: int | None = None) -> Tensor:
             (one host read per call). An int ``k``: no host read; always ``k`` (masked)
             squarings, accurate while ``‖a‖ ≲ 4·2^k``.
     """
-    return _expm(a, max_squarings, projected=False)
+    return _expm(a, max_squarings, projected=False)[0]
 
 
 def expm_skew(lower: Tensor, *, max_squarings: int | None = None) -> Tensor:
@@ -769,13 +769,19 @@ def expm_projected(a: Tensor, *, max_squarings: int | None = None) -> Tensor:
     is wrong (the Taylor path's scaling uses the bound ``ρ(A) ≤ ‖A²‖₁^½``, true only for
     normal ``A``; the skew test is skipped).
     """
-    return _expm(a, max_squarings, projected=True)
+    return _expm(a, max_squarings, projected=True)[0]
 
 
-def _expm(a: Tensor, max_squarings: int | None, projected: bool) -> Tensor:
+def _expm(a: Tensor, max_squarings: int | None, projected: bool) -> tuple[Tensor, bool]:
+    """``(exp(a), taylor)``: ``taylor`` is True when the result is the Taylor path's
+    :math:`T_8(2^{-s}A)^{2^s}` in float32/float64 (at most one squaring in float32, two in
+    float64), whose round-off is a few ulps: for a skew ``a``, ``max|XᵀX - I|`` is then already
+    at the level of a float32 Gram product, so the orthogonal map skips its Newton--Schulz
+    correction (it pays after Padé and more squarings, where round-off grows with ``2^s``)."""
     _check(a, max_squarings)
     if a.dtype in (torch.float16, torch.bfloat16):
-        return _expm(a.float(), max_squarings, projected).to(a.dtype)
+        return _expm(a.float(), max_squarings, projected)[0].to(a.dtype), False
     if a.shape[-1] == 0:
-        return a.clone()
-    return _apply(a, max_squarings, projected)[0]
+        return a.clone(), True
+    out = _apply(a, max_squarings, projected)
+    return out[0], out[-1][0] == _TAYLOR
