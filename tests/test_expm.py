@@ -426,6 +426,40 @@ def test_sharper_d4_keeps_taylor_where_the_a2_bound_fails():
     assert _rel(_grad(expm, a, g), _grad(torch.linalg.matrix_exp, a, g)) < 1e-12
 
 
+@pytest.mark.parametrize("projected", [False, True])
+def test_frobenius_bound_keeps_taylor_without_a4(projected):
+    """A float32 skew A whose spectrum is dominated by a few eigenvalue pairs (as a trained
+    RNN kernel's): ‖A²‖₁^½ > 0.88 would need two squarings of T_8 (float32 allows one), but
+    ρ(A)² ≤ ‖A²‖_F gives 0.75: T_8 with one squaring, chosen after one host read (no A⁴), with
+    matrix_exp's value and gradient (the projected variant: its skew part)."""
+    from manifoldparam.hard.expm import _forward, expm_projected
+
+    n = 64
+    gen = torch.Generator().manual_seed(8)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))
+    theta = torch.cat([torch.tensor([0.6, 0.45, 0.3]), 0.2 * torch.rand(n // 2 - 3, generator=gen)])
+    block = torch.zeros(n, n, dtype=F64)
+    i = torch.arange(0, n, 2)
+    block[i + 1, i], block[i, i + 1] = theta.double(), -theta.double()
+    a64 = q @ block @ q.mT
+    a = (a64 - a64.mT).float() / 2  # exactly skew in float32
+    a2 = (a @ a).double()
+    assert float(a2.abs().sum(0).max()) ** 0.5 > 0.88 > float(torch.linalg.matrix_norm(a2)) ** 0.5
+    assert _forward(a, None, skew=projected)[2][:2] == (8, 1)
+    fn = expm_projected if projected else expm
+    with _count_host_reads() as calls:
+        y = fn(a)
+    assert calls == ["tolist"]
+    assert _rel(y.double(), torch.linalg.matrix_exp(a.double())) < 1e-6
+    g = torch.randn(n, n, generator=gen, dtype=F64)
+    x = a.double().requires_grad_()
+    (ref,) = torch.autograd.grad(torch.linalg.matrix_exp(x), x, g)
+    got = _grad(fn, a, g.float()).double()
+    if projected:  # only the skew part is the gradient
+        got, ref = got - got.mT, ref - ref.mT
+    assert _rel(got, ref) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex128])
 def test_host_choice_is_the_device_formula(dtype):
     """The default mode chooses (m, s) on the host from the read norms; the sync-free mode
