@@ -4,6 +4,8 @@ Run (CPU, 2 threads; about 2-4 minutes with the defaults)::
 
     python benchmarks/rnn_step.py                       # n=190, T=100, batch 128
     python benchmarks/rnn_step.py --rounds 3 --no-uncached  # quicker
+    python benchmarks/rnn_step.py --rounds 301 --steps 1 --only 'cached(),auto,geoopt'
+                                                        # head to head, tighter quartiles
 
 The model is expRNN's copy-task cell (``examples/copy_task.py``): one-hot inputs (10),
 ``h_t = modReLU(W h_{t-1} + U x_t)``, a linear read-out to 9 classes, cross-entropy over all
@@ -32,8 +34,9 @@ Rounds are interleaved across variants in one process (each round runs ``--steps
 every variant, in a rotated order); the table reports the median seconds per step over rounds,
 the median over rounds of the ratio to the unconstrained step *of the same round* (with its
 quartiles: the machine's speed drifts between rounds), and the median extra milliseconds.
-Below it, our ``cached()`` step over each peer's step of the same round (median, quartiles,
-and in how many rounds ours was the faster): the direct comparison, with the same pairing.
+Below it, our ``cached()`` and automatic steps over each peer's step of the same round
+(median, quartiles, and in how many rounds ours was the faster): the direct comparison, with
+the same pairing.
 """
 
 from __future__ import annotations
@@ -196,10 +199,21 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--steps", type=int, default=2, help="steps per variant per round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-uncached", action="store_true", help="skip the slow uncached run")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated substrings: run only the variants whose name contains one "
+        "(the unconstrained reference always runs), e.g. --only 'cached(),auto,geoopt'",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = make_variants(args.n, args.T - 20, args.batch, not args.no_uncached)
+    if args.only:
+        keep = [k.strip() for k in args.only.split(",")]
+        variants = {
+            k: v for k, v in variants.items() if k == "unconstrained" or any(s in k for s in keep)
+        }
     names = list(variants)
     for step in variants.values():  # warm-up
         step()
@@ -240,12 +254,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             f"| {k} | {v['median_ms']:.1f} | {v['ratio']:.3f}x "
             f"[{v['ratio_q1']:.3f}, {v['ratio_q3']:.3f}] | {v['extra_ms']:+.1f} |"
         )
-    # The peers against our cached step directly, paired per round as above.
-    ours = "manifoldparam cached()"
+    # The peers against our cached steps directly, paired per round as above.
     print()
-    for peer in ("geotorch + parametrize.cached()", "geoopt RiemannianAdam"):
-        if peer not in times:
-            continue
+    pairs = [
+        (ours, peer)
+        for ours in ("manifoldparam cached()", "manifoldparam auto")
+        for peer in ("geotorch + parametrize.cached()", "geoopt RiemannianAdam")
+        if ours in times and peer in times
+    ]
+    for ours, peer in pairs:
         r = [a / b for a, b in zip(times[ours], times[peer], strict=True)]
         q1, _, q3 = statistics.quantiles(r, n=4) if len(r) > 1 else (r * 3)
         faster = sum(x < 1.0 for x in r)

@@ -460,6 +460,25 @@ def test_frobenius_bound_keeps_taylor_without_a4(projected):
     assert _rel(got, ref) < 1e-5
 
 
+def test_projected_reads_the_one_norm_when_the_frobenius_bound_fails():
+    """expm_projected reads ‖A²‖_F first; for a flat spectrum (a random skew A) ‖A²‖₁ is the
+    sharper bound and is read second: T_8 with one squaring after two reads, no A⁴."""
+    from manifoldparam.hard.expm import _forward, expm_projected
+
+    gen = torch.Generator().manual_seed(9)
+    low = torch.randn(96, 96, generator=gen).tril(-1)
+    a = low - low.mT
+    a2 = (a @ a).double()
+    a = a * (0.85 / float(a2.abs().sum(0).max()) ** 0.5)  # ‖A²‖₁^½ = 0.85
+    a2 = (a @ a).double()
+    assert float(torch.linalg.matrix_norm(a2)) ** 0.5 > 0.88 > float(a2.abs().sum(0).max()) ** 0.5
+    assert _forward(a, None, skew=True)[2][:2] == (8, 1)
+    with _count_host_reads() as calls:
+        y = expm_projected(a)
+    assert calls == ["tolist", "tolist"]
+    assert _rel(y, torch.linalg.matrix_exp(a.double())) < 1e-6
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex128])
 def test_host_choice_is_the_device_formula(dtype):
     """The default mode chooses (m, s) on the host from the read norms; the sync-free mode

@@ -75,13 +75,13 @@ double backward (Hessian-vector products) is exact for the approximant; without
 ``create_graph`` it uses the saved intermediates.
 
 Host syncs. Choosing the method and :math:`s` needs the norms on the host: one read of
-:math:`\|A\|_1, \|A^2\|_1` (the Taylor test); when that fails, a second read, of
-:math:`\|A^4\|_1` (the Taylor test again with the sharper :math:`d_4 = \|A^4\|^{1/4}`: a
-trained RNN kernel with :math:`\rho(A) \approx 0.6` has :math:`\|A^2\|_1^{1/2} \approx 0.9`
-but :math:`d_4 \approx 0.65`, so it keeps :math:`T_8` with one squaring instead of Padé 7);
-when that fails too, a third read of the norms of :math:`A^2, A^4, A^6` (the choice is then
-scalar arithmetic on the host; nothing else syncs, the backward and jvp none; a fourth read
-only on the overflow path). :math:`A^4` is computed once, for both. This
+:math:`\|A\|_1, \|A^2\|_1, \|A^2\|_F` (the Taylor test; for :func:`expm_projected`, of
+:math:`\|A^2\|_F` alone, then :math:`\|A^2\|_1` in a second read only if that fails); when
+that fails, a read of :math:`\|A^4\|_1` (the Taylor test again with :math:`d_4 =
+\|A^4\|^{1/4}`, which can be sharper again); when that fails too, a read of the norms of
+:math:`A^2, A^4, A^6` (the choice is then scalar arithmetic on the host; nothing else syncs,
+the backward and jvp none; one more read only on the overflow path). :math:`A^4` is computed
+once, for both. This
 is the same kind of sync as ``torch.linalg.matrix_exp``'s own norm-dependent branching; the
 alternative, a fixed maximum number of masked squarings, would cost one product per unused
 squaring on every call (and two in the backward). ``max_squarings=k`` selects that sync-free
@@ -360,11 +360,13 @@ def _head_norms(a: Tensor, a2: Tensor, skew: bool = False) -> list[list[float]]:
     the sharper one when a few eigenvalues dominate (a trained RNN kernel, n = 190: ``‖A²‖₁^½
     = 0.91``, ``‖A²‖_F^½ = 0.74``, ``ρ = 0.60``), at the cost of a pass instead of the product
     ``A⁴``. ``skew=True``: A is skew by construction (:func:`expm_projected`): the test is not
-    run and ``‖A‖₁`` is not read (NaN; :func:`_forward` reads the norms again for Padé)."""
-    n2 = _norm1(a2)
-    sharp = torch.minimum(n2, torch.linalg.matrix_norm(a2).to(n2.dtype))
+    run, ``‖A‖₁`` is not read (NaN; :func:`_forward` reads the norms again for Padé), and
+    ``ν₂ = ‖A²‖_F`` alone (one reduction; :func:`_forward` reads ``‖A²‖₁`` if it is needed)."""
+    fro = torch.linalg.matrix_norm(a2)
     if skew:
-        return [[math.nan, v, 1.0] for v in sharp.reshape(-1).tolist()]
+        return [[math.nan, v, 1.0] for v in fro.reshape(-1).tolist()]
+    n2 = _norm1(a2)
+    sharp = torch.minimum(n2, fro.to(n2.dtype))
     is_skew = _skew(a)
     n2 = torch.where(is_skew.bool(), sharp, n2)
     return torch.stack([_norm1(a), n2, is_skew], dim=-1).reshape(-1, 3).tolist()
@@ -401,22 +403,23 @@ def _taylor_choice(
 
 
 def _taylor8(a: Tensor, a2: Tensor) -> tuple[Tensor, ...]:
-    """T_8(A) at the (scaled) A and A², and the intermediates its derivatives need."""
+    """T_8(A) at the (scaled) A and A², and the intermediates its derivatives need
+    (``R, P₁, Q₁, Q₂``; the derivatives do not need ``A₄``, which becomes ``Q₁`` in place)."""
     p1 = (a * _X1).add_(a2, alpha=_X2)
     a4 = a2 @ p1
-    q1 = torch.add(a4, a2, alpha=_X3)
     q2 = _plus_identity(_combine(a, a2, a4, _X5, _X6, _X7), _X4)
+    q1 = a4.add_(a2, alpha=_X3)  # (autograd-safe: no recorded op saved A₄)
     r = _plus_identity(_add_product(torch.add(a, a2, alpha=_Y2), q1, q2), 1.0)
-    return r, p1, a4, q1, q2
+    return r, p1, q1, q2
 
 
 def _taylor_saved(a: Tensor, a2: Tensor, s: Tensor, s_max: int, uniform: bool) -> tuple:
     """Forward of the Taylor path at the scaled A; saved in the Padé layout (see _forward)."""
-    r, p1, a4, q1, q2 = _taylor8(a, a2)
+    r, p1, q1, q2 = _taylor8(a, a2)
     x, sq = _squarings(r, s, s_max, uniform)
     empty = a[..., :0, :0]
     piv = torch.zeros((*a.shape[:-2], 0), dtype=torch.int32, device=a.device)
-    return x, (a, a2, p1, a4, q1, q2, empty, empty, piv, r, sq, s)
+    return x, (a, a2, p1, empty, q1, q2, empty, empty, piv, r, sq, s)
 
 
 def _forward(a: Tensor, max_squarings: int | None, skew: bool = False) -> tuple:
@@ -424,7 +427,7 @@ def _forward(a: Tensor, max_squarings: int | None, skew: bool = False) -> tuple:
     construction, see :func:`_head_norms`).
 
     Saved layout ``(A, A², A⁴, A⁶, W, W₁, Z₁, LU, piv, R, squares, s)`` for Padé (m = 7, 13);
-    the Taylor path (m = 8) stores ``(A, A², P₁, A₄, Q₁, Q₂, -, -, -, R, squares, s)``.
+    the Taylor path (m = 8) stores ``(A, A², P₁, -, Q₁, Q₂, -, -, -, R, squares, s)``.
     """
     a2 = a @ a
     head = None
@@ -432,6 +435,10 @@ def _forward(a: Tensor, max_squarings: int | None, skew: bool = False) -> tuple:
         single = a.dtype in (torch.float32, torch.complex64)
         head = _head_norms(a, a2, skew)
         s_list = _taylor_choice(head, single)
+        if s_list is None and skew:  # ‖A²‖_F failed: ‖A²‖₁ may be the sharper (flat spectra)
+            n2 = _norm1(a2).reshape(-1).tolist()
+            head = [[h[0], min(h[1], v), h[2]] for h, v in zip(head, n2, strict=True)]
+            s_list = _taylor_choice(head, single)
         if s_list is None:  # the sharper d₄ = ‖A⁴‖^{1/4}, from the A⁴ Padé would compute
             a4 = a2 @ a2
             s_list = _taylor_choice(head, single, _norm1(a4).reshape(-1).tolist())
@@ -439,8 +446,9 @@ def _forward(a: Tensor, max_squarings: int | None, skew: bool = False) -> tuple:
             real = a.real.dtype if a.is_complex() else a.dtype
             s8 = torch.tensor(s_list, dtype=real, device=a.device).reshape(a.shape[:-2])
             s_max, uniform = max(s_list), max(s_list) == min(s_list)
-            if s_max > 0:
-                a, a2 = _scale(a, s8, s_max, uniform), _scale(a2, s8, s_max, uniform, 2)
+            if s_max > 0:  # (A² is a temporary of this function: scaled in place)
+                a = _scale(a, s8, s_max, uniform)
+                a2 = a2.mul_(4.0**-s_max) if uniform else _scale(a2, s8, s_max, uniform, 2)
             x, saved = _taylor_saved(a, a2, s8, s_max, uniform)
             return x, saved, (_TAYLOR, s_max, uniform)
         if skew:  # ‖A‖₁ was not read (the overflow test of _choose_on_host needs it)
@@ -510,11 +518,8 @@ def _adjoint(
         xj = sq[j].mH
         gj = _add_product(xj @ g, g, xj)
         g = gj if uniform else torch.where(_expand(s > j), gj, g)
-    if m == _TAYLOR:
-        ga = _adjoint_taylor(g, a, a2, a4, a6, w, w1, projected)
-        if s_max > 0:
-            ga = _scale(ga, s, s_max, uniform)
-        return ga
+    if m == _TAYLOR:  # (a4, w, w1 hold P₁, Q₁, Q₂)
+        return _unscale(_adjoint_taylor(g, a, a2, a4, w, w1, projected), s, s_max, uniform)
     # R = Q^{-1} P with Q = V - U, P = V + U.
     if solve_lu:
         gp = torch.linalg.lu_solve(lu, piv, g, adjoint=True)
@@ -544,11 +549,15 @@ def _adjoint(
     a2h = a2.mH
     ga4 = ga4 + ga6 @ a2h
     ga2 = ga2 + a4.mH @ ga6 + ga4 @ a2h + a2h @ ga4
-    ga = _tail(ga, ga2, a, projected)
-    # Scaling: A_s = 2^{-s} A.
-    if s_max > 0:
-        ga = _scale(ga, s, s_max, uniform)
-    return ga
+    return _unscale(_tail(ga, ga2, a, projected), s, s_max, uniform)
+
+
+def _unscale(ga: Tensor, s: Tensor, s_max: int, uniform: bool) -> Tensor:
+    """The last step of the adjoint, the scaling ``A_s = 2^{-s} A``: ``ga`` (a fresh temporary)
+    times ``2^{-s}``, in place when every matrix has the same ``s``."""
+    if s_max == 0:
+        return ga
+    return ga.mul_(2.0**-s_max) if uniform else _scale(ga, s, s_max, uniform)
 
 
 def _adjoint_taylor(
@@ -556,7 +565,6 @@ def _adjoint_taylor(
     a: Tensor,
     a2: Tensor,
     p1: Tensor,
-    a4: Tensor,
     q1: Tensor,
     q2: Tensor,
     projected: bool = False,
@@ -564,8 +572,9 @@ def _adjoint_taylor(
     """Reverse-mode derivative of :func:`_taylor8` (six products; five with ``projected``)."""
     g_q1 = g @ q2.mH
     g_q2 = q1.mH @ g
-    g_a4 = torch.add(g_q1, g_q2, alpha=_X7)
-    ga2 = _add_product(_combine(g, g_q2, g_q1, _Y2, _X6, _X3), g_a4, p1.mH)
+    c = _combine(g, g_q2, g_q1, _Y2, _X6, _X3)
+    g_a4 = g_q1.add_(g_q2, alpha=_X7)  # (g_q1 is not needed any more)
+    ga2 = _add_product(c, g_a4, p1.mH)
     g_p1 = a2.mH @ g_a4
     ga2 = ga2.add_(g_p1, alpha=_X2)
     return _tail(_combine(g, g_q2, g_p1, 1.0, _X5, _X1), ga2, a, projected)
@@ -642,11 +651,13 @@ class _ExpmNoJvp(torch.autograd.Function):
     @staticmethod
     def forward(a: Tensor, max_squarings: int | None, projected: bool):  # type: ignore[override]
         x, saved, meta = _forward(a, max_squarings, skew=projected)
-        # The scaled input is not returned (it may be the input itself): rebuilt in backward.
-        # Without squarings R is the output itself: a placeholder is returned instead.
-        saved = list(saved[1:])
+        # Unscaled, the input itself (saved as the input; an input cannot be returned), and
+        # without squarings R is the output itself: placeholders are returned instead.
+        saved = list(saved)
+        if saved[0] is a:
+            saved[0] = a.new_empty((*a.shape[:-2], 0, 0))
         if meta[1] == 0:
-            saved[8] = x[..., :0, :0]
+            saved[9] = x[..., :0, :0]
         return (x, *saved, meta)
 
     @staticmethod
@@ -659,7 +670,8 @@ class _ExpmNoJvp(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*saved)
         if meta[1] == 0:
-            saved[8] = x
+            saved[9] = x
+        # (a: the input, for the differentiable backward; saved[0]: the scaled input)
         ctx.save_for_backward(a, *saved)
         ctx.save_for_forward(a, *saved)
 
@@ -675,10 +687,9 @@ class _ExpmNoJvp(torch.autograd.Function):
             rec = _recompute(a, m, s, s_max, uniform)
             ga = _adjoint(g, rec, m, s_max, uniform, solve_lu=False, projected=projected)
             return ga, None, None
-        if s_max > 0:
-            a = _scale(a, s, s_max, uniform)
+        saved[0] = _scaled_input(a, saved[0])
         return (
-            _adjoint(g, (a, *saved), m, s_max, uniform, solve_lu=True, projected=projected),
+            _adjoint(g, saved, m, s_max, uniform, solve_lu=True, projected=projected),
             None,
             None,
         )
@@ -693,7 +704,7 @@ class _ExpmNoJvp(torch.autograd.Function):
         out = _apply(a, max_squarings, projected)
         # The stacked squares have the squaring index first, the batch second.
         dims = [0] * (len(out) - 1) + [None]
-        dims[-3] = 1  # (x, a2, a4, a6, w, w1, z1, lu, piv, r, sq, s, meta)
+        dims[-3] = 1  # (x, a, a2, a4, a6, w, w1, z1, lu, piv, r, sq, s, meta)
         return out, tuple(dims)
 
 
@@ -704,11 +715,15 @@ class _Expm(_ExpmNoJvp):
     def jvp(ctx, e: Tensor, _max_squarings_t, _projected_t):  # type: ignore[override]
         a, *saved = ctx.saved_tensors
         m, s_max, uniform = ctx.meta
-        s = saved[-1]
-        if s_max > 0:
-            a = _scale(a, s, s_max, uniform)
-        lx = _tangent(e, (a, *saved), m, s_max, uniform)
+        saved[0] = _scaled_input(a, saved[0])
+        lx = _tangent(e, saved, m, s_max, uniform)
         return (lx, *([None] * len(saved)), None)
+
+
+def _scaled_input(a: Tensor, saved: Tensor) -> Tensor:
+    """The scaled input ``2^{-s}A`` the forward saved, or ``A`` itself (not scaled: the forward
+    returned an empty placeholder instead)."""
+    return saved if saved.shape[-1] else a
 
 
 #: What ``Function.apply`` calls once it has bound default arguments through

@@ -232,7 +232,7 @@ class Orthogonal(Parametrization):
         """
         n = self.n
         index = self.index.expand(*x.shape[:-1], -1)
-        low = x.new_zeros(*x.shape[:-1], n * n).scatter(-1, index, x).unflatten(-1, (n, n))
+        low = x.new_zeros(*x.shape[:-1], n * n).scatter_(-1, index, x).unflatten(-1, (n, n))
         return low - low.mT
 
     # ------------------------------------------------------------ the map
