@@ -18,7 +18,8 @@ rotation; ``--scale c`` multiplies A by c, e.g. to see the regime with squarings
   ``nn.Linear(n, n)``, ``orthogonal_map=...`` (trivialization on, base = the initial weight).
 * ``geotorch orthogonal(expm)``: ``geotorch.orthogonal(nn.Linear(n, n), "weight")``.
 * ``manifoldparam orthogonal (default, expm)``: ``manifoldparam.orthogonal(nn.Linear(n, n))``
-  (base product, ``expm``, one Newton–Schulz step).
+  (base product, ``expm``, and one Newton–Schulz step: at ρ(A) ≈ 2 the exponential is Padé,
+  where the default applies it).
 
 "fwd" computes the weight with autograd recording (the forward half of a training step);
 "fwd+bwd" adds ``(W * G).sum().backward()`` for a fixed random G. Rounds are interleaved

@@ -80,8 +80,9 @@ Host syncs. Choosing the method and :math:`s` needs the norms on the host: one r
 that fails, a read of :math:`\|A^4\|_1` (the Taylor test again with :math:`d_4 =
 \|A^4\|^{1/4}`, which can be sharper again); when that fails too, a read of the norms of
 :math:`A^2, A^4, A^6` (the choice is then scalar arithmetic on the host; nothing else syncs,
-the backward and jvp none; one more read only on the overflow path). :math:`A^4` is computed
-once, for both. This
+the backward and jvp none; one more read only on the overflow path; :func:`expm_projected`
+reads :math:`\|A\|_1` apart, only on its way to Padé). :math:`A^4` is computed once, for
+both. This
 is the same kind of sync as ``torch.linalg.matrix_exp``'s own norm-dependent branching; the
 alternative, a fixed maximum number of masked squarings, would cost one product per unused
 squaring on every call (and two in the backward). ``max_squarings=k`` selects that sync-free
@@ -452,7 +453,8 @@ def _forward(a: Tensor, max_squarings: int | None, skew: bool = False) -> tuple:
             x, saved = _taylor_saved(a, a2, s8, s_max, uniform)
             return x, saved, (_TAYLOR, s_max, uniform)
         if skew:  # ‖A‖₁ was not read (the overflow test of _choose_on_host needs it)
-            head = None
+            n1 = _norm1(a).reshape(-1).tolist()
+            head = [[v, h[1], h[2]] for v, h in zip(n1, head, strict=True)]
     else:
         a4 = a2 @ a2
     a6 = a4 @ a2
