@@ -36,13 +36,15 @@ the median over rounds of the ratio to the unconstrained step *of the same round
 quartiles: the machine's speed drifts between rounds), and the median extra milliseconds.
 Below it, our ``cached()`` and automatic steps over each peer's step of the same round
 (median, quartiles, and in how many rounds ours was the faster): the direct comparison, with
-the same pairing.
+the same pairing; and where each variant's extra time goes (forward, backward, optimizer
+step; median over rounds of the difference with the unconstrained step's same phase).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import statistics
 import sys
@@ -108,7 +110,18 @@ def orthogonal_linear(n: int) -> nn.Linear:
     return rec
 
 
-Step = Callable[[], None]
+class Step:
+    """One training step (``zero_grad``, forward, ``backward``, ``step``); each call appends its
+    (forward, backward, optimizer step) seconds to ``phases``."""
+
+    def __init__(self, run: Callable[[list[float]], None]) -> None:
+        self.run = run
+        self.phases: list[tuple[float, ...]] = []
+
+    def __call__(self) -> None:
+        marks = [time.perf_counter()]
+        self.run(marks)
+        self.phases.append(tuple(b - a for a, b in itertools.pairwise(marks)))
 
 
 def make_variants(n: int, length: int, batch: int, uncached: bool) -> dict[str, Step]:
@@ -117,14 +130,17 @@ def make_variants(n: int, length: int, batch: int, uncached: bool) -> dict[str, 
     loss_fn = nn.CrossEntropyLoss()
 
     def trainer(model: nn.Module, opt: torch.optim.Optimizer, ctx: Callable[[], object]) -> Step:
-        def step() -> None:
+        def step(marks: list[float]) -> None:
             with ctx():  # type: ignore[attr-defined]
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(model(x).reshape(-1, N_CLASSES), y.reshape(-1))
+                marks.append(time.perf_counter())
                 loss.backward()
+                marks.append(time.perf_counter())
                 opt.step()
+                marks.append(time.perf_counter())
 
-        return step
+        return Step(step)
 
     none = contextlib.nullcontext
     variants: dict[str, Step] = {}
@@ -218,14 +234,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for step in variants.values():  # warm-up
         step()
     times: dict[str, list[float]] = {k: [] for k in names}
+    phases: dict[str, list[list[float]]] = {k: [] for k in names}  # per round: fwd, bwd, step
     for r in range(args.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             steps = 1 if name == "manifoldparam uncached" else args.steps
+            variants[name].phases.clear()
             t0 = time.perf_counter()
             for _ in range(steps):
                 variants[name]()
             times[name].append((time.perf_counter() - t0) / steps)
+            per_step = variants[name].phases
+            phases[name].append([statistics.fmean(c) for c in zip(*per_step, strict=True)])
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     # Paired per round: each variant's step against the unconstrained step of the same round
     # (the machine's speed drifts between rounds; within a round it is nearly constant).
@@ -271,6 +291,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             f"{ours} / {peer}: {statistics.median(r):.3f}x [{q1:.3f}, {q3:.3f}] "
             f"(ours faster in {faster} of {len(r)} rounds)"
         )
+    # Where each variant's extra time goes: forward (T reads of the weight and the map's
+    # forward), backward, optimizer step; paired per round with the unconstrained step.
+    print("\n| variant | extra ms: forward | backward | optimizer step |")
+    print("| --- | ---: | ---: | ---: |")
+    for k in names[1:]:
+        cols = []
+        for i in range(3):
+            d = [a[i] - u[i] for a, u in zip(phases[k], phases["unconstrained"], strict=True)]
+            cols.append(1e3 * statistics.median(d))
+        table[k]["extra_phases_ms"] = cols  # type: ignore[assignment]
+        print(f"| {k} | {cols[0]:+.1f} | {cols[1]:+.1f} | {cols[2]:+.1f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
