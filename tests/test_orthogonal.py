@@ -294,6 +294,67 @@ def test_a_base_that_is_not_exact_keeps_the_correction(source):
     assert torch.equal(default, layer.weight.detach())
 
 
+def test_base_check_under_inference_mode():
+    """Registration, assignment, conversion and reads under ``torch.inference_mode`` (whose
+    tensors keep no version counter): the base check steps aside and the step runs."""
+    with torch.inference_mode():
+        layer = mp.orthogonal(linear(8, 8, torch.float32))
+        w = layer.weight
+        q, _ = torch.linalg.qr(torch.randn(8, 8))
+        layer.weight = q
+        layer.to(torch.float64)
+        w = layer.weight
+    assert_on_stiefel(w)
+
+
+def test_base_check_keeps_no_substituted_tensor_alive():
+    """A base substituted by ``functional_call`` (here a non-leaf) is not held by the check's
+    memo: the module still deep-copies, and the tensor is freed."""
+    import copy
+    import gc
+    import weakref
+
+    from torch.func import functional_call
+
+    layer = mp.orthogonal(linear(6, 6, torch.float32))
+    p = param(layer)
+    substitute = p.base + torch.zeros(6, 6, requires_grad=True) * 0
+    ref = weakref.ref(substitute)
+    w = functional_call(
+        layer, {"parametrizations.weight.0.base": substitute}, (torch.eye(6),), strict=False
+    )
+    del w, substitute
+    gc.collect()
+    assert ref() is None
+    copy.deepcopy(layer)
+
+
+def test_invalidate_drops_the_base_check_after_a_data_write():
+    """A write through ``.data`` (no version counter sees it) that makes the base non-exact:
+    after ``mp.invalidate`` the step runs again and the weight is orthogonal to round-off."""
+    n = 32
+    layer = mp.orthogonal(linear(n, n, torch.float32))
+    p = _with_spectral_radius(layer, 0.3, seed=2)
+    layer.weight  # noqa: B018  (verdict: exact)
+    noise = 5e-5 * torch.randn(n, n, generator=torch.Generator().manual_seed(3)) / n**0.5
+    p.base.data.add_(noise)
+    mp.invalidate(layer)
+    w = layer.weight.detach().double()
+    assert float((w.T @ w - torch.eye(n, dtype=torch.float64)).abs().max()) < 2e-6
+
+
+@pytest.mark.filterwarnings("error:There is a performance drop:UserWarning")
+def test_map_under_vmap_has_batching_rules():
+    """Per-sample coordinates through ``vmap``: no op of the map falls back to the slow
+    per-sample loop (functorch warns "There is a performance drop" for one without a batching
+    rule; turned into an error here)."""
+    p = param(mp.orthogonal(linear(6, 6, torch.float32)))
+    xs = 0.3 * torch.randn(4, p.dim)
+    ws = torch.func.vmap(p._map)(xs)
+    for x, w in zip(xs, ws, strict=True):
+        torch.testing.assert_close(w, p._map(x))
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
 def test_newton_schulz_setting_is_checked(bad):
     with pytest.raises(ValueError, match="newton_schulz must be None"):

@@ -572,7 +572,8 @@ def auto_cache(model: nn.Module | Iterable[nn.Module], enabled: bool = True) -> 
 def invalidate(model: nn.Module | Iterable[nn.Module] | None = None) -> None:
     """Drop cached values: of every constrained weight in ``model``, or with no argument, every
     entry of the current :func:`cached` block. Needed only after writes no version counter sees
-    (``original.data.copy_(...)``). Assigning an attribute of a
+    (``original.data.copy_(...)``, also of a buffer such as ``Orthogonal.base``, whose
+    orthogonality check it drops too). Assigning an attribute of a
     parametrization (``p.base = B``, ``p.map = "cayley"``) drops its cache by itself."""
     if model is None:
         scope = _SCOPE.get()
@@ -583,3 +584,4 @@ def invalidate(model: nn.Module | Iterable[nn.Module] | None = None) -> None:
         slot: _Slot | None = p.__dict__.get(_SLOT_ATTR)
         if slot is not None:
             slot.clear()
+        p._forget()  # type: ignore[operator]

@@ -100,6 +100,10 @@ class Parametrization(nn.Module):
     def _map(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _forget(self) -> None:
+        """Drop what the map remembers about its own tensors between calls (none here; see
+        ``Orthogonal._exact_base``). Called by :func:`~manifoldparam.invalidate`."""
+
     def _inverse(self, w: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 

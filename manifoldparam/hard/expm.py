@@ -378,7 +378,7 @@ def _taylor_choice(
 ) -> list[int] | None:
     """Squarings per matrix for T_8, or None when Padé is cheaper (or a norm is not finite).
 
-    From ``rows`` = :func:`_head_norms` (``‖A‖₁``, ``‖A²‖₁``, skew per matrix) and, when
+    From ``rows`` = :func:`_head_norms` (``‖A‖₁``, ``ν₂``, skew per matrix) and, when
     given, ``n4`` = ``‖A⁴‖₁`` per matrix. The tail of T_8 starts at degree 9 (degree 8 for its
     derivative), so it is bounded through ``α₃ = max(d₃, d₄)`` (Al-Mohy & Higham 2009, Lemma
     4.1, p = 3) with ``d₄ = ‖A⁴‖^{1/4} ≤ ‖A²‖^{1/2}`` and ``d₃ ≤ (‖A‖·‖A²‖)^{1/3}``; for skew A,
@@ -604,7 +604,7 @@ def _tangent(e: Tensor, saved: tuple, m: int, s_max: int, uniform: bool) -> Tens
     a, a2, a4, a6, w, w1, z1, lu, piv, r, sq, s = saved
     if s_max > 0:
         e = _scale(e, s, s_max, uniform)
-    if m == _TAYLOR:  # (a2, a4, a6, w, w1) hold (A², P₁, A₄, Q₁, Q₂)
+    if m == _TAYLOR:  # (a2, a4, a6, w, w1) hold (A², P₁, -, Q₁, Q₂)
         p1, q1, q2 = a4, w, w1
         d2 = a @ e + e @ a
         dp1 = (e * _X1).add_(d2, alpha=_X2)
@@ -792,8 +792,8 @@ def expm_projected(a: Tensor, *, max_squarings: int | None = None) -> Tensor:
     For a construction of ``A`` from free coordinates whose own backward applies ``P``, such
     as ``A = L - Lᴴ`` (:func:`expm_skew`, ``Orthogonal.skew``). Not a general ``expm``: its
     gradient w.r.t. ``A`` itself is not ``Ā``, and for an ``A`` that is not skew even the value
-    is wrong (the Taylor path's scaling uses the bound ``ρ(A) ≤ ‖A²‖₁^½``, true only for
-    normal ``A``; the skew test is skipped).
+    is wrong (the Taylor path's scaling uses the bounds ``ρ(A) ≤ ‖A²‖_F^½, ‖A²‖₁^½``, true
+    only for normal ``A``; the skew test is skipped).
     """
     return _expm(a, max_squarings, projected=True)[0]
 
