@@ -361,7 +361,7 @@ def _head_norms(a: Tensor, a2: Tensor, skew: bool = False) -> list[list[float]]:
     the sharper one when a few eigenvalues dominate (a trained RNN kernel, n = 190: ``‖A²‖₁^½
     = 0.91``, ``‖A²‖_F^½ = 0.74``, ``ρ = 0.60``), at the cost of a pass instead of the product
     ``A⁴``. ``skew=True``: A is skew by construction (:func:`expm_projected`): the test is not
-    run, ``‖A‖₁`` is not read (NaN; :func:`_forward` reads the norms again for Padé), and
+    run, ``‖A‖₁`` is not read (NaN; :func:`_forward` reads it alone on the way to Padé), and
     ``ν₂ = ‖A²‖_F`` alone (one reduction; :func:`_forward` reads ``‖A²‖₁`` if it is needed)."""
     fro = torch.linalg.matrix_norm(a2)
     if skew:

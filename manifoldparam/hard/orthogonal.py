@@ -130,9 +130,7 @@ def _orthogonalize(b: Tensor, steps: int = 2) -> Tensor:
     ``b``'s dtype. Without it, the map's output would keep the base's own error when the
     Newton--Schulz correction is skipped (a float32 ``Q`` is accepted within ``16·n·eps``)."""
     y = b.to(torch.promote_types(b.dtype, torch.float64))
-    for _ in range(steps):
-        y = y + _newton_schulz_correction(y, 1)
-    return y.to(b.dtype)
+    return (y + _newton_schulz_correction(y, steps)).to(b.dtype)
 
 
 class Orthogonal(Parametrization):
