@@ -478,7 +478,8 @@ def _forward(a: Tensor, max_squarings: int | None, skew: bool = False) -> tuple:
         f2 = f * f
         a, a2, a4, a6 = a * f, a2 * f2, a4 * (f2 * f2), a6 * (f2 * f2 * f2)
     u, v, w, w1, z1 = _pade(a, a2, a4, a6, m)
-    lu, piv = torch.linalg.lu_factor(v - u)
+    # The _ex variants: no error check, so no device sync (V - U is nonsingular in range).
+    lu, piv, _ = torch.linalg.lu_factor_ex(v - u)
     x = torch.linalg.lu_solve(lu, piv, v + u)
     r = x
     x, sq = _squarings(x, s, s_max, uniform)
@@ -526,7 +527,7 @@ def _adjoint(
     if solve_lu:
         gp = torch.linalg.lu_solve(lu, piv, g, adjoint=True)
     else:  # differentiable path: lu holds Q itself
-        gp = torch.linalg.solve(lu.mH, g)
+        gp = torch.linalg.solve_ex(lu.mH, g)[0]
     gq = -(gp @ r.mH)
     gu, gv = gp - gq, gp + gq
     # U = A W.
@@ -593,7 +594,7 @@ def _recompute(a: Tensor, m: int, s: Tensor, s_max: int, uniform: bool) -> tuple
     a6 = a4 @ a2
     u, v, w, w1, z1 = _pade(a, a2, a4, a6, m)
     q = v - u
-    x = torch.linalg.solve(q, v + u)
+    x = torch.linalg.solve_ex(q, v + u)[0]
     r = x
     x, sq = _squarings(x, s, s_max, uniform)
     return (a, a2, a4, a6, w, w1, z1, q, None, r, sq, s)
@@ -629,7 +630,7 @@ def _tangent(e: Tensor, saved: tuple, m: int, s_max: int, uniform: bool) -> Tens
     lu_ = a @ lw + e @ w
     # R = Q^{-1} P: dR = Q^{-1}(dP - dQ R) = Q^{-1}(Lu + Lv + (Lu - Lv) R).
     rhs = lu_ + lv + (lu_ - lv) @ r
-    lx = torch.linalg.solve(lu, rhs) if piv is None else torch.linalg.lu_solve(lu, piv, rhs)
+    lx = torch.linalg.solve_ex(lu, rhs)[0] if piv is None else torch.linalg.lu_solve(lu, piv, rhs)
     return _tangent_squarings(lx, sq, s, s_max, uniform)
 
 

@@ -98,7 +98,8 @@ def _exp(a: Tensor, max_squarings: int | None) -> tuple[Tensor, bool]:
 def _cayley(a: Tensor, k: int) -> Tensor:
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     rhs = (eye + 0.5 * a)[..., :k]
-    return torch.linalg.solve(eye - 0.5 * a, rhs)
+    # solve_ex: no error check, so no device sync (I - A/2 is nonsingular for skew A).
+    return torch.linalg.solve_ex(eye - 0.5 * a, rhs)[0]
 
 
 def _newton_schulz_correction(t: Tensor, steps: int) -> Tensor:
