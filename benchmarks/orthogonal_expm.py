@@ -5,6 +5,7 @@ Run (CPU, 2 threads; ~2-3 minutes with the defaults)::
     python benchmarks/orthogonal_expm.py                  # n = 64, 256, 1024
     python benchmarks/orthogonal_expm.py --sizes 64 256   # quicker
     python benchmarks/orthogonal_expm.py --no-memory      # skip the peak-memory subprocesses
+    python benchmarks/orthogonal_expm.py --device cuda --sizes 64 256 1024 4096   # on a GPU
 
 What is timed, per size n (all float32, on an n×n weight; every method sees the same skew
 A = tril(X, -1) - tril(X, -1)ᵀ with X ~ N(0, 1/n) entries, i.e. spectral radius ≈ 2: a generic
@@ -29,6 +30,11 @@ growth of the resident set (VmHWM - VmRSS before, after resetting VmHWM through
 ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensor memory goes back to the OS and the
 resident set tracks live memory: it counts every byte the step makes resident (tensors,
 saved activations, LAPACK/BLAS workspace), not only the torch allocator's view.
+
+On a GPU (``--device cuda``) every timestamp is taken after ``torch.cuda.synchronize()``, a row
+adds the exponential's sync-free mode (a fixed number of masked squarings, no host read: what
+``manifoldparam.orthogonal`` uses while a CUDA graph is captured), and "peak MB" is
+``torch.cuda.max_memory_allocated()`` during one fwd+bwd minus the memory allocated before it.
 """
 
 from __future__ import annotations
@@ -52,16 +58,25 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 torch.set_num_threads(2)
 
 from manifoldparam.hard.expm import _forward, expm  # noqa: E402
+from manifoldparam.hard.orthogonal import SYNC_FREE_SQUARINGS  # noqa: E402
 
 REF = "torch orthogonal(matrix_exp)"
 
 
 SCALE = 1.0  # --scale: multiplies A (spectral radius ≈ 2·SCALE)
+DEVICE = torch.device("cpu")  # --device
+
+
+def _now() -> float:
+    """A timestamp after the device's queued work has finished."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+    return time.perf_counter()
 
 
 def _skew_param(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, n, generator=g) * (SCALE * n**-0.5)
+    return (torch.randn(n, n, generator=g) * (SCALE * n**-0.5)).to(DEVICE)
 
 
 def _skew(p: torch.Tensor) -> torch.Tensor:
@@ -79,20 +94,24 @@ def _methods(n: int, peers: bool) -> dict[str, Callable[[], torch.Tensor]]:
     p_ours = p0.clone().requires_grad_()
     p_torch = p0.clone().requires_grad_()
     out["map: expm"] = lambda: expm(_skew(p_ours))
+    if DEVICE.type != "cpu":  # what manifoldparam.orthogonal does while a CUDA graph captures
+        k = SYNC_FREE_SQUARINGS
+        name = f"map: expm, max_squarings={k} (no sync)"
+        out[name] = lambda: expm(_skew(p_ours), max_squarings=k)
     out["map: matrix_exp"] = lambda: torch.linalg.matrix_exp(_skew(p_torch))
     if not peers:
         return out
     from torch.nn.utils.parametrizations import orthogonal as torch_orthogonal
 
     for mp in ("matrix_exp", "cayley"):
-        lin = torch_orthogonal(nn.Linear(n, n, bias=False), orthogonal_map=mp)
+        lin = torch_orthogonal(nn.Linear(n, n, bias=False, device=DEVICE), orthogonal_map=mp)
         with torch.no_grad():
             lin.parametrizations.weight.original.copy_(p0)
         out[f"torch orthogonal({mp})"] = lambda lin=lin: lin.weight
     try:
         import geotorch
 
-        lin = nn.Linear(n, n, bias=False)
+        lin = nn.Linear(n, n, bias=False, device=DEVICE)
         geotorch.orthogonal(lin, "weight")
         with torch.no_grad():
             lin.parametrizations.weight.original.copy_(p0)
@@ -105,7 +124,7 @@ def _methods(n: int, peers: bool) -> dict[str, Callable[[], torch.Tensor]]:
         # (``manifoldparam.hard.orthogonal`` the attribute may be the function, not the module)
         mo = importlib.import_module("manifoldparam.hard.orthogonal")
 
-        lin = mo.orthogonal(nn.Linear(n, n, bias=False))
+        lin = mo.orthogonal(nn.Linear(n, n, bias=False, device=DEVICE))
         orig = lin.parametrizations.weight.original
         p = lin.parametrizations.weight[0]
         with torch.no_grad():
@@ -118,7 +137,7 @@ def _methods(n: int, peers: bool) -> dict[str, Callable[[], torch.Tensor]]:
 
 
 def _grad_target(n: int) -> torch.Tensor:
-    return torch.randn(n, n, generator=torch.Generator().manual_seed(1))
+    return torch.randn(n, n, generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
 
 def _fwd_bwd(make: Callable[[], torch.Tensor], g: torch.Tensor) -> None:
@@ -133,12 +152,12 @@ def _timings(n: int, rounds: int, peers: bool) -> dict[str, tuple[float, float]]
     fb: dict[str, list[float]] = {k: [] for k in methods}
     for r in range(rounds + 1):  # round 0 is a warm-up
         for name, make in methods.items():
-            t0 = time.perf_counter()
+            t0 = _now()
             w = make()
-            t1 = time.perf_counter()
+            t1 = _now()
             del w
             _fwd_bwd(make, g)
-            t2 = time.perf_counter()
+            t2 = _now()
             if r:
                 fwd[name].append(t1 - t0)
                 fb[name].append(t2 - t1)
@@ -168,7 +187,24 @@ def _memory_child(n: int, peers: bool) -> None:
     print(json.dumps(res))
 
 
+def _memory_cuda(n: int, peers: bool) -> dict[str, float]:
+    methods = _methods(n, peers)
+    g = _grad_target(n)
+    res = {}
+    for name, make in methods.items():
+        _fwd_bwd(make, g)  # warm-up
+        torch.cuda.synchronize(DEVICE)
+        base = torch.cuda.memory_allocated(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        _fwd_bwd(make, g)
+        torch.cuda.synchronize(DEVICE)
+        res[name] = (torch.cuda.max_memory_allocated(DEVICE) - base) / 2**20
+    return res
+
+
 def _memory(n: int, peers: bool) -> dict[str, float]:
+    if DEVICE.type == "cuda":
+        return _memory_cuda(n, peers)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [sys.executable, __file__, "--memory-child", str(n), "--scale", str(SCALE)]
     cmd += [] if peers else ["--no-peers"]
@@ -182,6 +218,8 @@ def _memory(n: int, peers: bool) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- main
 def _default_rounds(n: int) -> int:
+    if DEVICE.type != "cpu":
+        return 50 if n <= 1024 else 10
     return 30 if n <= 64 else 10 if n <= 256 else 3
 
 
@@ -192,19 +230,23 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-peers", action="store_true", help="only the bare/map rows")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply A (default 1: ρ(A) ≈ 2)")
+    ap.add_argument("--device", default="cpu", help="e.g. cuda (default cpu)")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global SCALE
+    global SCALE, DEVICE
     SCALE = args.scale
+    DEVICE = torch.device(args.device)
     peers = not args.no_peers
     if args.memory_child is not None:
         _memory_child(args.memory_child, peers)
         return
 
-    print(
-        f"# torch {torch.__version__}, threads {torch.get_num_threads()}, float32, "
-        f"A = skew with N(0, {SCALE:g}²/n) entries"
+    where = (
+        torch.cuda.get_device_name(DEVICE)
+        if DEVICE.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
     )
+    print(f"# torch {torch.__version__}, {where}, float32, A = skew, N(0, {SCALE:g}²/n) entries")
     t_start = time.perf_counter()
     for n in args.sizes:
         a = _skew(_skew_param(n))

@@ -6,6 +6,7 @@ Run (CPU, 2 threads; about 2-4 minutes with the defaults)::
     python benchmarks/rnn_step.py --rounds 3 --no-uncached  # quicker
     python benchmarks/rnn_step.py --rounds 301 --steps 1 --only 'cached(),auto,geoopt'
                                                         # head to head, tighter quartiles
+    python benchmarks/rnn_step.py --device cuda         # on a GPU
 
 The model is expRNN's copy-task cell (``examples/copy_task.py``): one-hot inputs (10),
 ``h_t = modReLU(W h_{t-1} + U x_t)``, a linear read-out to 9 classes, cross-entropy over all
@@ -38,6 +39,7 @@ Below it, our ``cached()`` and automatic steps over each peer's step of the same
 (median, quartiles, and in how many rounds ours was the faster): the direct comparison, with
 the same pairing; and where each variant's extra time goes (forward, backward, optimizer
 step; median over rounds of the difference with the unconstrained step's same phase).
+On a GPU (``--device cuda``) every timestamp is taken after ``torch.cuda.synchronize()``.
 """
 
 from __future__ import annotations
@@ -104,10 +106,20 @@ class _Identity(nn.Module):
         return x
 
 
+DEVICE = torch.device("cpu")  # --device
+
+
+def _now() -> float:
+    """A timestamp after the device's queued work has finished."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+    return time.perf_counter()
+
+
 def orthogonal_linear(n: int) -> nn.Linear:
     rec = nn.Linear(n, n, bias=False)
     nn.init.orthogonal_(rec.weight)
-    return rec
+    return rec.to(DEVICE)
 
 
 class Step:
@@ -119,14 +131,14 @@ class Step:
         self.phases: list[tuple[float, ...]] = []
 
     def __call__(self) -> None:
-        marks = [time.perf_counter()]
+        marks = [_now()]
         self.run(marks)
         self.phases.append(tuple(b - a for a, b in itertools.pairwise(marks)))
 
 
 def make_variants(n: int, length: int, batch: int, uncached: bool) -> dict[str, Step]:
     gen = torch.Generator().manual_seed(0)
-    x, y = copy_batch(batch, length, gen)  # T = length + 20
+    x, y = (t.to(DEVICE) for t in copy_batch(batch, length, gen))  # T = length + 20
     loss_fn = nn.CrossEntropyLoss()
 
     def trainer(model: nn.Module, opt: torch.optim.Optimizer, ctx: Callable[[], object]) -> Step:
@@ -134,38 +146,38 @@ def make_variants(n: int, length: int, batch: int, uncached: bool) -> dict[str, 
             with ctx():  # type: ignore[attr-defined]
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(model(x).reshape(-1, N_CLASSES), y.reshape(-1))
-                marks.append(time.perf_counter())
+                marks.append(_now())
                 loss.backward()
-                marks.append(time.perf_counter())
+                marks.append(_now())
                 opt.step()
-                marks.append(time.perf_counter())
+                marks.append(_now())
 
         return Step(step)
 
     none = contextlib.nullcontext
     variants: dict[str, Step] = {}
     torch.manual_seed(0)
-    plain = RNN(n, orthogonal_linear(n))
+    plain = RNN(n, orthogonal_linear(n)).to(DEVICE)
     variants["unconstrained"] = trainer(plain, torch.optim.Adam(plain.parameters(), 1e-3), none)
 
     torch.manual_seed(0)
-    ours = RNN(n, mp.orthogonal(orthogonal_linear(n)))
+    ours = RNN(n, mp.orthogonal(orthogonal_linear(n))).to(DEVICE)
     variants["manifoldparam cached()"] = trainer(
         ours, torch.optim.Adam(ours.parameters(), 1e-3), cached
     )
     torch.manual_seed(0)
-    ours_auto = auto_cache(RNN(n, mp.orthogonal(orthogonal_linear(n))))
+    ours_auto = auto_cache(RNN(n, mp.orthogonal(orthogonal_linear(n))).to(DEVICE))
     variants["manifoldparam auto"] = trainer(
         ours_auto, torch.optim.Adam(ours_auto.parameters(), 1e-3), none
     )
     torch.manual_seed(0)
-    hoisted = RNN(n, mp.orthogonal(orthogonal_linear(n)), read_once=True)
+    hoisted = RNN(n, mp.orthogonal(orthogonal_linear(n)), read_once=True).to(DEVICE)
     variants["manifoldparam, weight read once"] = trainer(
         hoisted, torch.optim.Adam(hoisted.parameters(), 1e-3), none
     )
     if uncached:
         torch.manual_seed(0)
-        ours_none = RNN(n, mp.orthogonal(orthogonal_linear(n)))
+        ours_none = RNN(n, mp.orthogonal(orthogonal_linear(n))).to(DEVICE)
         variants["manifoldparam uncached"] = trainer(
             ours_none, torch.optim.Adam(ours_none.parameters(), 1e-3), none
         )
@@ -177,7 +189,7 @@ def make_variants(n: int, length: int, batch: int, uncached: bool) -> dict[str, 
         torch.manual_seed(0)
         rec = orthogonal_linear(n)
         geotorch.orthogonal(rec, "weight")
-        geo = RNN(n, rec)
+        geo = RNN(n, rec).to(DEVICE)
         variants["geotorch + parametrize.cached()"] = trainer(
             geo, torch.optim.Adam(geo.parameters(), 1e-3), parametrize.cached
         )
@@ -189,7 +201,7 @@ def make_variants(n: int, length: int, batch: int, uncached: bool) -> dict[str, 
     torch.manual_seed(0)
     rec = orthogonal_linear(n)
     parametrize.register_parametrization(rec, "weight", _Identity())
-    ident = RNN(n, rec)
+    ident = RNN(n, rec).to(DEVICE)
     variants["torch parametrize, identity map"] = trainer(
         ident, torch.optim.Adam(ident.parameters(), 1e-3), none
     )
@@ -199,7 +211,7 @@ def make_variants(n: int, length: int, batch: int, uncached: bool) -> dict[str, 
     torch.manual_seed(0)
     rec = orthogonal_linear(n)
     rec.weight = geoopt.ManifoldParameter(rec.weight.detach().clone(), manifold=geoopt.Stiefel())
-    rgeo = RNN(n, rec)
+    rgeo = RNN(n, rec).to(DEVICE)
     variants["geoopt RiemannianAdam"] = trainer(
         rgeo, geoopt.optim.RiemannianAdam(rgeo.parameters(), 1e-3), none
     )
@@ -221,8 +233,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         help="comma-separated substrings: run only the variants whose name contains one "
         "(the unconstrained reference always runs), e.g. --only 'cached(),auto,geoopt'",
     )
+    parser.add_argument("--device", default="cpu", help="e.g. cuda (default cpu)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     variants = make_variants(args.n, args.T - 20, args.batch, not args.no_uncached)
     if args.only:
@@ -240,10 +255,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         for name in order:
             steps = 1 if name == "manifoldparam uncached" else args.steps
             variants[name].phases.clear()
-            t0 = time.perf_counter()
+            t0 = _now()
             for _ in range(steps):
                 variants[name]()
-            times[name].append((time.perf_counter() - t0) / steps)
+            times[name].append((_now() - t0) / steps)
             per_step = variants[name].phases
             phases[name].append([statistics.fmean(c) for c in zip(*per_step, strict=True)])
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
@@ -261,9 +276,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             "ratio_q3": q3,
             "extra_ms": 1e3 * statistics.median(extra),
         }
+    where = (
+        torch.cuda.get_device_name(DEVICE)
+        if DEVICE.type == "cuda"
+        else f"{torch.get_num_threads()} threads"
+    )
     print(
         f"\nTraining step, orthogonal RNN n={args.n}, T={args.T}, batch {args.batch}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"{where}, torch {torch.__version__}; "
         f"{args.rounds} interleaved rounds of {args.steps} steps; ratio = median over rounds of "
         f"(step / unconstrained step of the same round), [quartiles]\n"
     )
