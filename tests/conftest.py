@@ -45,7 +45,7 @@ def assert_spd(w: torch.Tensor, floor: float = 0.0, atol: float | None = None) -
     )
     assert ok, why
     sym = 0.5 * (w + w.mT)
-    eye = torch.eye(n, dtype=w.dtype)
+    eye = torch.eye(n, dtype=w.dtype, device=w.device)
     assert bool((torch.linalg.cholesky_ex(sym - floor * eye).info == 0).all()), "no Cholesky factor"
 
 

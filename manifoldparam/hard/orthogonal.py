@@ -68,8 +68,9 @@ Map = Literal["expm", "cayley"]
 _MAPS = ("expm", "cayley")
 
 
-#: Masked squarings of the sync-free exponential (accurate while the spectral radius of A is
-#: below about 4·2^10 = 4096, far beyond what training reaches, more so with :func:`rebase`).
+#: Masked squarings of the sync-free exponential, used during CUDA graph capture (accurate
+#: while the spectral radius of A is below about 4·2^10 = 4096, far beyond what training
+#: reaches, more so with :func:`rebase`).
 SYNC_FREE_SQUARINGS = 10
 
 #: Where ``Orthogonal._exact_base`` keeps its verdict (in the instance ``__dict__``).
@@ -81,16 +82,21 @@ def _exp(a: Tensor, max_squarings: int | None) -> tuple[Tensor, bool]:
     :func:`~manifoldparam.hard.expm.expm_projected` (a backward at about 2 forwards);
     ``taylor``: its round-off is already at the Newton--Schulz floor (see ``_expm``).
 
-    On the CPU in eager mode the number of squarings is chosen from norms read on the host
-    (free there: the data is on the host). On an accelerator a fixed, masked number of
-    squarings is used instead, so nothing syncs. Under ``torch.compile`` (and ``torch.jit.trace``,
-    which cannot record a Function with non-tensor outputs) the exponential is
-    ``torch.linalg.matrix_exp``, which inductor lowers natively (Dynamo does not yet trace
-    the custom autograd.Function inside a parametrization: "Placeholder node not found").
+    In eager mode the degree and the number of squarings are chosen from norms read on the
+    host: free on the CPU, one synchronisation per evaluation on a GPU (as
+    ``torch.linalg.matrix_exp`` does there; once per step with a cache; the backward reads
+    nothing). While a CUDA graph is being captured, where no host read is possible, and
+    whenever ``max_squarings`` is given, a fixed, masked number of squarings is used instead
+    (:data:`SYNC_FREE_SQUARINGS` by default), so nothing syncs; it costs that many products in
+    the forward and twice as many in the backward, used or not. Under ``torch.compile`` (and
+    ``torch.jit.trace``, which cannot record a Function with non-tensor outputs) the
+    exponential is ``torch.linalg.matrix_exp``, which inductor lowers natively (Dynamo does not
+    yet trace the custom autograd.Function inside a parametrization: "Placeholder node not
+    found").
     """
     if torch.compiler.is_compiling() or torch._C._is_tracing():
         return torch.linalg.matrix_exp(a), False
-    if max_squarings is None and a.device.type != "cpu":
+    if max_squarings is None and a.is_cuda and torch.cuda.is_current_stream_capturing():
         max_squarings = SYNC_FREE_SQUARINGS
     return _expm(a, max_squarings, projected=True)
 
@@ -147,8 +153,10 @@ class Orthogonal(Parametrization):
             step, skipped where the exponential's round-off is already at its floor (the
             Taylor path, see the module docstring); an int: always that many (0: never).
         max_squarings: for ``map="expm"``, a fixed number of masked squarings (no host read of
-            norms) on every device; ``None`` (default) reads norms on the CPU in eager mode and
-            uses ``SYNC_FREE_SQUARINGS`` on accelerators.
+            norms: no device sync, for CUDA graphs and ``torch.compile(fullgraph=True)``);
+            ``None`` (default) reads the norms on the host in eager mode (one sync per
+            evaluation on a GPU) and uses ``SYNC_FREE_SQUARINGS`` while a CUDA graph is
+            being captured.
         atol: assignment/check tolerance on ``max|WᵀW - I|``; default ``16·n·eps(dtype)``.
     """
 

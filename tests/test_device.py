@@ -1,0 +1,712 @@
+"""The library on an accelerator: every test runs on ``device`` = "cpu" and "cuda" (skipped
+without a CUDA device), so the CPU run checks the tests' logic and a GPU run checks CUDA.
+
+* orthogonal (expm and Cayley): membership (geoopt), registration keeps the weight, assignment
+  round-trips, values and gradients equal a CPU float64 reference of the same coordinates;
+* on CUDA the backward of a registered weight never synchronises with the host, nor does the
+  forward with ``max_squarings`` or the Cayley map (``torch.cuda.set_sync_debug_mode("error")``),
+  and a training step captures in a CUDA graph (which fails on any host read: the default
+  switches to the sync-free squarings there);
+* ``expm`` / ``expm_projected`` / ``expm_skew`` against ``torch.linalg.matrix_exp`` in float64,
+  with norm-based and with fixed masked squarings, and ``gradcheck`` on the device;
+* caching: an RNN reading its kernel ``T`` times gives the uncached loss and gradients and is
+  fresh after an optimizer step (also a fused one);
+* SPD, box and orthant: membership and ``right_inverse`` round trips;
+* ``training_state`` / ``load_training_state``: training resumes bit for bit on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.autograd import gradcheck
+
+import manifoldparam as mp
+from manifoldparam.hard.base import Parametrization
+from manifoldparam.hard.expm import expm, expm_projected, expm_skew
+from tests.conftest import assert_on_stiefel, assert_spd, atol_for
+
+F64 = torch.float64
+DTYPES = [torch.float32, F64]
+MAPS = ["expm", "cayley"]
+# (rows, cols) of the weight: square, wide (orthonormal rows), tall (orthonormal columns).
+SHAPES = [(8, 8), (5, 9), (9, 4)]
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")),
+    ]
+)
+def device(request: pytest.FixtureRequest) -> Iterator[torch.device]:
+    """The device under test; float32 products in full precision (no TF32) while it runs."""
+    dev = torch.device(request.param)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield dev
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+# ============================================================================ helpers
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape: int, seed: int) -> Tensor:
+    """Seeded float64 normal samples on the CPU (the same numbers for every device)."""
+    return torch.randn(*shape, generator=gen(seed), dtype=F64)
+
+
+def orthonormal(rows: int, cols: int, seed: int) -> Tensor:
+    """A random float64 matrix with orthonormal columns (tall) or rows (wide), on the CPU."""
+    n, k = max(rows, cols), min(rows, cols)
+    q, _ = torch.linalg.qr(randn(n, k, seed=seed))
+    return q if rows >= cols else q.T
+
+
+def original(module: nn.Module, name: str = "weight") -> Tensor:
+    return module.parametrizations[name].original
+
+
+def param(module: nn.Module, name: str = "weight") -> Parametrization:
+    p = module.parametrizations[name][0]
+    assert isinstance(p, Parametrization)
+    return p
+
+
+def set_coords(module: nn.Module, values: Tensor, name: str = "weight") -> None:
+    with torch.no_grad():
+        original(module, name).copy_(values)
+
+
+def rel_err(actual: Tensor, ref: Tensor) -> float:
+    """``max|actual - ref| / max(1, max|ref|)``, computed in float64 on the CPU."""
+    a, r = actual.detach().cpu().double(), ref.detach().cpu().double()
+    return float((a - r).abs().max() / r.abs().max().clamp_min(1.0))
+
+
+def on_device(t: Tensor, device: torch.device) -> bool:
+    return t.device.type == device.type
+
+
+def orth_linear(
+    rows: int, cols: int, device: torch.device | str, dtype: torch.dtype, map: str, **kw: Any
+) -> nn.Linear:
+    layer = nn.Linear(cols, rows, bias=False, device=device, dtype=dtype)
+    return mp.orthogonal(layer, map=map, **kw)  # type: ignore[return-value]
+
+
+# ============================================================================ 1. orthogonal
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("map", MAPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_orthogonal_weight_on_stiefel(device, dtype, map, shape) -> None:
+    rows, cols = shape
+    layer = orth_linear(rows, cols, device, dtype, map)
+    p = param(layer)
+    assert on_device(p.base, device) and on_device(original(layer), device)
+    for i, scale in enumerate([0.0, 0.3, 3.0, 30.0]):
+        set_coords(layer, scale * randn(p.dim, seed=i))
+        w = layer.weight
+        assert on_device(w, device) and w.dtype == dtype and w.shape == (rows, cols)
+        assert_on_stiefel(w)
+        assert p.check(w)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("map", MAPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_orthogonal_keeps_the_initial_weight_and_assignment_round_trips(
+    device, dtype, map, shape
+) -> None:
+    rows, cols = shape
+    n = max(rows, cols)
+    tol = 1e-12 if dtype == F64 else atol_for(dtype, n)
+    layer = nn.Linear(cols, rows, bias=False, device=device, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(orthonormal(rows, cols, seed=1))
+    before = layer.weight.detach().clone()
+    mp.orthogonal(layer, map=map)
+    torch.testing.assert_close(layer.weight, before, atol=tol, rtol=0)
+
+    q = orthonormal(rows, cols, seed=2).to(device=device, dtype=dtype)
+    layer.weight = q
+    assert on_device(param(layer).base, device)
+    assert bool((original(layer) == 0).all())
+    torch.testing.assert_close(layer.weight, q, atol=tol, rtol=0)
+
+    # A value off the set is refused and the weight is left as it was.
+    current = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="not orthogonal"):
+        layer.weight = 1.5 * q
+    assert torch.equal(layer.weight, current)
+
+
+def reference_orthogonal(coords: Tensor, base: Tensor, rows: int, cols: int, map: str) -> Tensor:
+    """The documented map in plain torch ops (for float64 on the CPU): ``W = B·φ(A)[:, :k]``,
+    transposed when wide, ``A = L - Lᵀ`` with the coordinates in the free entries of ``L``
+    (``i > j``, ``j < k``, in ``tril_indices`` order) and ``φ`` = ``matrix_exp`` or Cayley. No
+    Newton--Schulz step: on the manifold it is the identity to first order."""
+    n, k = max(rows, cols), min(rows, cols)
+    ii, jj = torch.tril_indices(n, n, offset=-1)
+    keep = jj < k
+    low = torch.zeros(n, n, dtype=coords.dtype).index_put((ii[keep], jj[keep]), coords)
+    a = low - low.T
+    eye = torch.eye(n, dtype=a.dtype)
+    if map == "expm":
+        e = torch.linalg.matrix_exp(a)
+    else:
+        e = torch.linalg.solve(eye - 0.5 * a, eye + 0.5 * a)
+    t = base @ e[:, :k]
+    return t if rows >= cols else t.T
+
+
+def loss_orth(w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    return ((torch.tanh(x @ w.T) - y) ** 2).sum()
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("map", MAPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_orthogonal_gradient_equals_cpu_float64(device, dtype, map, shape, scale) -> None:
+    """Value, loss and gradient w.r.t. the coordinates on ``device`` in ``dtype`` equal those
+    of the same coordinates and base point through torch's own ``matrix_exp`` / ``solve`` on
+    the CPU in float64 (scale 3: Padé and squarings on the CPU)."""
+    rows, cols = shape
+    n = max(rows, cols)
+    base = orthonormal(n, n, seed=3)  # a base point other than the identity
+    layer = orth_linear(rows, cols, device, dtype, map)
+    coords = scale * randn(param(layer).dim, seed=4)
+    x, y = randn(7, cols, seed=5), randn(7, rows, seed=6)
+
+    leaf = coords.clone().requires_grad_()
+    w_ref = reference_orthogonal(leaf, base, rows, cols, map)
+    loss_ref = loss_orth(w_ref, x, y)
+    loss_ref.backward()
+    assert leaf.grad is not None and float(leaf.grad.abs().max()) > 0
+
+    with torch.no_grad():
+        param(layer).base.copy_(base)
+    set_coords(layer, coords)
+    w = layer.weight
+    loss = loss_orth(w, x.to(device, dtype), y.to(device, dtype))
+    loss.backward()
+    grad = original(layer).grad
+    assert grad is not None and on_device(grad, device) and grad.dtype == dtype
+
+    tol = 1e-12 if dtype == F64 else 1e-5
+    assert rel_err(w, w_ref) < tol
+    assert rel_err(loss, loss_ref) < tol
+    assert rel_err(grad, leaf.grad) < tol
+
+
+# ============================================================================ 2. no host sync
+
+
+def _sync_free_step(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    loss = ((model(x) - y) ** 2).mean()
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("mode", ["plain", "cached", "auto"])
+@pytest.mark.parametrize("map", [*MAPS, "expm, max_squarings"])
+def test_orthogonal_forward_backward_do_not_sync_on_cuda(device, map, mode) -> None:
+    """The backward never reads anything on the host; the forward does so only for the default
+    exponential's norms (one read per evaluation): with ``max_squarings`` (a fixed number of
+    masked squarings) and for the Cayley map (the solve skips its error check) a training
+    step's forward and backward run with synchronising calls turned into errors.
+    Registration (SVD, QR) may sync."""
+    if device.type != "cuda":
+        pytest.skip("torch.cuda.set_sync_debug_mode exists for CUDA only")
+    torch.manual_seed(0)
+    kind, squarings = map.split(", ")[0], 10 if "max_squarings" in map else None
+    model = nn.Sequential(
+        orth_linear(48, 48, device, torch.float32, kind, max_squarings=squarings),  # square
+        orth_linear(20, 48, device, torch.float32, kind, max_squarings=squarings),  # wide
+        nn.Tanh(),
+        orth_linear(30, 20, device, torch.float32, kind, max_squarings=squarings),  # tall
+    )
+    for i, layer in enumerate(m for m in model if isinstance(m, nn.Linear)):
+        set_coords(layer, 2.0 * randn(param(layer).dim, seed=10 + i))  # Padé, squarings
+    if mode == "auto":
+        mp.auto_cache(model)
+    ctx = mp.cached if mode == "cached" else contextlib.nullcontext
+    x = randn(16, 48, seed=20).float().to(device)
+    y = randn(16, 30, seed=21).float().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ctx():
+        _sync_free_step(model, x, y)  # warm-up: handles, workspaces, the base check
+    opt.step()
+    torch.cuda.synchronize()
+    forward_syncs = squarings is None and kind == "expm"
+    losses = []
+    for _ in range(2):
+        opt.zero_grad()
+        with ctx():
+            with contextlib.nullcontext() if forward_syncs else _no_sync():
+                loss = ((model(x) - y) ** 2).mean()
+            with _no_sync():
+                loss.backward()
+            losses.append(loss.detach())
+        opt.step()
+    assert all(bool(torch.isfinite(v)) for v in losses)
+    for layer in (m for m in model if isinstance(m, nn.Linear)):
+        assert_on_stiefel(layer.weight)
+        assert bool(torch.isfinite(original(layer).grad).all())
+
+
+@contextlib.contextmanager
+def _no_sync() -> Iterator[None]:
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_sync_debug_mode_catches_a_host_read(device) -> None:
+    """The sync test above can fail: a host read (what ``max_squarings=None`` does off the
+    CPU) raises under the same mode."""
+    if device.type != "cuda":
+        pytest.skip("torch.cuda.set_sync_debug_mode exists for CUDA only")
+    a = randn(6, 6, seed=0).to(device)
+    expm(a)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        expm(a, max_squarings=8)  # sync-free: fine
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            expm(a)  # the norms are read on the host
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("map", MAPS)
+def test_orthogonal_step_captures_in_a_cuda_graph(device, map) -> None:
+    """Stricter than the debug mode (a prototype that "does not yet detect all synchronizing
+    operations"): a CUDA graph cannot capture any host read or synchronisation, so the default
+    exponential takes its sync-free squarings while capturing. The captured forward+backward,
+    replayed with new data and new coordinates, equals eager autograd (which reads the norms:
+    another approximant of exp, equal to float32 round-off)."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs exist for CUDA only")
+    model = nn.Sequential(
+        orth_linear(24, 24, device, torch.float32, map),
+        nn.Tanh(),
+        orth_linear(10, 24, device, torch.float32, map),  # wide
+    )
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+    for i, layer in enumerate(layers):
+        set_coords(layer, 2.0 * randn(param(layer).dim, seed=80 + i))
+    params = [original(layer) for layer in layers]
+    x = randn(8, 24, seed=82).float().to(device)
+    y = randn(8, 10, seed=83).float().to(device)
+
+    def loss_fn() -> Tensor:
+        return ((model(x) - y) ** 2).mean()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capturing stream, as torch requires
+        for _ in range(3):
+            loss_fn().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    for p in params:
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = loss_fn()
+        static_loss.backward()
+
+    for i in range(2):
+        with torch.no_grad():  # new data and coordinates, in the captured tensors
+            x.copy_(randn(8, 24, seed=84 + i).float())
+            y.copy_(randn(8, 10, seed=86 + i).float())
+            for j, p in enumerate(params):
+                p.copy_(0.5 * (i + 1) * randn(p.numel(), seed=88 + 2 * i + j).float())
+        graph.replay()
+        loss = loss_fn()
+        eager = torch.autograd.grad(loss, params)
+        assert rel_err(static_loss, loss) < 1e-5
+        for p, g in zip(params, eager, strict=True):
+            assert p.grad is not None and float(g.abs().max()) > 0
+            assert rel_err(p.grad, g) < 1e-5
+
+
+# ============================================================================ 3. expm
+
+
+def rand_matrix(shape: tuple[int, ...], norm: float, *, skew: bool, seed: int) -> Tensor:
+    """Random (skew) float64 matrices with spectral norm ``norm`` each, on the CPU."""
+    x = randn(*shape, seed=seed)
+    if skew:
+        x = x - x.mT
+    return x / torch.linalg.matrix_norm(x, 2)[..., None, None] * norm
+
+
+EXPM_CASES = {
+    "taylor": ((6, 6), 0.05, False),
+    "pade": ((9, 9), 1.5, False),
+    "squarings": ((9, 9), 12.0, False),
+    "skew-large": ((12, 12), 60.0, True),
+    "batch": ((3, 7, 7), 4.0, False),
+}
+
+
+def mixed_batch() -> Tensor:
+    """Matrices of very different norms in one batch: each gets its own squarings."""
+    return torch.stack(
+        [
+            rand_matrix((7, 7), 1e-3, skew=False, seed=1),
+            rand_matrix((7, 7), 2.0, skew=False, seed=2),
+            rand_matrix((7, 7), 40.0, skew=True, seed=3),
+        ]
+    )
+
+
+@pytest.mark.parametrize("max_squarings", [None, 10])
+@pytest.mark.parametrize("case", [*EXPM_CASES, "mixed-batch"])
+def test_expm_matches_matrix_exp_float64(device, case, max_squarings) -> None:
+    if case == "mixed-batch":
+        a, norm = mixed_batch(), 40.0
+    else:
+        shape, norm, skew = EXPM_CASES[case]
+        a = rand_matrix(shape, norm, skew=skew, seed=7)
+    ref = torch.linalg.matrix_exp(a)  # CPU, float64
+    out = expm(a.to(device), max_squarings=max_squarings)
+    assert on_device(out, device) and out.dtype == F64
+    mats = out.reshape(-1, *a.shape[-2:]).cpu()
+    for i, (o, r) in enumerate(zip(mats, ref.reshape(-1, *a.shape[-2:]), strict=True)):
+        err = float((o - r).norm() / r.norm())
+        assert err < 1e-12 * max(1.0, norm), (i, err)
+
+
+@pytest.mark.parametrize("max_squarings", [None, 10])
+@pytest.mark.parametrize("norm", [0.2, 2.0, 60.0])
+def test_expm_projected_and_skew_match_matrix_exp_float64(device, norm, max_squarings) -> None:
+    lower = torch.tril(randn(2, 10, 10, seed=8), -1)
+    lower = lower / torch.linalg.matrix_norm(lower - lower.mT, 2)[..., None, None] * norm
+    a = lower - lower.mT
+    ref = torch.linalg.matrix_exp(a)
+    out = expm_projected(a.to(device), max_squarings=max_squarings)
+    out_skew = expm_skew(lower.to(device), max_squarings=max_squarings)
+    assert on_device(out, device) and on_device(out_skew, device)
+    tol = 1e-12 * max(1.0, norm)
+    assert float((out.cpu() - ref).norm() / ref.norm()) < tol
+    assert float((out_skew.cpu() - ref).norm() / ref.norm()) < tol
+
+    # The gradient w.r.t. the lower triangle equals matrix_exp's, through the same P(Ā).
+    g = randn(2, 10, 10, seed=9)
+    low_ref = lower.clone().requires_grad_()
+    torch.linalg.matrix_exp(low_ref - low_ref.mT).backward(g)
+    low = lower.to(device).requires_grad_()
+    expm_skew(low, max_squarings=max_squarings).backward(g.to(device))
+    assert low.grad is not None and low_ref.grad is not None
+    assert rel_err(low.grad, low_ref.grad) < 1e-11 * max(1.0, norm)
+
+
+@pytest.mark.parametrize("max_squarings", [None, 6])
+@pytest.mark.parametrize("norm", [0.1, 3.0])
+def test_expm_gradcheck_on_device(device, norm, max_squarings) -> None:
+    a = rand_matrix((5, 5), norm, skew=False, seed=11).to(device).requires_grad_()
+    tight = {"atol": 1e-8, "rtol": 1e-6}  # (gradcheck's defaults would pass a 1e-4 error)
+    assert gradcheck(lambda t: expm(t, max_squarings=max_squarings), (a,), **tight)
+    batch = rand_matrix((2, 4, 4), norm, skew=False, seed=12).to(device).requires_grad_()
+    assert gradcheck(lambda t: expm(t, max_squarings=max_squarings), (batch,), **tight)
+    low = torch.tril(rand_matrix((5, 5), norm, skew=False, seed=13), -1).to(device)
+    low.requires_grad_()
+    assert gradcheck(lambda t: expm_skew(t, max_squarings=max_squarings), (low,), **tight)
+
+
+# ============================================================================ 4. caching
+
+T = 10  # time steps: the recurrent kernel is read T times per forward
+
+
+class RNN(nn.Module):
+    """A small orthogonal RNN whose recurrent kernel is read once per time step."""
+
+    def __init__(self, n: int = 6, d: int = 3, out: int = 2) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, n)
+        self.rec = mp.orthogonal(nn.Linear(n, n, bias=False))
+        self.head = mp.bounded(nn.Linear(n, out), "weight", low=-0.5, high=0.5)
+
+    def forward(self, xs: Tensor) -> Tensor:
+        h = xs.new_zeros(xs.shape[1], self.rec.in_features)
+        for x in xs:
+            h = torch.tanh(self.inp(x) + self.rec(h))
+        return self.head(h)
+
+
+def make_rnn(device: torch.device) -> RNN:
+    torch.manual_seed(0)
+    model = RNN().to(F64)
+    with torch.no_grad():  # a kernel away from the identity: Padé with squarings on the CPU
+        original(model.rec).copy_(2.0 * randn(param(model.rec).dim, seed=30))
+    return model.to(device)
+
+
+def rnn_loss(model: nn.Module, xs: Tensor, y: Tensor) -> Tensor:
+    return ((model(xs) - y) ** 2).mean()
+
+
+def grads(model: nn.Module) -> dict[str, Tensor]:
+    out = {}
+    for k, p in model.named_parameters():
+        assert p.grad is not None, k
+        out[k] = p.grad.detach().clone()
+    return out
+
+
+def assert_same(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-12, rtol=0, msg=k)
+
+
+@contextlib.contextmanager
+def counting(cls: type[Parametrization] = mp.Orthogonal) -> Iterator[list[int]]:
+    """Count the evaluations of ``cls._map``."""
+    calls = [0]
+    inner = cls._map
+
+    def counted(self: Parametrization, x: Tensor) -> Tensor:
+        calls[0] += 1
+        return inner(self, x)
+
+    cls._map = counted  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        cls._map = inner  # type: ignore[method-assign]
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.5),
+    # fused: no version counter is bumped, the cache must see the step anyway
+    "adam-fused": lambda ps: torch.optim.Adam(ps, lr=0.05, fused=True),
+}
+
+
+@pytest.mark.parametrize("opt_name", OPTIMIZERS)
+@pytest.mark.parametrize("mode", ["cached", "auto"])
+def test_cached_rnn_equals_uncached_and_is_fresh_after_a_step(device, mode, opt_name) -> None:
+    xs = randn(T, 5, 3, seed=31).to(device)
+    y = randn(5, 2, seed=32).to(device)
+    ref, model = make_rnn(device), make_rnn(device)
+    opt_ref = OPTIMIZERS[opt_name](ref.parameters())
+    opt = OPTIMIZERS[opt_name](model.parameters())
+    if mode == "auto":
+        mp.auto_cache(model)
+    ctx = mp.cached() if mode == "cached" else contextlib.nullcontext()
+
+    with counting() as uncached_calls:
+        loss_ref = rnn_loss(ref, xs, y)
+        loss_ref.backward()
+    assert uncached_calls[0] == T
+
+    with ctx:
+        for step in range(3):
+            with counting() as calls:
+                loss = rnn_loss(model, xs, y)
+                loss.backward()
+            assert calls[0] == 1, step  # the kernel computed once for T reads
+            assert on_device(loss, device)
+            torch.testing.assert_close(loss, loss_ref, atol=1e-12, rtol=0)
+            assert_same(grads(model), grads(ref))
+
+            with torch.no_grad():  # (no-grad reads are stored apart from the graph's value)
+                before = model.rec.weight.clone()
+            opt.step()
+            opt.zero_grad()
+            opt_ref.step()
+            opt_ref.zero_grad()
+            # The next read is the new weight, not the stored one: compare with the map itself.
+            with torch.no_grad():
+                after = model.rec.weight.clone()
+                fresh = param(model.rec)._map(original(model.rec))
+            assert not torch.allclose(after, before)
+            torch.testing.assert_close(after, fresh, atol=1e-12, rtol=0)
+            torch.testing.assert_close(after, ref.rec.weight.detach(), atol=1e-12, rtol=0)
+            loss_ref = rnn_loss(ref, xs, y)
+            loss_ref.backward()
+
+
+# ============================================================================ 5. SPD, box, orthant
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_spd_on_device(device, dtype) -> None:
+    n, floor = 6, 0.1
+    tol = 1e-12 if dtype == F64 else 2e-5
+    layer = mp.spd(nn.Linear(n, n, bias=False, device=device, dtype=dtype), min_eigenvalue=floor)
+    p = param(layer)
+    ref = mp.spd(nn.Linear(n, n, bias=False, dtype=F64), min_eigenvalue=floor)
+    for i, scale in enumerate([0.0, 1.0, 3.0]):
+        x = scale * randn(p.dim, seed=40 + i)
+        set_coords(layer, x)
+        set_coords(ref, x)
+        w = layer.weight
+        assert on_device(w, device) and w.dtype == dtype
+        assert torch.equal(w, w.mT)  # symmetric to the bit
+        assert_spd(w.cpu(), floor=floor * 0.99)  # (the oracle works on the CPU)
+        assert float(torch.linalg.eigvalsh(w.detach().double()).min()) > floor * 0.99
+        assert p.check(w)
+        assert rel_err(w, ref.weight) < tol
+
+    # right_inverse: an SPD value assigned is the value read back.
+    a = randn(n, n, seed=45)
+    w0 = (a @ a.T / n + 0.5 * torch.eye(n, dtype=F64)).to(device=device, dtype=dtype)
+    w0 = 0.5 * (w0 + w0.mT)
+    layer.weight = w0
+    assert rel_err(layer.weight, w0) < tol
+    with pytest.raises(ValueError, match="not symmetric positive definite"):
+        layer.weight = w0 - 2.0 * torch.eye(n, device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bounded_on_device(device, dtype) -> None:
+    low = -0.5
+    high = torch.linspace(0.1, 2.0, 4, dtype=F64)[:, None]  # a tensor bound, broadcast, on the CPU
+    layer = nn.Linear(3, 4, device=device, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(3.0 * randn(4, 3, seed=50))  # partly outside the box
+    before = layer.weight.detach().clone()
+    mp.bounded(layer, "weight", low=low, high=high)
+    p = param(layer)
+    lo, hi = p.low, p.high
+    assert on_device(lo, device) and on_device(hi, device) and hi.dtype == dtype
+    tol = 1e-12 if dtype == F64 else 1e-6
+    torch.testing.assert_close(layer.weight, torch.clamp(before, lo, hi), atol=tol, rtol=0)
+
+    for i, scale in enumerate([0.0, 1.0, 50.0]):  # 50: tanh saturates onto the bounds
+        set_coords(layer, scale * randn(4, 3, seed=51 + i))
+        w = layer.weight
+        assert on_device(w, device) and w.dtype == dtype
+        assert bool(((w >= lo) & (w <= hi)).all())
+        assert p.check(w)
+
+    u = 0.05 + 0.9 * torch.rand(4, 3, generator=gen(55), dtype=F64)
+    w0 = (low + (high - low) * u).to(device=device, dtype=dtype)
+    layer.weight = w0
+    torch.testing.assert_close(layer.weight, w0, atol=tol, rtol=0)
+    with pytest.raises(ValueError, match="inside its bounds"):
+        layer.weight = w0 + 3.0
+
+
+@pytest.mark.parametrize("map", ["softplus", "exp", "square"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nonnegative_on_device(device, dtype, map) -> None:
+    layer = nn.Linear(5, 4, device=device, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(randn(4, 5, seed=60))
+    before = layer.weight.detach().clone()
+    mp.nonnegative(layer, map=map)
+    tol = 1e-12 if dtype == F64 else 1e-6
+    torch.testing.assert_close(layer.weight, before.clamp_min(0), atol=tol, rtol=0)
+
+    p = param(layer)
+    for i, scale in enumerate([0.0, 1.0, 50.0]):  # 50: softplus/exp underflow to 0 somewhere
+        set_coords(layer, scale * randn(4, 5, seed=61 + i))
+        w = layer.weight
+        assert on_device(w, device) and w.dtype == dtype
+        assert bool((w >= 0).all())
+        assert p.check(w)
+
+    w0 = (0.01 + torch.rand(4, 5, generator=gen(65), dtype=F64)).to(device=device, dtype=dtype)
+    layer.weight = w0
+    torch.testing.assert_close(layer.weight, w0, atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="nonnegative"):
+        layer.weight = w0 - 1.0
+
+
+# ============================================================================ 6. checkpoints
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 5)
+        self.drop = nn.Dropout(0.2)  # draws from the device's generator
+        self.fc2 = nn.Linear(5, 5, bias=False)
+        self.fc3 = nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc3(torch.tanh(self.fc2(self.drop(torch.tanh(self.fc1(x))))))
+
+
+def make_net(device: torch.device, seed: int) -> tuple[Net, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    net = Net().to(device)
+    mp.orthogonal(net.fc1)
+    mp.bounded(net.fc1, "bias", low=-0.5, high=0.5)
+    mp.spd(net.fc2, min_eigenvalue=0.01)
+    mp.nonnegative(net.fc3)
+    return net, torch.optim.Adam(net.parameters(), lr=0.05)
+
+
+def train_net(net: Net, opt: torch.optim.Optimizer, steps: int) -> list[float]:
+    device = next(net.parameters()).device
+    x = randn(32, 5, seed=70).float().to(device)
+    y = randn(32, 2, seed=71).float().to(device)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((net(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def via_bytes(obj: Any) -> Any:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_training_state_resumes_bit_for_bit_on_device(device) -> None:
+    net, opt = make_net(device, seed=0)
+    train_net(net, opt, 4)
+    mp.rebase(net, opt)  # a base point that moved during training must be saved too
+    train_net(net, opt, 2)  # and Adam state rebuilt for the rebased coordinates
+    state = via_bytes(mp.training_state(net, opt, step=6))
+    if device.type == "cuda":
+        assert "cuda" in state["rng"]  # dropout's generator
+    assert all(on_device(t, device) for t in state["model"].values())
+    reference = train_net(net, opt, 5)
+
+    net2, opt2 = make_net(device, seed=1)  # a different start: everything comes from the state
+    assert mp.load_training_state(state, net2, opt2) == {"step": 6}
+    resumed = train_net(net2, opt2, 5)
+    assert resumed == reference
+    for (k, a), b in zip(net.state_dict().items(), net2.state_dict().values(), strict=True):
+        assert on_device(b, device), k
+        assert torch.equal(a, b), k
+    assert_on_stiefel(net2.fc1.weight)
+    assert_spd(net2.fc2.weight.cpu(), floor=0.0)
+
+    # Control: the same weights with a fresh optimizer do not resume (the state matters).
+    net3, _ = make_net(device, seed=1)
+    mp.load_training_state(state, net3)
+    opt3 = torch.optim.Adam(net3.parameters(), lr=0.05)
+    assert train_net(net3, opt3, 5) != reference
