@@ -57,8 +57,7 @@ from torch import nn
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 torch.set_num_threads(2)
 
-from manifoldparam.hard.expm import _forward, expm  # noqa: E402
-from manifoldparam.hard.orthogonal import SYNC_FREE_SQUARINGS  # noqa: E402
+from manifoldparam.hard.expm import SYNC_FREE_SQUARINGS, _forward, expm  # noqa: E402
 
 REF = "torch orthogonal(matrix_exp)"
 

@@ -422,6 +422,44 @@ def test_expm_projected_and_skew_match_matrix_exp_float64(device, norm, max_squa
     assert rel_err(low.grad, low_ref.grad) < 1e-11 * max(1.0, norm)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_expm_captures_in_a_cuda_graph(device, dtype) -> None:
+    """``expm`` with ``max_squarings=None`` reads norms on the host, which a CUDA graph cannot
+    capture: while capturing it takes ``SYNC_FREE_SQUARINGS`` masked squarings instead, so the
+    replayed graph is exact for new inputs, also ones that need squarings."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs exist for CUDA only")
+
+    def skew(scale: float, seed: int) -> Tensor:  # spectral radius ≈ 7.3·scale
+        x = randn(12, 12, seed=seed)
+        return scale * (x - x.mT)
+
+    a = skew(0.1, 90).to(device=device, dtype=dtype).requires_grad_()
+    g = randn(12, 12, seed=91).to(device=device, dtype=dtype)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capturing stream
+        for _ in range(2):
+            expm(a).backward(g)
+    torch.cuda.current_stream().wait_stream(side)
+    a.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = expm(a)
+        out.backward(g)
+    tol = 1e-10 if dtype == F64 else 1e-4
+    for i, scale in enumerate([0.1, 6.0]):  # ρ = 0.78 (no squaring), then 44 (several)
+        with torch.no_grad():
+            a.copy_(skew(scale, 92 + i))
+        graph.replay()
+        ref = a.detach().cpu().double().requires_grad_()
+        want = torch.linalg.matrix_exp(ref)
+        want.backward(g.cpu().double())
+        assert rel_err(out, want) < tol
+        assert a.grad is not None
+        assert rel_err(a.grad, ref.grad) < tol
+
+
 @pytest.mark.parametrize("max_squarings", [None, 6])
 @pytest.mark.parametrize("norm", [0.1, 3.0])
 def test_expm_gradcheck_on_device(device, norm, max_squarings) -> None:

@@ -88,7 +88,9 @@ alternative, a fixed maximum number of masked squarings, would cost one product 
 squaring on every call (and two in the backward). ``max_squarings=k`` selects that sync-free
 mode (:math:`m = 13` in float64, :math:`7` in float32, exactly :math:`k` masked squarings,
 :math:`s` clamped to :math:`k`, so inaccurate if :math:`\|A\|` exceeds about
-:math:`4\cdot 2^k`; no overflow fallback) for CUDA graphs or ``torch.compile(fullgraph=True)``.
+:math:`4\cdot 2^k`; no overflow fallback) for CUDA graphs or ``torch.compile(fullgraph=True)``;
+with ``max_squarings=None`` it is taken automatically (:data:`SYNC_FREE_SQUARINGS`) while a
+CUDA graph is being captured.
 
 Forward mode. ``jvp`` is Al-Mohy & Higham's forward scheme for :math:`L_r(A, E)` (the
 directional derivative of the same approximant) with the saved intermediates, so
@@ -109,7 +111,12 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["expm", "expm_projected", "expm_skew"]
+__all__ = ["SYNC_FREE_SQUARINGS", "expm", "expm_projected", "expm_skew"]
+
+#: Masked squarings of the sync-free mode taken while a CUDA graph is being captured (with
+#: ``max_squarings=None``): accurate while the spectral radius of A is below about
+#: 4·2^10 = 4096, far beyond what training an orthogonal weight reaches.
+SYNC_FREE_SQUARINGS = 10
 
 # Padé [m/m] coefficients of exp (Higham 2005), normalised by b_0 (same r_m, O(1) numbers).
 _B7 = (17297280.0, 8648640.0, 1995840.0, 277200.0, 25200.0, 1512.0, 56.0, 1.0)
@@ -764,8 +771,9 @@ def expm(a: Tensor, *, max_squarings: int | None = None) -> Tensor:
     Args:
         a: real or complex square matrices (float16/bfloat16 are computed in float32).
         max_squarings: ``None`` (default): choose the number of squarings from the norms
-            (one host read per call). An int ``k``: no host read; always ``k`` (masked)
-            squarings, accurate while ``‖a‖ ≲ 4·2^k``.
+            (one host read per call; while a CUDA graph is being captured, where no host read
+            is possible, :data:`SYNC_FREE_SQUARINGS` instead). An int ``k``: no host read;
+            always ``k`` (masked) squarings, accurate while ``‖a‖ ≲ 4·2^k``.
     """
     return _expm(a, max_squarings, projected=False)[0]
 
@@ -806,6 +814,8 @@ def _expm(a: Tensor, max_squarings: int | None, projected: bool) -> tuple[Tensor
     at the level of a float32 Gram product, so the orthogonal map skips its Newton--Schulz
     correction (it pays after Padé and more squarings, where round-off grows with ``2^s``)."""
     _check(a, max_squarings)
+    if max_squarings is None and a.is_cuda and torch.cuda.is_current_stream_capturing():
+        max_squarings = SYNC_FREE_SQUARINGS  # a CUDA graph cannot capture the norms' host read
     if a.dtype in (torch.float16, torch.bfloat16):
         return _expm(a.float(), max_squarings, projected)[0].to(a.dtype), False
     if a.shape[-1] == 0:

@@ -68,11 +68,6 @@ Map = Literal["expm", "cayley"]
 _MAPS = ("expm", "cayley")
 
 
-#: Masked squarings of the sync-free exponential, used during CUDA graph capture (accurate
-#: while the spectral radius of A is below about 4·2^10 = 4096, far beyond what training
-#: reaches, more so with :func:`rebase`).
-SYNC_FREE_SQUARINGS = 10
-
 #: Where ``Orthogonal._exact_base`` keeps its verdict (in the instance ``__dict__``).
 _VERDICT = "_manifoldparam_base_verdict"
 
@@ -87,17 +82,15 @@ def _exp(a: Tensor, max_squarings: int | None) -> tuple[Tensor, bool]:
     ``torch.linalg.matrix_exp`` does there; once per step with a cache; the backward reads
     nothing). While a CUDA graph is being captured, where no host read is possible, and
     whenever ``max_squarings`` is given, a fixed, masked number of squarings is used instead
-    (:data:`SYNC_FREE_SQUARINGS` by default), so nothing syncs; it costs that many products in
-    the forward and twice as many in the backward, used or not. Under ``torch.compile`` (and
-    ``torch.jit.trace``, which cannot record a Function with non-tensor outputs) the
-    exponential is ``torch.linalg.matrix_exp``, which inductor lowers natively (Dynamo does not
-    yet trace the custom autograd.Function inside a parametrization: "Placeholder node not
-    found").
+    (``expm.SYNC_FREE_SQUARINGS`` while capturing), so nothing syncs; it costs that many
+    products in the forward and twice as many in the backward, used or not. Under
+    ``torch.compile`` (and ``torch.jit.trace``, which cannot record a Function with non-tensor
+    outputs) the exponential is ``torch.linalg.matrix_exp``, which inductor lowers natively
+    (Dynamo does not yet trace the custom autograd.Function inside a parametrization:
+    "Placeholder node not found").
     """
     if torch.compiler.is_compiling() or torch._C._is_tracing():
         return torch.linalg.matrix_exp(a), False
-    if max_squarings is None and a.is_cuda and torch.cuda.is_current_stream_capturing():
-        max_squarings = SYNC_FREE_SQUARINGS
     return _expm(a, max_squarings, projected=True)
 
 
@@ -155,8 +148,7 @@ class Orthogonal(Parametrization):
         max_squarings: for ``map="expm"``, a fixed number of masked squarings (no host read of
             norms: no device sync, for CUDA graphs and ``torch.compile(fullgraph=True)``);
             ``None`` (default) reads the norms on the host in eager mode (one sync per
-            evaluation on a GPU) and uses ``SYNC_FREE_SQUARINGS`` while a CUDA graph is
-            being captured.
+            evaluation on a GPU) and a fixed number while a CUDA graph is being captured.
         atol: assignment/check tolerance on ``max|WᵀW - I|``; default ``16·n·eps(dtype)``.
     """
 
