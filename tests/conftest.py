@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+from collections.abc import Iterator
+from typing import Any
+
 import geoopt
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from torch import Tensor, nn
+
+import manifoldparam as mp
+from manifoldparam.hard.base import Parametrization
 
 settings.register_profile(
     "ci",
@@ -52,3 +61,44 @@ def assert_spd(w: torch.Tensor, floor: float = 0.0, atol: float | None = None) -
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@contextlib.contextmanager
+def counting(cls: type[Parametrization] = mp.Orthogonal) -> Iterator[list[int]]:
+    """Count the evaluations of ``cls._map`` (the constrained weight's computation)."""
+    calls = [0]
+    original = cls._map
+
+    def counted(self: Parametrization, x: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return original(self, x)
+
+    cls._map = counted  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        cls._map = original  # type: ignore[method-assign]
+
+
+def via_bytes(obj: Any) -> Any:
+    """``obj`` through ``torch.save`` / ``torch.load(weights_only=True)`` in memory."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+class RNN(nn.Module):
+    """A small orthogonal RNN whose recurrent kernel is read once per time step."""
+
+    def __init__(self, n: int = 6, d: int = 3, out: int = 2, map: str = "expm") -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, n)
+        self.rec = mp.orthogonal(nn.Linear(n, n, bias=False), map=map)
+        self.head = mp.bounded(nn.Linear(n, out), "weight", low=-0.5, high=0.5)
+
+    def forward(self, xs: Tensor) -> Tensor:
+        h = xs.new_zeros(xs.shape[1], self.rec.in_features)
+        for x in xs:
+            h = torch.tanh(self.inp(x) + self.rec(h))
+        return self.head(h)

@@ -12,7 +12,7 @@ import contextlib
 import copy
 import gc
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -30,26 +30,11 @@ from manifoldparam.caching import (
     set_auto,
 )
 from manifoldparam.hard.base import Parametrization, register
+from tests.conftest import RNN, counting
 
 DT = torch.float64
 TOL = {"atol": 1e-12, "rtol": 0.0}
 T = 12  # time steps
-
-
-class RNN(nn.Module):
-    """A small orthogonal RNN whose recurrent kernel is read once per time step."""
-
-    def __init__(self, n: int = 6, d: int = 3, out: int = 2, map: str = "expm") -> None:
-        super().__init__()
-        self.inp = nn.Linear(d, n)
-        self.rec = mp.orthogonal(nn.Linear(n, n, bias=False), map=map)
-        self.head = mp.bounded(nn.Linear(n, out), "weight", low=-0.5, high=0.5)
-
-    def forward(self, xs: Tensor) -> Tensor:
-        h = xs.new_zeros(xs.shape[1], self.rec.in_features)
-        for x in xs:
-            h = torch.tanh(self.inp(x) + self.rec(h))
-        return self.head(h)
 
 
 def make(seed: int = 0, **kw: object) -> RNN:
@@ -85,23 +70,6 @@ def assert_same(a: dict[str, Tensor | None], b: dict[str, Tensor | None]) -> Non
         assert (x is None) == (y is None), k
         if x is not None and y is not None:
             torch.testing.assert_close(x, y, **TOL, msg=k)
-
-
-@contextlib.contextmanager
-def counting(cls: type[Parametrization] = mp.Orthogonal) -> Iterator[list[int]]:
-    """Count the evaluations of ``cls._map`` (the constrained weight's computation)."""
-    calls = [0]
-    original = cls._map
-
-    def counted(self: Parametrization, x: Tensor) -> Tensor:
-        calls[0] += 1
-        return original(self, x)
-
-    cls._map = counted  # type: ignore[method-assign]
-    try:
-        yield calls
-    finally:
-        cls._map = original  # type: ignore[method-assign]
 
 
 def original_of(model: RNN) -> Tensor:

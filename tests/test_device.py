@@ -18,7 +18,6 @@ without a CUDA device), so the CPU run checks the tests' logic and a GPU run che
 from __future__ import annotations
 
 import contextlib
-import io
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,7 +29,7 @@ from torch.autograd import gradcheck
 import manifoldparam as mp
 from manifoldparam.hard.base import Parametrization
 from manifoldparam.hard.expm import expm, expm_projected, expm_skew
-from tests.conftest import assert_on_stiefel, assert_spd, atol_for
+from tests.conftest import RNN, assert_on_stiefel, assert_spd, atol_for, counting, via_bytes
 
 F64 = torch.float64
 DTYPES = [torch.float32, F64]
@@ -478,22 +477,6 @@ def test_expm_gradcheck_on_device(device, norm, max_squarings) -> None:
 T = 10  # time steps: the recurrent kernel is read T times per forward
 
 
-class RNN(nn.Module):
-    """A small orthogonal RNN whose recurrent kernel is read once per time step."""
-
-    def __init__(self, n: int = 6, d: int = 3, out: int = 2) -> None:
-        super().__init__()
-        self.inp = nn.Linear(d, n)
-        self.rec = mp.orthogonal(nn.Linear(n, n, bias=False))
-        self.head = mp.bounded(nn.Linear(n, out), "weight", low=-0.5, high=0.5)
-
-    def forward(self, xs: Tensor) -> Tensor:
-        h = xs.new_zeros(xs.shape[1], self.rec.in_features)
-        for x in xs:
-            h = torch.tanh(self.inp(x) + self.rec(h))
-        return self.head(h)
-
-
 def make_rnn(device: torch.device) -> RNN:
     torch.manual_seed(0)
     model = RNN().to(F64)
@@ -518,23 +501,6 @@ def assert_same(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-12, rtol=0, msg=k)
-
-
-@contextlib.contextmanager
-def counting(cls: type[Parametrization] = mp.Orthogonal) -> Iterator[list[int]]:
-    """Count the evaluations of ``cls._map``."""
-    calls = [0]
-    inner = cls._map
-
-    def counted(self: Parametrization, x: Tensor) -> Tensor:
-        calls[0] += 1
-        return inner(self, x)
-
-    cls._map = counted  # type: ignore[method-assign]
-    try:
-        yield calls
-    finally:
-        cls._map = inner  # type: ignore[method-assign]
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -713,13 +679,6 @@ def train_net(net: Net, opt: torch.optim.Optimizer, steps: int) -> list[float]:
         opt.step()
         losses.append(float(loss.detach()))
     return losses
-
-
-def via_bytes(obj: Any) -> Any:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def test_training_state_resumes_bit_for_bit_on_device(device) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import warnings
 from typing import Any
 
@@ -19,7 +18,7 @@ from manifoldparam.interop import (
     training_state,
 )
 from manifoldparam.soft import MDMM, constrain, rms, soft_constraints
-from tests.conftest import assert_on_stiefel, assert_spd
+from tests.conftest import assert_on_stiefel, assert_spd, via_bytes
 
 DTYPE = torch.float64
 
@@ -46,13 +45,6 @@ def constrained(seed: int = 0) -> Plain:
     return m
 
 
-def _bytes(obj: Any) -> Any:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 def assert_constraints(m: Plain) -> None:
     assert_on_stiefel(m.fc1.weight)
     assert_spd(m.fc2.weight)
@@ -67,7 +59,7 @@ def test_plain_checkpoint_loads_into_a_constrained_model_moved_and_said_so() -> 
     with torch.no_grad():
         source.fc1.bias.mul_(4.0)  # some entries outside the box
         source.fc3.weight[0, :2] = -0.3  # and below the orthant
-    sd = _bytes(source.state_dict())
+    sd = via_bytes(source.state_dict())
     model = constrained()
     with pytest.warns(ProjectedOnLoadWarning, match=r"fc1\.weight") as rec:
         report = load_plain_state_dict(model, sd)
@@ -89,7 +81,7 @@ def test_plain_checkpoint_loads_into_a_constrained_model_moved_and_said_so() -> 
 
 def test_a_checkpoint_already_on_the_sets_loads_exactly_without_warning() -> None:
     source = constrained(seed=3)
-    sd = _bytes(export(source).state_dict())  # plain keys, values on the sets
+    sd = via_bytes(export(source).state_dict())  # plain keys, values on the sets
     model = constrained(seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -172,7 +164,7 @@ def test_model_multipliers_optimizer_and_rng_resume_bit_for_bit() -> None:
     model, mdmm, opt = _setup(0)
     _train(model, mdmm, opt, 5)
     mp.rebase(model, opt)  # a base point that moved during training must be saved too
-    state = _bytes(training_state(model, opt, mdmm, step=5))  # weights_only=True load
+    state = via_bytes(training_state(model, opt, mdmm, step=5))  # weights_only=True load
     reference = _train(model, mdmm, opt, 5)
 
     model2, mdmm2, opt2 = _setup(1)  # a different start: everything must come from state
@@ -242,7 +234,7 @@ def _tz_train(model: Plain, mdmm: MDMM, opt: Any, rounds: int) -> list[float]:
 def test_torchzero_optimizer_resumes_bit_for_bit(chain: str) -> None:
     model, mdmm, opt = _tz_setup(0, chain)
     _tz_train(model, mdmm, opt, 2)
-    saved = _bytes(training_state(model, opt, mdmm))  # weights_only=True load
+    saved = via_bytes(training_state(model, opt, mdmm))  # weights_only=True load
     reference = _tz_train(model, mdmm, opt, 2)
 
     # the hazard: torchzero's own load_state_dict adopts the checkpoint's (copied) tensors
