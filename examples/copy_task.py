@@ -12,6 +12,7 @@ recomputes the matrix exponential at every step). The LSTM has about as many par
 
     python examples/copy_task.py --quick     # the same task, 400 iterations: ~2 min, 2 cores
     python examples/copy_task.py             # L=100, hidden 128, 1500 iterations (~7-20 min)
+    python examples/copy_task.py --device cpu   # (default: cuda when there is a GPU)
 
 Writes ``examples/out/copy_task[_quick].png`` (both loss curves against the baseline) and a
 ``.json`` with the curves and final figures.
@@ -145,6 +146,7 @@ def train(
     from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches for both models
+    model.to(args.device)
     opt = optimizer_for(model, args.lr, args.lr_orth)
     loss_fn = nn.CrossEntropyLoss()
     if cache == "auto":
@@ -153,7 +155,7 @@ def train(
     start = time.perf_counter()
     bar = tqdm(range(args.iters), desc=f"{name:>14}", unit="it", dynamic_ncols=True)
     for _ in bar:
-        x, y = copy_batch(args.batch, args.length, gen)
+        x, y = (t.to(args.device) for t in copy_batch(args.batch, args.length, gen))
         ctx = cached() if cache == "cached" else contextlib.nullcontext()
         with ctx:
             logits = model(x)
@@ -212,8 +214,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--models", default="orthogonal,lstm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     quick = {"iters": 400} if args.quick else {}  # the same task, fewer iterations
     full = {"length": 100, "hidden": 128, "iters": 1500}
     for k, v in full.items():
@@ -236,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print(
         f"copy task L={args.length}, batch {args.batch}, {args.iters} iterations; "
         f"baseline {base:.4f}; orthogonal RNN n={args.hidden} ({n_params(orth)} params), "
-        f"LSTM n={lstm_h} ({n_params(LSTM(lstm_h))} params); kernel cache: {args.cache}"
+        f"LSTM n={lstm_h} ({n_params(LSTM(lstm_h))} params); kernel cache: {args.cache}; "
+        f"device: {args.device}"
     )
     if "orthogonal" in models:
         results["orthogonal RNN"] = train("orthogonal RNN", orth, args, cache=args.cache)
