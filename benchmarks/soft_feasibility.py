@@ -31,9 +31,7 @@ D_IN, H, N, NOISE, RMS_MAX = 16, 32, 1024, 0.1, 1.1
 
 
 def mlp() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(D_IN, H), nn.Tanh(), nn.Linear(H, H), nn.Tanh(), nn.Linear(H, 1)
-    )
+    return nn.Sequential(nn.Linear(D_IN, H), nn.Tanh(), nn.Linear(H, H), nn.Tanh(), nn.Linear(H, 1))
 
 
 def linears(model: nn.Module) -> list[nn.Linear]:
@@ -309,8 +307,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     names = args.only.split(";")
-    print("| method | final loss | final violation | stays < 1e-2 from | stays < 1e-3 from "
-          "| step time / unconstrained |")
+    print(
+        "| method | final loss | final violation | stays < 1e-2 from | stays < 1e-3 from "
+        "| step time / unconstrained |"
+    )
     print("|---|---|---|---|---|---|")
     for name in names:
         row = run(name, args.steps, args.seed)

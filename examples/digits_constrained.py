@@ -52,9 +52,7 @@ def main() -> None:
     for i in (0, 4):  # soft: mean|W| == 1 on the other layers
         constrain(model[i], "weight", mean_abs, eq=1.0, damping=10.0)
     mdmm = MDMM(soft_constraints(model))
-    opt = mdmm.make_optimizer(
-        model.parameters(), optimizer=torch.optim.Adam, lr=1e-2, dual_lr=2e-2
-    )
+    opt = mdmm.make_optimizer(model.parameters(), optimizer=torch.optim.Adam, lr=1e-2, dual_lr=2e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     loss_fn = nn.CrossEntropyLoss()
 
