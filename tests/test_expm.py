@@ -116,6 +116,63 @@ def test_edge_cases():
     assert torch.allclose(expm(c), torch.linalg.matrix_exp(c), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_sync_free_mode_marks_matrices_beyond_its_squarings_nan(dtype):
+    """``max_squarings=k`` cannot raise (that would need a host read): a matrix that needs more
+    than k squarings comes out as NaN, not as a finite wrong value (at ρ = 1e4 and k = 10,
+    10 squarings give a relative error of 0.8 with ``max|XᵀX - I|`` = 6e-5), and only that
+    matrix of a batch."""
+    a = _rand((6, 6), 1.0, skew=True, dtype=dtype)
+    radii = [1e4, 2.0, 1e3]  # 1e3 needs 8 squarings in float32, 1e4 needs 12
+    batch = torch.stack([r * a for r in radii])
+    out = expm(batch, max_squarings=10)
+    assert out[0].isnan().all()
+    g = torch.randn_like(batch)
+    grad = _grad(lambda x: expm(x, max_squarings=10), batch, g)
+    ref = torch.linalg.matrix_exp(batch.double())
+    ref_grad = _grad(torch.linalg.matrix_exp, batch.double(), g.double())
+    eps = torch.finfo(dtype).eps
+    for i in (1, 2):  # within range: exact to the conditioning (≈ ρ·eps)
+        assert _rel(out[i], ref[i]) < 100 * radii[i] * eps
+        assert _rel(grad[i], ref_grad[i]) < 100 * radii[i] * eps
+    assert not expm(batch).isnan().any()  # the default mode reads the norms: no limit
+
+
+def test_default_mode_without_data_takes_the_fixed_squarings():
+    """Meta and fake tensors hold no numbers to read on the host: ``expm`` and the orthogonal
+    map take the sync-free squarings there (shape propagation, ``module.to("meta")``)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import manifoldparam as mp
+
+    assert expm(torch.empty(3, 5, 5, device="meta")).shape == (3, 5, 5)
+    layer = mp.orthogonal(torch.nn.Linear(6, 4, bias=False)).to("meta")
+    assert layer.weight.is_meta and layer.weight.shape == (4, 6)
+    with FakeTensorMode():
+        a = torch.randn(2, 5, 5)
+        assert expm(a).shape == (2, 5, 5)
+        assert expm_skew(a).shape == (2, 5, 5)
+
+
+def test_no_checked_solve(monkeypatch):
+    """The solves skip their error checks (``lu_factor_ex``, ``solve_ex``): the checked ones
+    read ``info`` on the host, a device sync on a GPU. Forward, backward, double backward and
+    jvp of the Padé path with fixed squarings, and the Cayley map, never call them."""
+    import manifoldparam as mp
+
+    def checked(*args, **kwargs):
+        raise AssertionError("a checked solve (it syncs on a GPU)")
+
+    a = _rand((5, 5), 3.0, skew=True).requires_grad_()  # Padé, squarings
+    layer = mp.orthogonal(torch.nn.Linear(5, 5, bias=False).double(), map="cayley")
+    monkeypatch.setattr(torch.linalg, "lu_factor", checked)
+    monkeypatch.setattr(torch.linalg, "solve", checked)
+    fn = lambda x: expm(x, max_squarings=4)  # noqa: E731
+    assert gradcheck(fn, (a,)) and gradgradcheck(fn, (a,))
+    torch.func.jvp(fn, (a.detach(),), (torch.ones_like(a),))
+    layer.weight.sum().backward()
+
+
 # ----------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize(
     ("shape", "norm", "skew"),
@@ -501,7 +558,8 @@ def test_host_choice_is_the_device_formula(dtype):
     for batch in (a, a[:3]):
         a2 = batch @ batch
         a4, a6 = a2 @ a2, a2 @ a2 @ a2
-        m, s, s_max, uniform, overflow = _choose(batch, a2, a4, a6, None)
+        m, s, s_max, uniform, overflow, beyond = _choose(batch, a2, a4, a6, None)
+        assert beyond is None
         m_dev, s_dev, *_ = _choose(batch, a2, a4, a6, 1000)
         assert not overflow and s_max == int(s.max()) and uniform == bool((s == s.max()).all())
         single = dtype == torch.float32

@@ -87,10 +87,11 @@ is the same kind of sync as ``torch.linalg.matrix_exp``'s own norm-dependent bra
 alternative, a fixed maximum number of masked squarings, would cost one product per unused
 squaring on every call (and two in the backward). ``max_squarings=k`` selects that sync-free
 mode (:math:`m = 13` in float64, :math:`7` in float32, exactly :math:`k` masked squarings,
-:math:`s` clamped to :math:`k`, so inaccurate if :math:`\|A\|` exceeds about
-:math:`4\cdot 2^k`; no overflow fallback) for CUDA graphs or ``torch.compile(fullgraph=True)``;
-with ``max_squarings=None`` it is taken automatically (:data:`SYNC_FREE_SQUARINGS`) while a
-CUDA graph is being captured.
+:math:`s` clamped to :math:`k`: a matrix whose norm needs more, above about
+:math:`4\cdot 2^k`, comes out as NaN; no overflow fallback) for CUDA graphs or
+``torch.compile(fullgraph=True)``; with ``max_squarings=None`` it is taken automatically
+(:data:`SYNC_FREE_SQUARINGS`) while a CUDA graph is being captured, for fake tensors and
+off the CPU and CUDA (meta, XLA, MPS).
 
 Forward mode. ``jvp`` is Al-Mohy & Higham's forward scheme for :math:`L_r(A, E)` (the
 directional derivative of the same approximant) with the saved intermediates, so
@@ -110,12 +111,13 @@ import math
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 __all__ = ["SYNC_FREE_SQUARINGS", "expm", "expm_projected", "expm_skew"]
 
 #: Masked squarings of the sync-free mode taken while a CUDA graph is being captured (with
-#: ``max_squarings=None``): accurate while the spectral radius of A is below about
-#: 4·2^10 = 4096, far beyond what training an orthogonal weight reaches.
+#: ``max_squarings=None``): enough while the spectral radius of A is below about
+#: 4·2^10 = 4096, far beyond what training an orthogonal weight reaches (NaN above).
 SYNC_FREE_SQUARINGS = 10
 
 # Padé [m/m] coefficients of exp (Higham 2005), normalised by b_0 (same r_m, O(1) numbers).
@@ -214,16 +216,18 @@ def _choose(
     a6: Tensor,
     max_squarings: int | None,
     head: list[list[float]] | None = None,
-) -> tuple[int, Tensor, int, bool, bool]:
-    """(m, s per matrix, s_max, uniform s, overflow) from the norms of A, A², A⁴, A⁶.
+) -> tuple[int, Tensor, int, bool, bool, Tensor | None]:
+    """(m, s per matrix, s_max, uniform s, overflow, beyond) from the norms of A, A², A⁴, A⁶.
 
     One host read (of the norms) unless ``max_squarings`` is given; with it, everything stays
-    on the device: ``s`` clamped to ``max_squarings``, squarings masked, no overflow fallback.
+    on the device: ``s`` clamped to ``max_squarings``, squarings masked, no overflow fallback,
+    and ``beyond`` marks the matrices that needed more squarings (the caller sets them to NaN:
+    nothing can be raised without a host read); ``None`` in the host mode.
     ``head``: ``[‖A‖₁, ν₂, skew]`` per matrix, already read on the host (:func:`_head_norms`).
     """
     single = a.dtype in (torch.float32, torch.complex64)
     if max_squarings is None:
-        return _choose_on_host(a, a2, a4, a6, single, head)
+        return (*_choose_on_host(a, a2, a4, a6, single, head), None)
     n2, n4, n6 = _norm1(a2), _norm1(a4), _norm1(a6)
     d4 = n4.pow(1 / 4)
     d6 = n6.pow(1 / 6)
@@ -244,7 +248,8 @@ def _choose(
     else:
         m, eta, theta = 13, eta5, _THETA13
     s = torch.log2(eta / theta).ceil().clamp(min=0.0)  # eta == 0: -inf -> 0
-    return m, s.clamp(max=float(max_squarings)), int(max_squarings), False, False
+    k = float(max_squarings)
+    return m, s.clamp(max=k), int(max_squarings), False, False, s > k
 
 
 def _nan_max(x: float, y: float) -> float:
@@ -465,7 +470,7 @@ def _forward(a: Tensor, max_squarings: int | None, skew: bool = False) -> tuple:
     else:
         a4 = a2 @ a2
     a6 = a4 @ a2
-    m, s, s_max, uniform, overflow = _choose(a, a2, a4, a6, max_squarings, head)
+    m, s, s_max, uniform, overflow, beyond = _choose(a, a2, a4, a6, max_squarings, head)
     f = None
     if overflow:  # huge ‖A‖ (a power overflowed): pre-scale by the 1-norm, choose again
         s0 = torch.nan_to_num(torch.log2(_norm1(a) / 4.0).ceil().clamp(min=0.0), posinf=0.0)
@@ -490,6 +495,8 @@ def _forward(a: Tensor, max_squarings: int | None, skew: bool = False) -> tuple:
     x = torch.linalg.lu_solve(lu, piv, v + u)
     r = x
     x, sq = _squarings(x, s, s_max, uniform)
+    if beyond is not None:  # max_squarings too small for these matrices: NaN, not a wrong value
+        x = x.masked_fill(_expand(beyond), math.nan)
     return x, (a, a2, a4, a6, w, w1, z1, lu, piv, r, sq, s), (m, s_max, uniform)
 
 
@@ -773,7 +780,8 @@ def expm(a: Tensor, *, max_squarings: int | None = None) -> Tensor:
         max_squarings: ``None`` (default): choose the number of squarings from the norms
             (one host read per call; while a CUDA graph is being captured, where no host read
             is possible, :data:`SYNC_FREE_SQUARINGS` instead). An int ``k``: no host read;
-            always ``k`` (masked) squarings, accurate while ``‖a‖ ≲ 4·2^k``.
+            always ``k`` (masked) squarings; a matrix that needs more (``‖a‖ ≳ 4·2^k``) comes
+            out as NaN (an error would need a host read).
     """
     return _expm(a, max_squarings, projected=False)[0]
 
@@ -807,6 +815,18 @@ def expm_projected(a: Tensor, *, max_squarings: int | None = None) -> Tensor:
     return _expm(a, max_squarings, projected=True)[0]
 
 
+def _may_read_on_host(a: Tensor) -> bool:
+    """Whether the default mode may read the norms on the host: on the CPU, and on a CUDA
+    device except while a CUDA graph is being captured (which cannot capture the read); not
+    for fake tensors (no data). Meta tensors, XLA, MPS and other devices take the sync-free
+    mode."""
+    if isinstance(a, FakeTensor):
+        return False
+    if a.is_cpu:
+        return True
+    return a.is_cuda and torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()
+
+
 def _expm(a: Tensor, max_squarings: int | None, projected: bool) -> tuple[Tensor, bool]:
     """``(exp(a), taylor)``: ``taylor`` is True when the result is the Taylor path's
     :math:`T_8(2^{-s}A)^{2^s}` in float32/float64 (at most one squaring in float32, two in
@@ -814,8 +834,8 @@ def _expm(a: Tensor, max_squarings: int | None, projected: bool) -> tuple[Tensor
     at the level of a float32 Gram product, so the orthogonal map skips its Newton--Schulz
     correction (it pays after Padé and more squarings, where round-off grows with ``2^s``)."""
     _check(a, max_squarings)
-    if max_squarings is None and a.is_cuda and torch.cuda.is_current_stream_capturing():
-        max_squarings = SYNC_FREE_SQUARINGS  # a CUDA graph cannot capture the norms' host read
+    if max_squarings is None and not _may_read_on_host(a):
+        max_squarings = SYNC_FREE_SQUARINGS
     if a.dtype in (torch.float16, torch.bfloat16):
         return _expm(a.float(), max_squarings, projected)[0].to(a.dtype), False
     if a.shape[-1] == 0:
