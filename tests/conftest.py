@@ -102,3 +102,26 @@ class RNN(nn.Module):
         for x in xs:
             h = torch.tanh(self.inp(x) + self.rec(h))
         return self.head(h)
+
+
+#: Cached against uncached values and gradients (float64): equal to round-off.
+TOL = {"atol": 1e-12, "rtol": 0.0}
+
+
+def loss_of(model: nn.Module, xs: Tensor, y: Tensor) -> Tensor:
+    return ((model(xs) - y) ** 2).mean()
+
+
+def grads(model: nn.Module) -> dict[str, Tensor | None]:
+    return {
+        k: None if p.grad is None else p.grad.detach().clone() for k, p in model.named_parameters()
+    }
+
+
+def assert_same(a: dict[str, Tensor | None], b: dict[str, Tensor | None]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k], b[k]
+        assert (x is None) == (y is None), k
+        if x is not None and y is not None:
+            torch.testing.assert_close(x, y, **TOL, msg=k)

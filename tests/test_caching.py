@@ -30,10 +30,9 @@ from manifoldparam.caching import (
     set_auto,
 )
 from manifoldparam.hard.base import Parametrization, register
-from tests.conftest import RNN, counting
+from tests.conftest import RNN, TOL, assert_same, counting, grads, loss_of
 
 DT = torch.float64
-TOL = {"atol": 1e-12, "rtol": 0.0}
 T = 12  # time steps
 
 
@@ -49,27 +48,8 @@ def data(seed: int = 1, batch: int = 5) -> tuple[Tensor, Tensor]:
     )
 
 
-def loss_of(model: nn.Module, xs: Tensor, y: Tensor) -> Tensor:
-    return ((model(xs) - y) ** 2).mean()
-
-
-def grads(model: nn.Module) -> dict[str, Tensor | None]:
-    return {
-        k: None if p.grad is None else p.grad.detach().clone() for k, p in model.named_parameters()
-    }
-
-
 def params(model: nn.Module) -> dict[str, Tensor]:
     return {k: p.detach().clone() for k, p in model.named_parameters()}
-
-
-def assert_same(a: dict[str, Tensor | None], b: dict[str, Tensor | None]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        x, y = a[k], b[k]
-        assert (x is None) == (y is None), k
-        if x is not None and y is not None:
-            torch.testing.assert_close(x, y, **TOL, msg=k)
 
 
 def original_of(model: RNN) -> Tensor:
