@@ -36,7 +36,8 @@ every variant, in a rotated order); the table reports the median seconds per ste
 the median over rounds of the ratio to the unconstrained step *of the same round* (with its
 quartiles: the machine's speed drifts between rounds), and the median extra milliseconds.
 Below it, our ``cached()`` and automatic steps over each peer's step of the same round
-(median, quartiles, and in how many rounds ours was the faster): the direct comparison, with
+(median, quartiles, in how many rounds ours was the faster, and the two-sided sign test's p
+of that count: below 0.05, one side is faster beyond the noise): the direct comparison, with
 the same pairing; and where each variant's extra time goes (forward, backward, optimizer
 step; median over rounds of the difference with the unconstrained step's same phase).
 On a GPU (``--device cuda``) every timestamp is taken after ``torch.cuda.synchronize()``.
@@ -48,6 +49,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import statistics
 import sys
 import time
@@ -218,6 +220,15 @@ def make_variants(n: int, length: int, batch: int, uncached: bool) -> dict[str, 
     return variants
 
 
+def sign_test(wins: int, n: int) -> float:
+    """Two-sided exact sign test: the probability, if each round were a fair coin, of a count
+    of wins at least as far from ``n/2`` as ``wins``. Small p: one side is faster (which one,
+    the count says); large p: parity within the noise."""
+    k = min(wins, n - wins)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=190)
@@ -306,10 +317,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         r = [a / b for a, b in zip(times[ours], times[peer], strict=True)]
         q1, _, q3 = statistics.quantiles(r, n=4) if len(r) > 1 else (r * 3)
         faster = sum(x < 1.0 for x in r)
-        table[f"{ours} / {peer}"] = {"ratio": statistics.median(r), "ratio_q1": q1, "ratio_q3": q3}
+        p = sign_test(faster, len(r))
+        table[f"{ours} / {peer}"] = {
+            "ratio": statistics.median(r),
+            "ratio_q1": q1,
+            "ratio_q3": q3,
+            "faster": faster,
+            "p_sign": p,
+        }
         print(
             f"{ours} / {peer}: {statistics.median(r):.3f}x [{q1:.3f}, {q3:.3f}] "
-            f"(ours faster in {faster} of {len(r)} rounds)"
+            f"(ours faster in {faster} of {len(r)} rounds; sign test p = {p:.2g})"
         )
     # Where each variant's extra time goes: forward (T reads of the weight and the map's
     # forward), backward, optimizer step; paired per round with the unconstrained step.
