@@ -705,3 +705,43 @@ def test_training_state_resumes_bit_for_bit_on_device(device) -> None:
     mp.load_training_state(state, net3)
     opt3 = torch.optim.Adam(net3.parameters(), lr=0.05)
     assert train_net(net3, opt3, 5) != reference
+
+
+# ============================================================================ 7. soft constraints
+
+
+def test_soft_constraint_multipliers_live_beside_the_attribute(device) -> None:
+    """``constrain`` puts a constraint's multipliers and bounds on the attribute's device (a
+    vector of multipliers on another device than fn's value fails in the Lagrangian), and the
+    method of multipliers reaches the known solution there: min ‖W - T‖² with every row of T
+    of norm 2, s.t. ‖w_i‖ <= 1: W = T/2, λ_i = -2 (mdmm's sign: ∇f + λ∇c = 0, c = 1 - ‖w_i‖).
+    A constraint left on another device is named, with the fix, in the error."""
+    from manifoldparam.soft import MDMM, constrain, dual_update, row_norms, soft_constraints
+
+    layer = nn.Linear(4, 3, bias=False).to(device=device, dtype=F64)
+    target = randn(3, 4, seed=100)
+    target = (2.0 * target / target.norm(dim=1, keepdim=True)).to(device)
+    constrain(layer, "weight", row_norms, max=1.0, damping=5.0)
+    mdmm = MDMM(soft_constraints(layer))
+    c = mdmm[0]
+    assert on_device(c.lmbda, device) and on_device(c.max, device) and c.lmbda.shape == (3,)
+    opt = torch.optim.LBFGS(
+        [layer.weight], lr=1, max_iter=100, tolerance_grad=1e-13, tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )  # fmt: skip
+    for _ in range(30):
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            value = mdmm(((layer.weight - target) ** 2).sum()).value
+            value.backward()
+            return value
+
+        opt.step(closure)
+        dual_update(mdmm)
+    assert on_device(c.lmbda, device)
+    assert rel_err(layer.weight, target / 2) < 1e-6
+    assert rel_err(c.lmbda, torch.full((3,), -2.0, dtype=F64)) < 1e-5
+    mdmm.to("meta")  # a constraint left behind (the model moved, the constraints did not)
+    with pytest.raises(ValueError, match=r"mdmm\.to\("):
+        mdmm(layer.weight.sum())

@@ -88,9 +88,10 @@ def constrain(
     Returns the constraint (an :class:`EqConstraint`, :class:`MaxConstraint`,
     :class:`MinConstraint`, or with ``hard=True`` the clamp-based ``...Hard`` kinds; both
     ``min`` and ``max`` need ``hard=True``: :class:`BoundConstraintHard`). Its multipliers have
-    ``fn``'s output shape and the attribute's dtype. Collect the declarations of a model with
-    :func:`soft_constraints`. ``fn`` should be a named function (or ``functools.partial``) so
-    the model pickles.
+    ``fn``'s output shape and the attribute's dtype and device (declare after
+    ``model.to(device)``, or move the constraints with ``mdmm.to(device)``). Collect the
+    declarations of a model with :func:`soft_constraints`. ``fn`` should be a named function
+    (or ``functools.partial``) so the model pickles.
     """
     owner = owner_name(module, name)
     value = getattr(module, name, None)
@@ -130,6 +131,7 @@ def constrain(
     else:
         assert min is not None
         c = (MinConstraintHard if hard else MinConstraint)(fn, min, **kw)
+    c.to(value.device)  # multipliers and bounds beside the attribute
     c.target = (module, name)
     c.owner = owner
     module.__dict__.setdefault(_REGISTRY, {}).setdefault(name, []).append(c)

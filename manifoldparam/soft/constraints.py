@@ -175,6 +175,15 @@ class Constraint(nn.Module):
                 f"{self.describe()}: fn returned {type(out).__name__}, not a tensor; return a "
                 "differentiable torch.Tensor computed from the parameters."
             )
+        for t in (self.lmbda, *self.buffers()):
+            if t.dim() and t.device != out.device:  # (a 0-dim tensor acts as a scalar anywhere)
+                raise ValueError(
+                    f"{self.describe()}: fn's value is on {out.device} but the constraint's "
+                    f"multipliers or bounds are on {t.device}. Move the constraints with the "
+                    f"model before building the optimizer: mdmm.to({str(out.device)!r}) (or "
+                    "declare them after model.to(...); constrain() puts them on the "
+                    "attribute's device)."
+                )
         if out.shape != self.lmbda.shape:
             raise ValueError(
                 f"{self.describe()}: fn returned a tensor of shape {tuple(out.shape)} but the "
@@ -221,7 +230,9 @@ def _bound(value: float | Tensor, dtype: torch.dtype | None) -> Tensor:
 
 
 def _fmt(t: Tensor) -> str:
-    return f"{float(t):g}" if t.numel() == 1 else f"<tensor {tuple(t.shape)}>"
+    if t.numel() == 1 and not t.is_meta:
+        return f"{float(t):g}"
+    return f"<tensor {tuple(t.shape)}>"
 
 
 class EqConstraint(Constraint):
