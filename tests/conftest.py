@@ -80,12 +80,12 @@ def counting(cls: type[Parametrization] = mp.Orthogonal) -> Iterator[list[int]]:
         cls._map = original  # type: ignore[method-assign]
 
 
-def via_bytes(obj: Any) -> Any:
+def via_bytes(obj: Any, map_location: Any = None) -> Any:
     """``obj`` through ``torch.save`` / ``torch.load(weights_only=True)`` in memory."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     buf.seek(0)
-    return torch.load(buf, weights_only=True)
+    return torch.load(buf, weights_only=True, map_location=map_location)
 
 
 class RNN(nn.Module):

@@ -684,7 +684,8 @@ def test_training_state_resumes_bit_for_bit_on_device(device) -> None:
     train_net(net, opt, 4)
     mp.rebase(net, opt)  # a base point that moved during training must be saved too
     train_net(net, opt, 2)  # and Adam state rebuilt for the rebased coordinates
-    state = via_bytes(mp.training_state(net, opt, step=6))
+    # map_location=device: the usual way to load on a GPU (the RNG states land there too)
+    state = via_bytes(mp.training_state(net, opt, step=6), map_location=device)
     if device.type == "cuda":
         assert "cuda" in state["rng"]  # dropout's generator
     assert all(on_device(t, device) for t in state["model"].values())
@@ -745,3 +746,80 @@ def test_soft_constraint_multipliers_live_beside_the_attribute(device) -> None:
     mdmm.to("meta")  # a constraint left behind (the model moved, the constraints did not)
     with pytest.raises(ValueError, match=r"mdmm\.to\("):
         mdmm(layer.weight.sum())
+
+
+# ============================================================================ 8. devices mixed
+
+
+def test_assignment_from_the_cpu_keeps_the_module_on_its_device(device) -> None:
+    """``layer.weight = Q`` with ``Q`` on the CPU for a model on the device: the value moves to
+    the device before any state is set (Orthogonal's base was set on the CPU, then torch's
+    ``original.set_`` raised, leaving the module broken). A failing assignment from another
+    device (a CPU value into a ``meta`` model: no numbers to check) leaves the module as it
+    was."""
+    q = orthonormal(6, 6, seed=110).float()
+    layer = orth_linear(6, 6, device, torch.float32, "expm")
+    layer.weight = q
+    assert on_device(param(layer).base, device) and on_device(original(layer), device)
+    assert rel_err(layer.weight, q) < 1e-6
+    box = mp.bounded(nn.Linear(3, 2).to(device), "bias", low=-1.0, high=1.0)
+    box.bias = torch.tensor([0.5, -0.25])
+    assert on_device(box.bias, device) and rel_err(box.bias, torch.tensor([0.5, -0.25])) < 1e-6
+    meta = mp.orthogonal(nn.Linear(6, 6, bias=False)).to("meta")
+    with pytest.raises(RuntimeError):
+        meta.weight = q
+    assert param(meta).base.is_meta and original(meta).is_meta
+
+
+def test_bounds_given_as_a_number_and_a_device_tensor(device) -> None:
+    """``low=0.0`` (a number) with ``high`` a tensor on the device: both bounds on the device
+    (broadcasting a CPU 0-dim bound with a CUDA one made a CPU 1-dim view, which CUDA ops
+    refuse)."""
+    high = torch.full((4,), 2.0, device=device)
+    layer = mp.bounded(nn.Linear(3, 4).to(device), "bias", low=0.0, high=high)
+    p = layer.parametrizations.bias[0]
+    assert on_device(p.low, device) and on_device(p.high, device)
+    b = layer.bias
+    assert bool(((b > 0) & (b < 2)).all())
+
+
+def test_mdmm_with_a_cpu_loss_and_device_constraints(device) -> None:
+    """A pure feasibility problem, ``mdmm(torch.tensor(0.0))``: a 0-dim CPU loss plus
+    constraint terms on the device (an in-place add into the CPU loss's clone failed)."""
+    from manifoldparam.soft import MDMM, constrain, rms, soft_constraints
+
+    layer = nn.Linear(4, 3).to(device)
+    constrain(layer, "weight", rms, max=0.1, damping=2.0)
+    out = MDMM(soft_constraints(layer))(torch.tensor(0.0))
+    out.value.backward()
+    assert on_device(out.value, device) and float(out.value) > 0
+    assert layer.weight.grad is not None and on_device(layer.weight.grad, device)
+
+
+def test_cache_steps_aside_during_cuda_graph_capture(device) -> None:
+    """A read captured in a CUDA graph records the map, not a value cached before the capture:
+    after the coordinates change, the replay gives the new weight (a cached read would have
+    baked the old tensor into the graph, stale for good)."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs exist for CUDA only")
+    # (max_squarings: the same kernels in the warm-up as in the capture)
+    layer = mp.auto_cache(orth_linear(6, 6, device, torch.float32, "expm", max_squarings=10))
+    set_coords(layer, 0.5 * randn(param(layer).dim, seed=120))
+    with torch.no_grad():
+        stored = layer.weight  # an entry, stored before the capture
+        assert layer.weight is stored
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capturing stream
+            for _ in range(2):
+                param(layer)._map(original(layer))
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = layer.weight
+        before = captured.clone()
+        original(layer).add_(0.1)
+        graph.replay()
+        fresh = layer.weight  # the version changed: recomputed eagerly
+    assert float((fresh - before).abs().max()) > 1e-2  # the weight did change
+    assert rel_err(captured, fresh) < 1e-5

@@ -132,6 +132,23 @@ def test_restore_feasibility_near_and_far() -> None:
     assert torch.equal(layer.weight, w)
 
 
+def test_restore_feasibility_does_not_sync(monkeypatch) -> None:
+    """The restoration step runs after every optimizer step: its solve skips the error check
+    (``solve_ex``), which would read ``info`` on the host (a device sync on a GPU)."""
+
+    def checked(*args, **kwargs):
+        raise AssertionError("torch.linalg.solve: a checked solve (it syncs on a GPU)")
+
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 6).double()
+    with torch.no_grad():
+        layer.weight.div_(layer.weight.abs().mean()).mul_(1.005)  # near: mean|W| = 1.005
+    cons = [constrain(layer, "weight", mean_abs, eq=1.0), constrain(layer, "weight", rms, max=1.5)]
+    monkeypatch.setattr(torch.linalg, "solve", checked)
+    soft.restore_feasibility(cons, levenberg=0.0)
+    assert MDMM(cons).violation().item() < 1e-8
+
+
 def test_restore_through_a_hard_parametrization() -> None:
     mp = pytest.importorskip("manifoldparam.hard")
     torch.manual_seed(0)

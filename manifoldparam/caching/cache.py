@@ -64,7 +64,8 @@ Where it stays out of the way
 -----------------------------
 Caching is bypassed (the map is evaluated every time, as without a cache) inside ``torch.func``
 transforms (``grad``, ``vmap``, ``jvp``, ...), forward-mode AD levels, ``torch.compile`` /
-``torch.export`` tracing, ``torch.jit`` tracing, under active ``TorchDispatchMode`` s (fake
+``torch.export`` tracing, ``torch.jit`` tracing, CUDA graph capture (the graph must record the
+map, not read a value stored before it), under active ``TorchDispatchMode`` s (fake
 and meta tensors, flop counters), and under saved-tensor hooks (activation checkpointing,
 ``save_on_cpu``): a checkpointed region must save the same tensors when it is recomputed
 during backward as in its forward, which a cache filled before the region would break.
@@ -364,6 +365,11 @@ _any_autocast = torch._C._is_any_autocast_enabled
 _is_compiling = torch.compiler.is_compiling
 
 
+def _cuda_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _tensor_bypass(x: Tensor) -> bool:
     """Whether ``x`` itself must not be cached (meta, functorch-wrapped, not a tensor). Checked
     only when an entry would be stored: a hit needs the very object an entry was stored for."""
@@ -399,13 +405,16 @@ def evaluate(p: Parametrization, x: Tensor) -> Tensor:
     else:
         token = scope
     # Caching steps aside for torch.func transforms, dispatch modes, forward-mode AD,
-    # saved-tensor hooks and torch.jit tracing: one C call each, inlined (run on every read).
+    # saved-tensor hooks, torch.jit tracing and CUDA graph capture (a graph that read a stored
+    # value would replay it, stale, instead of the map): one C call each, inlined (run on
+    # every read).
     if (
         _peek_transform() is not None
         or _dispatch_depth() > 0
         or _forward_ad._current_level >= 0
         or _saved_tensor_hooks(False) is not None
         or _is_tracing()
+        or (x.is_cuda and _cuda_capturing())
     ):
         return p._map(x)
     key = (

@@ -157,6 +157,10 @@ class Parametrization(nn.Module):
                     f"{self.owner} = X: X has shape {tuple(w.shape)}, expected "
                     f"{tuple(self.shape)}. The weight is unchanged."
                 )
+            # X from another device (a CPU tensor for a CUDA model): to the parametrization's
+            # device first, so that no buffer (Orthogonal.base) is set on the wrong one.
+            device = next((t.device for t in self.buffers()), w.device)
+            w = w.to(device)
             ok, why = self.check(w, explain=True)
             if not ok:
                 raise ValueError(

@@ -75,6 +75,9 @@ class Bounded(Parametrization):
     ) -> None:
         super().__init__(shape, atol=atol, owner=owner)
         lo, hi = _as_bound(low, "low", self.owner), _as_bound(high, "high", self.owner)
+        # A number and a CUDA tensor (low=0.0, high=t): both on the tensor's device.
+        device = next((t.device for t in (lo, hi) if t.device.type != "cpu"), lo.device)
+        lo, hi = lo.to(device), hi.to(device)
         try:
             torch.broadcast_shapes(lo.shape, hi.shape, self.shape)
             lo, hi = torch.broadcast_tensors(lo, hi)

@@ -457,8 +457,11 @@ def _forward(a: Tensor, max_squarings: int | None, skew: bool = False) -> tuple:
             s_list = _taylor_choice(head, single, _norm1(a4).reshape(-1).tolist())
         if s_list is not None:
             real = a.real.dtype if a.is_complex() else a.dtype
-            s8 = torch.tensor(s_list, dtype=real, device=a.device).reshape(a.shape[:-2])
             s_max, uniform = max(s_list), max(s_list) == min(s_list)
+            if uniform:  # a fill, not a host-to-device copy (only the backward reads it)
+                s8 = a.new_full(a.shape[:-2], float(s_max), dtype=real)
+            else:
+                s8 = torch.tensor(s_list, dtype=real, device=a.device).reshape(a.shape[:-2])
             if s_max > 0:  # (A² is a temporary of this function: scaled in place)
                 a = _scale(a, s8, s_max, uniform)
                 a2 = a2.mul_(4.0**-s_max) if uniform else _scale(a2, s8, s_max, uniform, 2)

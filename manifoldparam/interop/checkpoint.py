@@ -377,7 +377,11 @@ def load_training_state(
                 "(per-parameter buffers) instead."
             )
     if rng and "rng" in state:
-        torch.set_rng_state(state["rng"]["cpu"])
+        # torch.load(..., map_location="cuda") moves the saved generator states to the GPU;
+        # torch takes them as CPU byte tensors. A checkpoint from a machine with more GPUs sets
+        # the ones this process has.
+        torch.set_rng_state(state["rng"]["cpu"].cpu())
         if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            saved = [t.cpu() for t in state["rng"]["cuda"]]
+            torch.cuda.set_rng_state_all(saved[: torch.cuda.device_count()])
     return dict(state.get("extra", {}))

@@ -405,7 +405,8 @@ def _signed_slope(constraint: Any, lo: np.ndarray | None, hi: np.ndarray | None)
     ``fn - min`` (MinConstraint)."""
     point = hi + 1.0 if hi is not None else lo - 1.0  # type: ignore[operator]
     lam = constraint.lmbda
-    t = torch.as_tensor(point, dtype=lam.dtype).reshape(lam.shape).requires_grad_()
+    t = torch.as_tensor(point, dtype=lam.dtype, device=lam.device).reshape(lam.shape)
+    t.requires_grad_()
     with torch.enable_grad():
         (slope,) = torch.autograd.grad(constraint.infeasibility(t).sum(), t)
     return slope.detach().reshape(-1).double().cpu().numpy()

@@ -104,7 +104,7 @@ class MDMM(nn.ModuleList):
         total: Tensor | None = None
         for c in self:
             r = c()
-            value += r.value
+            value = value + r.value  # (not in place: a CPU 0-dim loss, CUDA constraint terms)
             total = r.value.detach() if total is None else total + r.value.detach()
             fn_values.append(r.fn_value)
             infs.append(r.inf)

@@ -116,7 +116,8 @@ def restore_feasibility(
         lm = levenberg * gram.diagonal().sum() / active.sum().clamp_min(1)
         gram = gram + torch.diag(1 - active) + (lm + eps) * eye
         gate = (worst < within).to(r.dtype)
-        alpha = torch.linalg.solve(gram, r) * gate
+        # solve_ex: no error check, so no host sync (gram is SPD plus (lm + eps)·I).
+        alpha = torch.linalg.solve_ex(gram, r)[0] * gate
         for p, g in used:
             p.add_((alpha @ g).reshape(p.shape))
     return worst
