@@ -126,7 +126,7 @@ def global_closure(closure: F) -> F:
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         loss = closure(*args, **kwargs)
         if not isinstance(loss, Tensor):
-            loss = torch.as_tensor(float(loss), dtype=torch.float64)
+            loss = torch.as_tensor(float(loss), dtype=torch.float64, device=_collective_device())
         mean = all_reduce_mean([loss])[0]
         return loss + (mean - loss).detach() if loss.requires_grad else mean
 
@@ -158,5 +158,13 @@ def replica_divergence(*modules: nn.Module) -> float:
             diff = (t - ref).abs().amax().double().cpu() if t.numel() else worst
             nan = bool(torch.isnan(t).any() != torch.isnan(ref).any())
             worst = torch.maximum(worst, diff if not nan else torch.tensor(float("inf")))
+    worst = worst.to(_collective_device())
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return float(worst)
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor made here for a collective must live: NCCL reduces CUDA tensors only."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
