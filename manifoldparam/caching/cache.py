@@ -414,7 +414,7 @@ def evaluate(p: Parametrization, x: Tensor) -> Tensor:
         or _forward_ad._current_level >= 0
         or _saved_tensor_hooks(False) is not None
         or _is_tracing()
-        or (x.is_cuda and _cuda_capturing())
+        or (isinstance(x, Tensor) and x.is_cuda and _cuda_capturing())  # (not an fx Proxy)
     ):
         return p._map(x)
     key = (
