@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from _timing import now
 from torch import nn
 
 import manifoldparam as mp
@@ -49,12 +49,6 @@ def methods() -> dict[str, Callable[[nn.Linear], nn.Module]]:
     return out
 
 
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def run(make: Callable[[nn.Linear], nn.Module], n: int, steps: int, target: torch.Tensor):
     torch.manual_seed(0)
     dev = target.device
@@ -70,12 +64,12 @@ def run(make: Callable[[nn.Linear], nn.Module], n: int, steps: int, target: torc
     opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
     times = []
     for _ in range(steps):
-        t0 = _now(dev)
+        t0 = now(dev)
         opt.zero_grad(set_to_none=True)
         loss = (layer.weight - target).pow(2).mean()
         loss.backward()
         opt.step()
-        times.append(_now(dev) - t0)
+        times.append(now(dev) - t0)
     with torch.no_grad():
         w = layer.weight
         err = float(torch.linalg.matrix_norm(w.T @ w - torch.eye(n, device=dev)))

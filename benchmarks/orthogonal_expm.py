@@ -57,6 +57,8 @@ from torch import nn
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 torch.set_num_threads(2)
 
+from _timing import now  # noqa: E402
+
 from manifoldparam.hard.expm import SYNC_FREE_SQUARINGS, _forward, expm  # noqa: E402
 
 REF = "torch orthogonal(matrix_exp)"
@@ -64,13 +66,6 @@ REF = "torch orthogonal(matrix_exp)"
 
 SCALE = 1.0  # --scale: multiplies A (spectral radius ≈ 2·SCALE)
 DEVICE = torch.device("cpu")  # --device
-
-
-def _now() -> float:
-    """A timestamp after the device's queued work has finished."""
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
-    return time.perf_counter()
 
 
 def _skew_param(n: int, seed: int = 0) -> torch.Tensor:
@@ -151,12 +146,12 @@ def _timings(n: int, rounds: int, peers: bool) -> dict[str, tuple[float, float]]
     fb: dict[str, list[float]] = {k: [] for k in methods}
     for r in range(rounds + 1):  # round 0 is a warm-up
         for name, make in methods.items():
-            t0 = _now()
+            t0 = now(DEVICE)
             w = make()
-            t1 = _now()
+            t1 = now(DEVICE)
             del w
             _fwd_bwd(make, g)
-            t2 = _now()
+            t2 = now(DEVICE)
             if r:
                 fwd[name].append(t1 - t0)
                 fb[name].append(t2 - t1)

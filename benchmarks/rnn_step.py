@@ -52,7 +52,6 @@ import json
 import math
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +63,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+from _timing import now  # noqa: E402
 from copy_task import N_CLASSES, N_INPUTS, ModReLU, copy_batch  # noqa: E402
 
 import manifoldparam as mp  # noqa: E402
@@ -111,13 +111,6 @@ class _Identity(nn.Module):
 DEVICE = torch.device("cpu")  # --device
 
 
-def _now() -> float:
-    """A timestamp after the device's queued work has finished."""
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
-    return time.perf_counter()
-
-
 def orthogonal_linear(n: int) -> nn.Linear:
     rec = nn.Linear(n, n, bias=False)
     nn.init.orthogonal_(rec.weight)
@@ -133,7 +126,7 @@ class Step:
         self.phases: list[tuple[float, ...]] = []
 
     def __call__(self) -> None:
-        marks = [_now()]
+        marks = [now(DEVICE)]
         self.run(marks)
         self.phases.append(tuple(b - a for a, b in itertools.pairwise(marks)))
 
@@ -148,11 +141,11 @@ def make_variants(n: int, length: int, batch: int, uncached: bool) -> dict[str, 
             with ctx():  # type: ignore[attr-defined]
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(model(x).reshape(-1, N_CLASSES), y.reshape(-1))
-                marks.append(_now())
+                marks.append(now(DEVICE))
                 loss.backward()
-                marks.append(_now())
+                marks.append(now(DEVICE))
                 opt.step()
-                marks.append(_now())
+                marks.append(now(DEVICE))
 
         return Step(step)
 
@@ -266,10 +259,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         for name in order:
             steps = 1 if name == "manifoldparam uncached" else args.steps
             variants[name].phases.clear()
-            t0 = _now()
+            t0 = now(DEVICE)
             for _ in range(steps):
                 variants[name]()
-            times[name].append((_now() - t0) / steps)
+            times[name].append((now(DEVICE) - t0) / steps)
             per_step = variants[name].phases
             phases[name].append([statistics.fmean(c) for c in zip(*per_step, strict=True)])
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)

@@ -125,3 +125,25 @@ def assert_same(a: dict[str, Tensor | None], b: dict[str, Tensor | None]) -> Non
         assert (x is None) == (y is None), k
         if x is not None and y is not None:
             torch.testing.assert_close(x, y, **TOL, msg=k)
+
+
+def solve_lbfgs(mdmm: Any, params: list[torch.Tensor], f: Any, outer: int = 30) -> None:
+    """The method of multipliers: LBFGS on the augmented Lagrangian, then dual_update."""
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1,
+        max_iter=100,
+        tolerance_grad=1e-13,
+        tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )
+    for _ in range(outer):
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            value = mdmm(f()).value
+            value.backward()
+            return value
+
+        opt.step(closure)
+        mp.dual_update(mdmm)

@@ -38,6 +38,7 @@ from tests.conftest import (
     counting,
     grads,
     loss_of,
+    solve_lbfgs,
     via_bytes,
 )
 
@@ -105,6 +106,17 @@ def rel_err(actual: Tensor, ref: Tensor) -> float:
     """``max|actual - ref| / max(1, max|ref|)``, computed in float64 on the CPU."""
     a, r = actual.detach().cpu().double(), ref.detach().cpu().double()
     return float((a - r).abs().max() / r.abs().max().clamp_min(1.0))
+
+
+def warm_up_off_stream(step: Callable[[], object], times: int) -> None:
+    """Run ``step`` on a side stream before a CUDA graph capture (handles, workspaces), as
+    torch requires, then make the current stream wait for it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
 
 
 def on_device(t: Tensor, device: torch.device) -> bool:
@@ -331,12 +343,7 @@ def test_orthogonal_step_captures_in_a_cuda_graph(device, map) -> None:
     def loss_fn() -> Tensor:
         return ((model(x) - y) ** 2).mean()
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capturing stream, as torch requires
-        for _ in range(3):
-            loss_fn().backward()
-    torch.cuda.current_stream().wait_stream(side)
+    warm_up_off_stream(lambda: loss_fn().backward(), 3)
     for p in params:
         p.grad = None
     graph = torch.cuda.CUDAGraph()
@@ -447,12 +454,7 @@ def test_expm_captures_in_a_cuda_graph(device, dtype) -> None:
 
     a = skew(0.1, 90).to(device=device, dtype=dtype).requires_grad_()
     g = randn(12, 12, seed=91).to(device=device, dtype=dtype)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capturing stream
-        for _ in range(2):
-            expm(a).backward(g)
-    torch.cuda.current_stream().wait_stream(side)
+    warm_up_off_stream(lambda: expm(a).backward(g), 2)
     a.grad = None
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -717,7 +719,7 @@ def test_soft_constraint_multipliers_live_beside_the_attribute(device) -> None:
     method of multipliers reaches the known solution there: min ‖W - T‖² with every row of T
     of norm 2, s.t. ‖w_i‖ <= 1: W = T/2, λ_i = -2 (mdmm's sign: ∇f + λ∇c = 0, c = 1 - ‖w_i‖).
     A constraint left on another device is named, with the fix, in the error."""
-    from manifoldparam.soft import MDMM, constrain, dual_update, row_norms, soft_constraints
+    from manifoldparam.soft import MDMM, constrain, row_norms, soft_constraints
 
     layer = nn.Linear(4, 3, bias=False).to(device=device, dtype=F64)
     target = randn(3, 4, seed=100)
@@ -726,20 +728,7 @@ def test_soft_constraint_multipliers_live_beside_the_attribute(device) -> None:
     mdmm = MDMM(soft_constraints(layer))
     c = mdmm[0]
     assert on_device(c.lmbda, device) and on_device(c.max, device) and c.lmbda.shape == (3,)
-    opt = torch.optim.LBFGS(
-        [layer.weight], lr=1, max_iter=100, tolerance_grad=1e-13, tolerance_change=1e-15,
-        line_search_fn="strong_wolfe",
-    )  # fmt: skip
-    for _ in range(30):
-
-        def closure() -> Tensor:
-            opt.zero_grad()
-            value = mdmm(((layer.weight - target) ** 2).sum()).value
-            value.backward()
-            return value
-
-        opt.step(closure)
-        dual_update(mdmm)
+    solve_lbfgs(mdmm, [layer.weight], lambda: ((layer.weight - target) ** 2).sum())
     assert on_device(c.lmbda, device)
     assert rel_err(layer.weight, target / 2) < 1e-6
     assert rel_err(c.lmbda, torch.full((3,), -2.0, dtype=F64)) < 1e-5
@@ -808,12 +797,7 @@ def test_cache_steps_aside_during_cuda_graph_capture(device) -> None:
     with torch.no_grad():
         stored = layer.weight  # an entry, stored before the capture
         assert layer.weight is stored
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capturing stream
-            for _ in range(2):
-                param(layer)._map(original(layer))
-        torch.cuda.current_stream().wait_stream(side)
+        warm_up_off_stream(lambda: param(layer)._map(original(layer)), 2)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             captured = layer.weight

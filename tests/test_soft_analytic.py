@@ -21,34 +21,13 @@ from manifoldparam.soft import (
     MinConstraintHard,
     dual_update,
 )
+from tests.conftest import solve_lbfgs
 
 DT = torch.float64
 
 
 def var(*vals: float) -> torch.Tensor:
     return torch.tensor(vals, dtype=DT, requires_grad=True)
-
-
-def solve_lbfgs(mdmm: MDMM, params: list[torch.Tensor], f, outer: int = 30) -> None:
-    """The method of multipliers: LBFGS on the augmented Lagrangian, then dual_update."""
-    opt = torch.optim.LBFGS(
-        params,
-        lr=1,
-        max_iter=100,
-        tolerance_grad=1e-13,
-        tolerance_change=1e-15,
-        line_search_fn="strong_wolfe",
-    )
-    for _ in range(outer):
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            value = mdmm(f()).value
-            value.backward()
-            return value
-
-        opt.step(closure)
-        dual_update(mdmm)
 
 
 def test_lbfgs_method_of_multipliers_equality() -> None:
