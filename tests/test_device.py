@@ -785,6 +785,49 @@ def test_mdmm_with_a_cpu_loss_and_device_constraints(device) -> None:
     assert layer.weight.grad is not None and on_device(layer.weight.grad, device)
 
 
+def test_a_0dim_multiplier_on_another_device_warns_with_the_fix() -> None:
+    """A scalar constraint whose multiplier stayed on the CPU while fn's value lives elsewhere
+    (mdmm-style ``EqConstraint(lambda: ...)`` built before the model moved, no ``mdmm.to``)
+    still computes (a 0-dim tensor acts as a scalar) but copies across devices at every step
+    and breaks NCCL broadcasts and graph capture: a warning names the constraint and the fix.
+    On one device there is no warning. (``meta`` stands in for the accelerator.)"""
+    import warnings
+
+    from manifoldparam.soft import MDMM, EqConstraint
+
+    w = torch.ones(3, device="meta", requires_grad=True)
+    c = EqConstraint(lambda: w.sum(), 1.0)
+    assert c.lmbda.device.type == "cpu" and c.lmbda.dim() == 0
+    with pytest.warns(UserWarning, match=r"EqConstraint\(.*lambda.*mdmm\.to\('meta'\)"):
+        out = MDMM([c])(w.sum())
+    assert out.value.is_meta
+    c.to("meta")  # the fix
+    v = torch.ones(3, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert MDMM([c])(w.sum()).value.is_meta
+        MDMM([EqConstraint(lambda: v.sum(), 1.0)])(v.sum())
+
+
+def test_check_finite_steps_aside_where_nothing_can_be_read() -> None:
+    """MDMM's NaN check reads one value on the host. Where that is impossible (meta and fake
+    tensors, CUDA graph capture) it is skipped instead of failing the step; on the CPU a
+    non-finite term still raises, naming the constraint."""
+    from manifoldparam.soft import MDMM, constrain, rms, soft_constraints
+
+    layer = nn.Linear(4, 3).to("meta")
+    constrain(layer, "weight", rms, max=0.1, damping=2.0)
+    out = MDMM(soft_constraints(layer))(layer.weight.sum())
+    assert out.value.is_meta
+
+    cpu = nn.Linear(4, 3)
+    constrain(cpu, "weight", rms, max=0.1)
+    with torch.no_grad():
+        cpu.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"rms.*not finite|non-finite"):
+        MDMM(soft_constraints(cpu))(cpu.weight.sum())
+
+
 def test_cache_steps_aside_during_cuda_graph_capture(device) -> None:
     """A read captured in a CUDA graph records the map, not a value cached before the capture:
     after the coordinates change, the replay gives the new weight (a cached read would have

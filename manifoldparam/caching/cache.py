@@ -88,6 +88,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from manifoldparam._device import cuda_capturing
+
 if TYPE_CHECKING:
     from manifoldparam.hard.base import Parametrization
 
@@ -365,11 +367,6 @@ _any_autocast = torch._C._is_any_autocast_enabled
 _is_compiling = torch.compiler.is_compiling
 
 
-def _cuda_capturing() -> bool:
-    """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 def _tensor_bypass(x: Tensor) -> bool:
     """Whether ``x`` itself must not be cached (meta, functorch-wrapped, not a tensor). Checked
     only when an entry would be stored: a hit needs the very object an entry was stored for."""
@@ -414,7 +411,7 @@ def evaluate(p: Parametrization, x: Tensor) -> Tensor:
         or _forward_ad._current_level >= 0
         or _saved_tensor_hooks(False) is not None
         or _is_tracing()
-        or (isinstance(x, Tensor) and x.is_cuda and _cuda_capturing())  # (not an fx Proxy)
+        or (isinstance(x, Tensor) and x.is_cuda and cuda_capturing())  # (not an fx Proxy)
     ):
         return p._map(x)
     key = (

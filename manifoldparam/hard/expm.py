@@ -111,7 +111,8 @@ import math
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor
+
+from manifoldparam._device import may_read_on_host
 
 __all__ = ["SYNC_FREE_SQUARINGS", "expm", "expm_projected", "expm_skew"]
 
@@ -818,18 +819,6 @@ def expm_projected(a: Tensor, *, max_squarings: int | None = None) -> Tensor:
     return _expm(a, max_squarings, projected=True)[0]
 
 
-def _may_read_on_host(a: Tensor) -> bool:
-    """Whether the default mode may read the norms on the host: on the CPU, and on a CUDA
-    device except while a CUDA graph is being captured (which cannot capture the read); not
-    for fake tensors (no data). Meta tensors, XLA, MPS and other devices take the sync-free
-    mode."""
-    if isinstance(a, FakeTensor):
-        return False
-    if a.is_cpu:
-        return True
-    return a.is_cuda and torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()
-
-
 def _expm(a: Tensor, max_squarings: int | None, projected: bool) -> tuple[Tensor, bool]:
     """``(exp(a), taylor)``: ``taylor`` is True when the result is the Taylor path's
     :math:`T_8(2^{-s}A)^{2^s}` in float32/float64 (at most one squaring in float32, two in
@@ -837,7 +826,9 @@ def _expm(a: Tensor, max_squarings: int | None, projected: bool) -> tuple[Tensor
     at the level of a float32 Gram product, so the orthogonal map skips its Newton--Schulz
     correction (it pays after Padé and more squarings, where round-off grows with ``2^s``)."""
     _check(a, max_squarings)
-    if max_squarings is None and not _may_read_on_host(a):
+    # The norms are read on the host (CPU; CUDA outside graph capture); elsewhere (capture,
+    # fake and meta tensors, XLA, MPS) a fixed number of masked squarings, no sync.
+    if max_squarings is None and not may_read_on_host(a):
         max_squarings = SYNC_FREE_SQUARINGS
     if a.dtype in (torch.float16, torch.bfloat16):
         return _expm(a.float(), max_squarings, projected)[0].to(a.dtype), False

@@ -36,6 +36,7 @@ absolute value is the distance to feasibility (mdmm reports ``c - s²`` for the 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -176,14 +177,28 @@ class Constraint(nn.Module):
                 "differentiable torch.Tensor computed from the parameters."
             )
         for t in (self.lmbda, *self.buffers()):
-            if t.dim() and t.device != out.device:  # (a 0-dim tensor acts as a scalar anywhere)
+            if t.device == out.device:
+                continue
+            fix = (
+                f"Move the constraints with the model before building the optimizer: "
+                f"mdmm.to({str(out.device)!r}) (or declare them after model.to(...); "
+                "constrain() puts them on the attribute's device)."
+            )
+            if t.dim():
                 raise ValueError(
                     f"{self.describe()}: fn's value is on {out.device} but the constraint's "
-                    f"multipliers or bounds are on {t.device}. Move the constraints with the "
-                    f"model before building the optimizer: mdmm.to({str(out.device)!r}) (or "
-                    "declare them after model.to(...); constrain() puts them on the "
-                    "attribute's device)."
+                    f"multipliers or bounds are on {t.device}. {fix}"
                 )
+            # A 0-dim tensor acts as a scalar on any device: correct, but its gradient is
+            # copied across devices at every step, and NCCL broadcasts of the multipliers
+            # and CUDA graph capture fail. Said once per constraint and place.
+            warnings.warn(
+                f"{self.describe()}: its multiplier or bound is on {t.device}, fn's value on "
+                f"{out.device}; this works (a 0-dim tensor acts as a scalar) but copies across "
+                f"devices at every step, and NCCL broadcasts and CUDA graphs fail. {fix}",
+                stacklevel=3,
+            )
+            break
         if out.shape != self.lmbda.shape:
             raise ValueError(
                 f"{self.describe()}: fn returned a tensor of shape {tuple(out.shape)} but the "

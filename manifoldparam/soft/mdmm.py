@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn, optim
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from manifoldparam._device import may_read_on_host
 from manifoldparam.soft.constraints import Constraint, Multiplier
 
 __all__ = ["MDMM", "MDMMReturn", "check_optimizer"]
@@ -60,7 +61,9 @@ class MDMM(nn.ModuleList):
     Args:
         constraints: the constraints (any iterable of :class:`Constraint`).
         check_finite: raise a :class:`ValueError` naming the constraint when a constraint
-            term is NaN/Inf (one host sync per call; pass ``False`` to skip it).
+            term is NaN/Inf (one host sync per call; pass ``False`` to skip it). Skipped
+            while a CUDA graph is captured (which cannot read a value on the host) and for
+            fake or meta tensors.
 
     Example::
 
@@ -108,7 +111,12 @@ class MDMM(nn.ModuleList):
             total = r.value.detach() if total is None else total + r.value.detach()
             fn_values.append(r.fn_value)
             infs.append(r.inf)
-        if self.check_finite and total is not None and not bool(torch.isfinite(total)):
+        if (
+            self.check_finite
+            and total is not None
+            and may_read_on_host(total)  # not while a CUDA graph is captured, nor fake/meta
+            and not bool(torch.isfinite(total))
+        ):
             self._raise_not_finite(fn_values)
         return MDMMReturn(value, fn_values, infs)
 
