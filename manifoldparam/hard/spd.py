@@ -58,6 +58,7 @@ class SPD(Parametrization):
     """
 
     set_name = "symmetric positive definite"
+    _constants = ("index", "is_diag")  # flat positions of the coordinates (see Parametrization)
 
     def __init__(
         self,
@@ -81,8 +82,8 @@ class SPD(Parametrization):
         self.n = self.shape[-1]
         self.min_eigenvalue = float(min_eigenvalue)
         rows, cols = torch.tril_indices(self.n, self.n)
-        self.register_buffer("index", (rows * self.n + cols).contiguous(), persistent=False)
-        self.register_buffer("is_diag", rows == cols, persistent=False)
+        self._set_constant("index", (rows * self.n + cols).contiguous())
+        self._set_constant("is_diag", rows == cols)
 
     @property
     def dim(self) -> int:
