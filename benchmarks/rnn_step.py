@@ -21,6 +21,11 @@ T steps. A *training step* is ``zero_grad`` + forward over T steps + ``backward`
   calls ``F.linear(h, w)`` at each step (the same map cost, without T reads through
   ``torch.nn.utils.parametrize``'s property: what the cache cannot remove);
 * ``manifoldparam uncached``: no cache: the orthogonal map is evaluated at each of the T steps;
+* ``cached(), reads free (floor)``: a diagnostic, not a way to use the library: the
+  ``cached()`` step with ``rec.weight``'s getter replaced by one that returns the value
+  computed at the start of the step without any check (stale after any change, so never do
+  this). What a cached step would cost if the T reads cost nothing: the map's forward and
+  backward and the cache's gradient node alone;
 * ``geotorch + parametrize.cached()``: ``geotorch.orthogonal(rnn, "weight")`` (expm), forward
   and backward inside torch's ``parametrize.cached()``;
 * ``torch parametrize, identity map``: an unconstrained weight behind
@@ -53,7 +58,7 @@ import math
 import statistics
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -109,6 +114,25 @@ class _Identity(nn.Module):
 
 
 DEVICE = torch.device("cpu")  # --device
+
+
+def _free_reads(rec: nn.Module) -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """The floor row's context: a ``cached()`` block that computes ``rec.weight`` once on entry
+    and makes every read inside it return that tensor with no check (the property of ``rec``'s
+    own class is replaced; ``rec`` serves no other variant)."""
+    cls = type(rec)
+    prop = cls.__dict__["weight"]
+    box: list[torch.Tensor | None] = [None]
+    cls.weight = property(lambda self: box[0], prop.fset)  # type: ignore[attr-defined]
+
+    @contextlib.contextmanager
+    def ctx() -> Iterator[None]:
+        with cached():
+            box[0] = prop.fget(rec)
+            yield
+            box[0] = None
+
+    return ctx
 
 
 def orthogonal_linear(n: int) -> nn.Linear:
@@ -169,6 +193,11 @@ def make_variants(n: int, length: int, batch: int, uncached: bool) -> dict[str, 
     hoisted = RNN(n, mp.orthogonal(orthogonal_linear(n)), read_once=True).to(DEVICE)
     variants["manifoldparam, weight read once"] = trainer(
         hoisted, torch.optim.Adam(hoisted.parameters(), 1e-3), none
+    )
+    torch.manual_seed(0)
+    floor = RNN(n, mp.orthogonal(orthogonal_linear(n))).to(DEVICE)
+    variants["cached(), reads free (floor)"] = trainer(
+        floor, torch.optim.Adam(floor.parameters(), 1e-3), _free_reads(floor.rec)
     )
     if uncached:
         torch.manual_seed(0)
@@ -302,7 +331,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print()
     pairs = [
         (ours, peer)
-        for ours in ("manifoldparam cached()", "manifoldparam auto")
+        for ours in (
+            "manifoldparam cached()",
+            "manifoldparam auto",
+            "manifoldparam, weight read once",
+            "cached(), reads free (floor)",
+        )
         for peer in ("geotorch + parametrize.cached()", "geoopt RiemannianAdam")
         if ours in times and peer in times
     ]
