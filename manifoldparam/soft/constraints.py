@@ -82,6 +82,15 @@ class ConstraintReturn:
     inf: Tensor
 
 
+def _device_fix(device: torch.device) -> str:
+    """What to do when a constraint's tensors are not on fn's device."""
+    return (
+        "Move the constraints with the model before building the optimizer: "
+        f"mdmm.to({str(device)!r}) (or declare them after model.to(...); constrain() puts "
+        "them on the attribute's device)."
+    )
+
+
 def _fn_name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
 
@@ -176,29 +185,28 @@ class Constraint(nn.Module):
                 f"{self.describe()}: fn returned {type(out).__name__}, not a tensor; return a "
                 "differentiable torch.Tensor computed from the parameters."
             )
+        scalar_elsewhere: Tensor | None = None
         for t in (self.lmbda, *self.buffers()):
             if t.device == out.device:
                 continue
-            fix = (
-                f"Move the constraints with the model before building the optimizer: "
-                f"mdmm.to({str(out.device)!r}) (or declare them after model.to(...); "
-                "constrain() puts them on the attribute's device)."
+            if not t.dim():
+                scalar_elsewhere = t
+                continue
+            raise ValueError(
+                f"{self.describe()}: fn's value is on {out.device} but the constraint's "
+                f"multipliers or bounds are on {t.device}. {_device_fix(out.device)}"
             )
-            if t.dim():
-                raise ValueError(
-                    f"{self.describe()}: fn's value is on {out.device} but the constraint's "
-                    f"multipliers or bounds are on {t.device}. {fix}"
-                )
+        if scalar_elsewhere is not None:
             # A 0-dim tensor acts as a scalar on any device: correct, but its gradient is
             # copied across devices at every step, and NCCL broadcasts of the multipliers
             # and CUDA graph capture fail. Said once per constraint and place.
             warnings.warn(
-                f"{self.describe()}: its multiplier or bound is on {t.device}, fn's value on "
-                f"{out.device}; this works (a 0-dim tensor acts as a scalar) but copies across "
-                f"devices at every step, and NCCL broadcasts and CUDA graphs fail. {fix}",
+                f"{self.describe()}: its multiplier or bound is on {scalar_elsewhere.device}, "
+                f"fn's value on {out.device}; this works (a 0-dim tensor acts as a scalar) but "
+                "copies across devices at every step, and NCCL broadcasts and CUDA graphs "
+                f"fail. {_device_fix(out.device)}",
                 stacklevel=3,
             )
-            break
         if out.shape != self.lmbda.shape:
             raise ValueError(
                 f"{self.describe()}: fn returned a tensor of shape {tuple(out.shape)} but the "
