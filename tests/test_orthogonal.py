@@ -3,6 +3,8 @@ registration keeps the weight, determinant sign, conv layouts, float32 fidelity,
 
 from __future__ import annotations
 
+import contextlib
+
 import geoopt
 import pytest
 import torch
@@ -130,6 +132,27 @@ def test_assigning_an_orthogonal_matrix_sets_the_weight(map, rows, cols):
     layer.weight = q
     torch.testing.assert_close(layer.weight, q, atol=1e-13, rtol=0)
     assert bool((layer.parametrizations.weight.original == 0).all())
+
+
+@pytest.mark.parametrize("cache", ["none", "cached", "auto"])
+def test_reinitialise_by_assignment_not_by_nn_init(cache):
+    """The README's recipe: ``nn.init.orthogonal_(layer.weight)`` writes into the computed
+    value (torch's trap, pytorch#180968), so the weight read next is unchanged, also with a
+    cache, which must not serve the overwritten tensor; assigning an initialised tensor sets
+    the weight (wide, so the rows are orthonormal)."""
+    torch.manual_seed(0)
+    layer = mp.orthogonal(linear(3, 5))
+    if cache == "auto":
+        mp.auto_cache(layer)
+    before = layer.weight.detach().clone()
+    ctx = mp.cached() if cache == "cached" else contextlib.nullcontext()
+    with ctx:
+        nn.init.orthogonal_(layer.weight)
+        torch.testing.assert_close(layer.weight, before, atol=0, rtol=0)
+        q = nn.init.orthogonal_(torch.empty_like(layer.weight))
+        layer.weight = q
+        torch.testing.assert_close(layer.weight, q, atol=1e-13, rtol=0)
+    assert_on_stiefel(layer.weight.detach())
 
 
 def test_assigning_off_the_set_raises_and_keeps_the_weight():
