@@ -252,31 +252,3 @@ def test_ddp_two_cpu_ranks_keep_constrained_weights_and_multipliers_identical(
 
 if __name__ == "__main__":  # pragma: no cover - the subprocess entry point
     _main(int(sys.argv[1]), sys.argv[2])
-
-
-def test_ddp_broadcasts_the_base_point_not_the_index_maps() -> None:
-    """DDP (``broadcast_buffers=True``, its default) sends every buffer of the model from rank 0
-    at every forward. The index maps of Orthogonal and SPD (the flat positions of the
-    coordinates: n(n-1)/2 int64 for an n×n orthogonal weight, 4 MB at n = 1024, twice the
-    coordinates' float32 gradient) are made from the shape alone, so they are not buffers: of
-    the two constrained layers only the orthogonal base point is sent. They still follow
-    ``.to()`` as a buffer would, keep their integer/bool dtypes under ``.double()``, and the
-    map is unchanged (membership, and the value read back after a round trip to float64)."""
-    from torch import nn
-
-    import manifoldparam as mp
-
-    torch.manual_seed(0)
-    model = nn.Sequential(mp.orthogonal(nn.Linear(6, 6)), mp.spd(nn.Linear(4, 4, bias=False)))
-    assert [n for n, _ in model.named_buffers()] == ["0.parametrizations.weight.0.base"]
-    orth, spd = (m.parametrizations.weight[0] for m in model)
-    w0, s0 = model[0].weight.detach().clone(), model[1].weight.detach().clone()
-
-    model.double()
-    assert orth.index.dtype == spd.index.dtype == torch.int64 and spd.is_diag.dtype == torch.bool
-    assert torch.allclose(model[0].weight, w0.double(), atol=1e-6)
-    assert torch.allclose(model[1].weight, s0.double(), atol=1e-6)
-
-    model.to("meta")
-    assert orth.index.is_meta and spd.index.is_meta and spd.is_diag.is_meta
-    assert orth.base.is_meta

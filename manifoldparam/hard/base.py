@@ -144,22 +144,7 @@ class Parametrization(nn.Module):
         # here also releases their graphs, which would otherwise make
         # torch.utils.swap_tensors (swap_module_params_on_conversion) refuse ``original``.
         invalidate(self)
-        for name in self._constants:  # as Module._apply treats a buffer
-            self.__dict__[name] = fn(self.__dict__[name])
         return super()._apply(fn, recurse)
-
-    #: Names of this class's constant tensors (see :meth:`_set_constant`).
-    _constants: tuple[str, ...] = ()
-
-    def _set_constant(self, name: str, value: Tensor) -> None:
-        """Keep ``value`` (an index map made from the shape alone) as ``self.<name>``: it
-        follows ``.to()`` / ``.cuda()`` / ``.half()`` as a buffer would, but is not one, so that
-        DDP (which broadcasts every buffer from rank 0 at every forward) does not send it, the
-        ``state_dict`` does not hold it (it never did: it is rebuilt from the shape) and the
-        cache does not re-check its version on every read. ``name`` must be listed in the
-        class's ``_constants``."""
-        assert name in self._constants, name
-        self.__dict__[name] = value
 
     def right_inverse(self, w: Tensor) -> Tensor:
         _check_finite(w, self.owner, "assigned value" if self._registered else "weight")

@@ -153,7 +153,6 @@ class Orthogonal(Parametrization):
     """
 
     set_name = "orthogonal (orthonormal columns/rows)"
-    _constants = ("index",)  # flat positions of the coordinates (see Parametrization)
     # The base check's memo (a plain tuple in __dict__) is not module state for TorchScript.
     __jit_ignored_attributes__ = (_VERDICT,)
 
@@ -197,7 +196,7 @@ class Orthogonal(Parametrization):
         # Flat indices (i*n + j) of the free entries of A: i > j and j < k.
         ii, jj = torch.tril_indices(n, n, offset=-1)
         keep = jj < k
-        self._set_constant("index", (ii[keep] * n + jj[keep]).contiguous())
+        self.register_buffer("index", (ii[keep] * n + jj[keep]).contiguous(), persistent=False)
         self.register_buffer("base", torch.eye(n).expand(*self.batch_shape, n, n).clone())
 
     @property

@@ -58,7 +58,6 @@ class SPD(Parametrization):
     """
 
     set_name = "symmetric positive definite"
-    _constants = ("index", "is_diag")  # flat positions of the coordinates (see Parametrization)
 
     def __init__(
         self,
@@ -82,8 +81,8 @@ class SPD(Parametrization):
         self.n = self.shape[-1]
         self.min_eigenvalue = float(min_eigenvalue)
         rows, cols = torch.tril_indices(self.n, self.n)
-        self._set_constant("index", (rows * self.n + cols).contiguous())
-        self._set_constant("is_diag", rows == cols)
+        self.register_buffer("index", (rows * self.n + cols).contiguous(), persistent=False)
+        self.register_buffer("is_diag", rows == cols, persistent=False)
 
     @property
     def dim(self) -> int:
