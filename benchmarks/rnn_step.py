@@ -129,8 +129,10 @@ def _free_reads(rec: nn.Module) -> Callable[[], contextlib.AbstractContextManage
     def ctx() -> Iterator[None]:
         with cached():
             box[0] = prop.fget(rec)
-            yield
-            box[0] = None
+            try:
+                yield
+            finally:
+                box[0] = None
 
     return ctx
 

@@ -1,12 +1,14 @@
-"""Two device questions the library asks in several places (one answer each).
+"""Device questions the library asks in several places (one answer each).
 
 * :func:`cuda_capturing`: is the current CUDA stream capturing a graph? A captured graph
   replays its kernels later, so code that reads a value on the host (a sync) cannot run, and
   code that returns a tensor stored earlier would bake it into every replay.
-* :func:`may_read_on_host`: may the value of ``t`` be read on the host now (``float(t)``,
-  ``.tolist()``)? On the CPU always; on CUDA except during capture; never for fake tensors
-  (no data), meta tensors or other devices (XLA, MPS), where such a read is impossible or
-  forces a sync the caller did not ask for.
+* :func:`value_readable`: can the value of ``t`` be read on the host at all (``float(t)``,
+  ``.tolist()``; on an accelerator the read synchronises)? Not for fake or meta tensors (no
+  data), nor for a CUDA tensor while a graph is captured.
+* :func:`may_read_on_host`: is such a read cheap enough to take by default? On the CPU, and on
+  CUDA (one sync) when readable; not on other devices (XLA, MPS, ...), where code that can
+  avoid the read should.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["cuda_capturing", "may_read_on_host"]
+__all__ = ["cuda_capturing", "may_read_on_host", "value_readable"]
 
 
 def cuda_capturing() -> bool:
@@ -23,11 +25,15 @@ def cuda_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def may_read_on_host(t: Tensor) -> bool:
-    """Whether ``t``'s value may be read on the host: a CPU tensor, or a CUDA tensor outside
-    CUDA graph capture; not a fake tensor, a meta tensor or one on another device."""
-    if isinstance(t, FakeTensor):
+def value_readable(t: Tensor) -> bool:
+    """Whether ``t``'s value can be read on the host: not a fake or meta tensor, and not a CUDA
+    tensor during CUDA graph capture."""
+    if isinstance(t, FakeTensor) or t.is_meta:
         return False
-    if t.is_cpu:
-        return True
-    return t.is_cuda and not cuda_capturing()
+    return not (t.is_cuda and cuda_capturing())
+
+
+def may_read_on_host(t: Tensor) -> bool:
+    """Whether to read ``t``'s value on the host by default: a CPU tensor, or a CUDA tensor
+    outside CUDA graph capture; not a fake or meta tensor, nor one on another device."""
+    return (t.is_cpu or t.is_cuda) and value_readable(t)

@@ -785,12 +785,14 @@ def test_mdmm_with_a_cpu_loss_and_device_constraints(device) -> None:
     assert layer.weight.grad is not None and on_device(layer.weight.grad, device)
 
 
-def test_a_0dim_multiplier_on_another_device_warns_with_the_fix() -> None:
+def test_a_cpu_scalar_multiplier_beside_another_device_warns_once_with_the_fix() -> None:
     """A scalar constraint whose multiplier stayed on the CPU while fn's value lives elsewhere
     (mdmm-style ``EqConstraint(lambda: ...)`` built before the model moved, no ``mdmm.to``)
-    still computes (a 0-dim tensor acts as a scalar) but copies across devices at every step
-    and breaks NCCL broadcasts and graph capture: a warning names the constraint and the fix.
-    On one device there is no warning. (``meta`` stands in for the accelerator.)"""
+    still computes (a CPU 0-dim tensor acts as a scalar) but copies across devices at every
+    step and breaks NCCL broadcasts and graph capture: a warning names the constraint and the
+    fix, once per constraint, and not inside a ``torch.compile(fullgraph=True)`` graph (dynamo
+    cannot trace it). A 0-dim tensor on another accelerator is no scalar: that raises, as a
+    vector does. On one device there is no warning. (``meta`` stands in for the accelerator.)"""
     import warnings
 
     from manifoldparam.soft import MDMM, EqConstraint
@@ -798,11 +800,28 @@ def test_a_0dim_multiplier_on_another_device_warns_with_the_fix() -> None:
     w = torch.ones(3, device="meta", requires_grad=True)
     c = EqConstraint(lambda: w.sum(), 1.0)
     assert c.lmbda.device.type == "cpu" and c.lmbda.dim() == 0
-    with pytest.warns(UserWarning, match=r"EqConstraint\(.*lambda.*mdmm\.to\('meta'\)"):
-        out = MDMM([c])(w.sum())
-    assert out.value.is_meta
-    c.to("meta")  # the fix
+    mdmm = MDMM([c])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            assert mdmm(w.sum()).value.is_meta
+    assert len(seen) == 1, [str(x.message) for x in seen]
+    assert seen[0].category is UserWarning
+    assert str(seen[0].message).startswith("EqConstraint(") and "<lambda>" in str(seen[0].message)
+    assert "mdmm.to('meta')" in str(seen[0].message)
+
+    fresh = MDMM([EqConstraint(lambda: w.sum(), 1.0)])  # not warned yet
+    compiled = torch.compile(lambda: fresh(w.sum()).value, backend="eager", fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert compiled().is_meta
+
     v = torch.ones(3, requires_grad=True)
+    elsewhere = EqConstraint(lambda: v.sum(), 1.0).to("meta")  # a 0-dim multiplier on "meta"
+    with pytest.raises(ValueError, match=r"mdmm\.to\('cpu'\)"):
+        MDMM([elsewhere])(v.sum())
+
+    c.to("meta")  # the fix
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert MDMM([c])(w.sum()).value.is_meta
@@ -811,8 +830,9 @@ def test_a_0dim_multiplier_on_another_device_warns_with_the_fix() -> None:
 
 def test_check_finite_steps_aside_where_nothing_can_be_read() -> None:
     """MDMM's NaN check reads one value on the host. Where that is impossible (meta and fake
-    tensors, CUDA graph capture) it is skipped instead of failing the step; on the CPU a
-    non-finite term still raises, naming the constraint."""
+    tensors, CUDA graph capture) it is skipped instead of failing the step; on the CPU (and
+    any device with data: CUDA outside capture, MPS, XLA, ...) a non-finite term still
+    raises, naming the constraint."""
     from manifoldparam.soft import MDMM, constrain, rms, soft_constraints
 
     layer = nn.Linear(4, 3).to("meta")

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from manifoldparam._device import may_read_on_host
+from manifoldparam._device import value_readable
 from manifoldparam.hard.base import owner_name
 from manifoldparam.soft.constraints import (
     BoundConstraintHard,
@@ -117,7 +117,7 @@ def constrain(
         probe = fn(value.detach())
     if not isinstance(probe, Tensor):
         raise TypeError(f"constrain({owner}): fn returned {type(probe).__name__}, not a tensor.")
-    if may_read_on_host(probe) and not bool(torch.isfinite(probe).all()):  # (not meta/fake)
+    if value_readable(probe) and not bool(torch.isfinite(probe).all()):  # (not meta/fake)
         raise ValueError(
             f"constrain({owner}): fn({owner}) = {probe} is not finite; fix fn or the weight."
         )

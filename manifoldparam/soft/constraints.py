@@ -82,6 +82,9 @@ class ConstraintReturn:
     inf: Tensor
 
 
+_is_compiling = torch.compiler.is_compiling
+
+
 def _device_fix(device: torch.device) -> str:
     """What to do when a constraint's tensors are not on fn's device."""
     return (
@@ -173,6 +176,20 @@ class Constraint(nn.Module):
         return new.clamp(max=0) if self.nonpositive_multiplier else new
 
     # ------------------------------------------------------------------ evaluation
+    def _warn_cpu_scalar(self, device: torch.device) -> None:
+        """Once per constraint: its 0-dim multiplier or bound is on the CPU, fn's value on
+        ``device``. Correct (a CPU 0-dim tensor acts as a scalar), but its gradient crosses
+        devices at every step, and NCCL broadcasts of the multipliers and CUDA graph capture
+        fail. Not while torch.compile traces (dynamo cannot trace a warning)."""
+        self.__dict__["_device_warned"] = True
+        warnings.warn(
+            f"{self.describe()}: its multiplier or bound is on the CPU, fn's value on "
+            f"{device}; this works (a CPU 0-dim tensor acts as a scalar) but copies across "
+            f"devices at every step, and NCCL broadcasts and CUDA graphs fail. "
+            f"{_device_fix(device)}",
+            stacklevel=2,
+        )
+
     def evaluate(self) -> Tensor:
         """``fn()`` (or ``fn(module.<name>)``), checked to be a tensor of the right shape."""
         if self.target is not None:
@@ -185,28 +202,19 @@ class Constraint(nn.Module):
                 f"{self.describe()}: fn returned {type(out).__name__}, not a tensor; return a "
                 "differentiable torch.Tensor computed from the parameters."
             )
-        scalar_elsewhere: Tensor | None = None
+        cpu_scalar = False
         for t in (self.lmbda, *self.buffers()):
             if t.device == out.device:
                 continue
-            if not t.dim():
-                scalar_elsewhere = t
+            if t.dim() == 0 and t.is_cpu:  # acts as a scalar beside tensors on any device
+                cpu_scalar = True
                 continue
             raise ValueError(
                 f"{self.describe()}: fn's value is on {out.device} but the constraint's "
                 f"multipliers or bounds are on {t.device}. {_device_fix(out.device)}"
             )
-        if scalar_elsewhere is not None:
-            # A 0-dim tensor acts as a scalar on any device: correct, but its gradient is
-            # copied across devices at every step, and NCCL broadcasts of the multipliers
-            # and CUDA graph capture fail. Said once per constraint and place.
-            warnings.warn(
-                f"{self.describe()}: its multiplier or bound is on {scalar_elsewhere.device}, "
-                f"fn's value on {out.device}; this works (a 0-dim tensor acts as a scalar) but "
-                "copies across devices at every step, and NCCL broadcasts and CUDA graphs "
-                f"fail. {_device_fix(out.device)}",
-                stacklevel=3,
-            )
+        if cpu_scalar and not self.__dict__.get("_device_warned") and not _is_compiling():
+            self._warn_cpu_scalar(out.device)
         if out.shape != self.lmbda.shape:
             raise ValueError(
                 f"{self.describe()}: fn returned a tensor of shape {tuple(out.shape)} but the "

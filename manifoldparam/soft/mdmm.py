@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn, optim
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from manifoldparam._device import may_read_on_host
+from manifoldparam._device import value_readable
 from manifoldparam.soft.constraints import Constraint, Multiplier
 
 __all__ = ["MDMM", "MDMMReturn", "check_optimizer"]
@@ -114,7 +114,7 @@ class MDMM(nn.ModuleList):
         if (
             self.check_finite
             and total is not None
-            and may_read_on_host(total)  # not while a CUDA graph is captured, nor fake/meta
+            and value_readable(total)  # not while a CUDA graph is captured, nor fake/meta
             and not bool(torch.isfinite(total))
         ):
             self._raise_not_finite(fn_values)
