@@ -5,7 +5,10 @@ Constrained weights need nothing special: wrap the constrained model in
 coordinates (``...parametrizations.<name>.original``), whose gradients DDP averages; every
 rank then applies the same update to the same coordinates, and buffers such as the orthogonal
 base point are broadcast from rank 0 (DDP's ``broadcast_buffers=True``), so the constrained
-weights stay identical on all ranks.
+weights stay identical on all ranks. That broadcast runs at every forward; the base changes
+only at ``rebase`` or assignment, which every rank computes from the same coordinates, so
+``DDP(model, broadcast_buffers=False)`` keeps the weights identical without the traffic when
+every rank builds the model from the same seed (or after one :func:`broadcast_module`).
 
 Multipliers live in an ``MDMM`` outside the DDP module, so DDP does not average their
 gradients; when the constraint functions depend on each rank's data, the ranks would drift
