@@ -20,13 +20,14 @@ The contract every subclass implements (the same as :mod:`torch.nn.utils.paramet
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from manifoldparam._device import value_readable
 from manifoldparam.caching.cache import evaluate, invalidate
 from manifoldparam.caching.read import install as install_read
 
@@ -132,6 +133,52 @@ class Parametrization(nn.Module):
                 f"the tensor has shape {tuple(weight.shape)}; build it with "
                 f"{type(self).__name__}(module.weight.shape, ...)."
             )
+
+    # ----------------------------------------------------------------- checkpoints
+    def check_state(self, state: MutableMapping[str, Any], prefix: str) -> None:
+        """Raise if what ``state`` holds for this constraint's buffers (keys ``prefix + name``)
+        would not fit it; the module is not modified.
+
+        Called by the attribute's load pre-hook before torch copies anything of it (so a
+        failure leaves the attribute as it was), and by manifoldparam's loaders before they
+        change anything. Absent keys are not checked (a strict load reports them). The error
+        (a :class:`RuntimeError`) names the key, what was expected, what was found and the fix.
+        An accepted entry may be replaced in ``state`` by this module's own value (a bound the
+        code declares is kept exactly). The default checks nothing: no persistent buffers.
+        """
+
+    def _loaded(self, state: Mapping[str, Any], key: str, own: Tensor, what: str) -> Tensor | None:
+        """``state[key]`` once it is known to fit ``own`` (a tensor of its shape, floating,
+        finite); ``None`` when absent or when its values cannot be read (meta, fake)."""
+        if key not in state:
+            return None
+        value = state[key]
+        where = f"{self.owner}: the checkpoint's {what} {key!r}"
+        if not isinstance(value, Tensor) or value.shape != own.shape:
+            found = (
+                f"has shape {tuple(value.shape)}"
+                if isinstance(value, Tensor)
+                else f"is a {type(value).__name__}"
+            )
+            raise RuntimeError(
+                f"{where} {found}; this constraint's has shape {tuple(own.shape)}. The "
+                "checkpoint is of another model or constraint (other sizes, map or batched=): "
+                "build the model as it was when saved."
+            )
+        if not value.is_floating_point():
+            raise RuntimeError(
+                f"{where} has dtype {value.dtype}, expected a floating tensor (this one is "
+                f"{own.dtype})."
+            )
+        if not value_readable(value):
+            return None
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise RuntimeError(
+                f"{where} holds {bad} NaN/Inf entries of {value.numel()}: the run that saved it "
+                "had diverged. Load an earlier checkpoint."
+            )
+        return value
 
     # ----------------------------------------------------------------- public API
     @torch.jit.unused
@@ -273,14 +320,43 @@ def register(
     parametrization.validate(weight)
     parametrization.to(device=weight.device, dtype=weight.dtype)
     parametrize.register_parametrization(module, name, parametrization)
-    # load_state_dict writes ``original`` before it reaches the parametrization: drop the cache
-    # first (its graphs hold ``original``, and a swapping load refuses a tensor held elsewhere).
-    module.parametrizations[name].register_load_state_dict_pre_hook(_drop_cache)
+    # load_state_dict writes ``original`` before it reaches the parametrization: check what it
+    # would load and drop the cache first (_before_load).
+    module.parametrizations[name].register_load_state_dict_pre_hook(_before_load)
     install_read(module, name)
     return module
 
 
-def _drop_cache(plist: nn.Module, *_: Any) -> None:
+def check_loaded_state(plist: nn.Module, state: MutableMapping[str, Any], prefix: str) -> None:
+    """Raise before a load changes anything of ``plist`` (an attribute's ParametrizationList,
+    its keys under ``prefix``) if ``state`` does not fit it: coordinates (``original``) of
+    another shape, not floating or not finite, and whatever a constraint's
+    :meth:`Parametrization.check_state` rejects (bounds other than the declared ones, a base
+    point off the set), with a :class:`RuntimeError` that names the key. Keys absent from
+    ``state`` are not checked. Accepted bounds are replaced in ``state`` by the declared ones
+    (see ``check_state``)."""
+    ours = [p for p in plist if isinstance(p, Parametrization)]
+    if not ours:
+        return
+    for name, own in plist._parameters.items():  # "original" ("original0", ... for tuples)
+        if own is not None:
+            ours[0]._loaded(state, prefix + name, own, "coordinates")
+    for index, p in plist._modules.items():
+        if isinstance(p, Parametrization):
+            p.check_state(state, f"{prefix}{index}.")
+
+
+def _before_load(
+    plist: nn.Module, state_dict: MutableMapping[str, Any], prefix: str, *_: Any
+) -> None:
+    # torch copies ``original``, then each constraint's buffers: check all of them first, so
+    # that a failing check leaves this attribute as it was. Then drop the cache (its graphs
+    # hold ``original``, and a swapping load refuses a tensor held elsewhere).
+    try:
+        check_loaded_state(plist, state_dict, prefix)
+    except RuntimeError as e:
+        owner = next((p.owner for p in plist if isinstance(p, Parametrization)), "it")
+        raise RuntimeError(f"{e} Nothing of {owner} was loaded.") from None
     invalidate(plist)
 
 

@@ -24,7 +24,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -104,6 +105,36 @@ class Bounded(Parametrization):
     @property
     def dim(self) -> int:
         return self.shape.numel()
+
+    def check_state(self, state: MutableMapping[str, Any], prefix: str) -> None:
+        """The checkpoint's ``<prefix>low`` / ``<prefix>high`` must equal the declared bounds
+        (in the coarser of the two dtypes: a float32 checkpoint of a float64 model holds the
+        same bounds rounded); the code declares the constraint, a checkpoint does not change
+        it. Accepted entries are replaced by the declared bounds, which so stay exact (also
+        under ``load_state_dict(assign=True)``). Bounds this module cannot read (built on the
+        meta device, to be filled by ``assign=True``) are taken from the checkpoint."""
+        for name in ("low", "high"):
+            key = prefix + name
+            declared: Tensor = getattr(self, name)
+            loaded = self._loaded(state, key, declared, "bound")
+            if loaded is None or declared.is_meta:
+                continue
+            loaded = loaded.detach().to(declared.device)
+            coarse = max(loaded.dtype, declared.dtype, key=lambda t: torch.finfo(t).eps)
+            differ = loaded.to(coarse) != declared.to(coarse)
+            if bool(differ.any()):
+                i = int(differ.flatten().nonzero()[0])
+                attr = self.owner.rsplit(".", 1)[-1]
+                raise RuntimeError(
+                    f"{self.owner}: the checkpoint's {key!r} would replace the bound the code "
+                    f"declares: {name} is {float(declared.flatten()[i])!r} here, "
+                    f"{float(loaded.flatten()[i])!r} in the checkpoint ({int(differ.sum())} of "
+                    f"{differ.numel()} entries differ, the first at flat index {i}). To train "
+                    "with the checkpoint's bounds, declare them: manifoldparam.bounded(module, "
+                    f"{attr!r}, low=..., high=...) with its values; to keep the declared ones, "
+                    "set the checkpoint's entry to them before loading."
+                )
+            state[key] = declared.detach().clone()
 
     def _map(self, x: Tensor) -> Tensor:
         mid, half = 0.5 * (self.low + self.high), 0.5 * (self.high - self.low)

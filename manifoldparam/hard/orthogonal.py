@@ -49,8 +49,8 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import MutableMapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -289,6 +289,32 @@ class Orthogonal(Parametrization):
 
     def _forget(self) -> None:
         self.__dict__.pop(_VERDICT, None)
+
+    def check_state(self, state: MutableMapping[str, Any], prefix: str) -> None:
+        """The checkpoint's base point ``<prefix>base``: of this base's shape, finite, and
+        orthogonal (``max|BᵀB - I|``, in float64) within the tolerance of the coarser of its
+        dtype and this base's, float32 at the finest: a base set in float32 keeps float32
+        round-off after ``module.double()`` (see :meth:`_exact_base`), and it is still a base
+        of this set. A base off the set would put the weight off it (by up to ‖B‖²)."""
+        key = prefix + "base"
+        b = self._loaded(state, key, self.base, "base point")
+        if b is None:
+            return
+        d = b.detach().to(torch.float64)
+        eye = torch.eye(self.n, dtype=d.dtype, device=d.device)
+        error = float(max_abs(d.mT @ d - eye))
+        coarse = max(b.dtype, self.base.dtype, torch.float32, key=lambda t: torch.finfo(t).eps)
+        tol = max(self.tolerance(coarse), self.default_atol(coarse))
+        if error > tol:
+            raise RuntimeError(
+                f"{self.owner}: the checkpoint's base point {key!r} is not orthogonal: "
+                f"max|BᵀB - I| = {error:.3e} > tolerance {tol:.3e} ({b.dtype}, "
+                f"{self.n}x{self.n}); loaded, the weight would be off the set. It was not saved "
+                "from this constraint (bases are set by registration, assignment and "
+                "manifoldparam.rebase): load the checkpoint it belongs to, or load the "
+                "weight's value instead (manifoldparam.load_plain_state_dict with the "
+                f"'{self.owner.rsplit('.', 1)[-1]}' key projects it onto the set)."
+            )
 
     def _inverse(self, w: Tensor) -> Tensor:
         t = self._to_tall(w)
