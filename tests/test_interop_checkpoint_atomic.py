@@ -4,24 +4,28 @@ unless all of it fits; the error names the first offending key.
 * torch's own ``model.load_state_dict``: what a checkpoint holds for a constrained attribute
   (coordinates, ``Bounded``'s ``low``/``high``, ``Orthogonal``'s ``base``) is checked by the
   attribute's load pre-hook before torch copies any of it (torch loads module by module, so
-  only that attribute is guaranteed untouched).
+  only that attribute is guaranteed untouched);
+* ``load_training_state`` / ``load_plain_state_dict``: model, optimizer, multipliers and RNG
+  are left bit-identical by a load that fails.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import manifoldparam as mp
-from tests.conftest import assert_on_stiefel
-from tests.test_interop_checkpoint import DTYPE, Plain, constrained
+from manifoldparam.interop import load_plain_state_dict, load_training_state, training_state
+from tests.conftest import assert_on_stiefel, via_bytes
+from tests.test_interop_checkpoint import DTYPE, Plain, _setup, _train, constrained
 
 BASE = "fc1.parametrizations.weight.0.base"
 LOW, HIGH = "fc1.parametrizations.bias.0.low", "fc1.parametrizations.bias.0.high"
@@ -226,3 +230,183 @@ def test_any_corrupted_constrained_entry_is_refused_by_torchs_load(
     assert_identical(before, _plist_state(model, key))
     assert message.startswith("RuntimeError: Linear.") and repr(key) in message
     assert "Nothing of Linear." in message
+
+
+# --------------------------------------------------------------------- load_training_state
+@functools.cache
+def _saved() -> tuple[dict[str, Any], list[float]]:
+    """A training state after 3 steps (from a weights_only load) and the 3 losses after it."""
+    rng = torch.get_rng_state()
+    try:
+        torch.manual_seed(5)
+        model, mdmm, opt = _setup(0)
+        _train(model, mdmm, opt, 3)
+        state = via_bytes(training_state(model, opt, mdmm, step=3))
+        return state, _train(model, mdmm, opt, 3)
+    finally:
+        torch.set_rng_state(rng)
+
+
+def _target() -> tuple[Plain, Any, torch.optim.Optimizer]:
+    """Another run, one step in: it has its own optimizer state and multipliers to keep."""
+    model, mdmm, opt = _setup(1)
+    _train(model, mdmm, opt, 1)
+    return model, mdmm, opt
+
+
+def _training_cases() -> list[tuple[str, tuple[Any, ...], str]]:
+    state, _ = _saved()
+    model, mdmm, _ = _setup(0)
+    cases: list[tuple[str, tuple[Any, ...], str]] = []
+    for part, module in (("model", model), ("multipliers", mdmm)):
+        own = module.state_dict(keep_vars=True)
+        for key in state[part]:
+            cases += [(part, (key,), "nan"), (part, (key,), "shape")]
+            if isinstance(own[key], nn.Parameter) or "parametrizations." in key:
+                cases.append((part, (key,), "inf"))
+            if key.endswith((".base", ".low", ".high")):
+                cases.append((part, (key,), "off"))
+    for index, entry in state["optimizer"]["state"].items():
+        for name in entry:
+            cases += [("optimizer", ("state", index, name), how) for how in ("nan", "inf")]
+            if name != "step":
+                cases.append(("optimizer", ("state", index, name), "shape"))
+    cases += [("rng", ("cpu",), how) for how in ("shape", "zeros", "float")]
+    return cases
+
+
+@settings(max_examples=60)  # (87 cases; ~15 ms each)
+@given(case=st.sampled_from(_training_cases()), index=entries, amount=amounts)
+def test_any_corrupted_entry_of_a_training_state_changes_nothing(
+    case: tuple[str, tuple[Any, ...], str], index: int, amount: float
+) -> None:
+    part, path, how = case
+    state, _ = _saved()
+    bad = replaced(state, (part, *path), how, index, amount)
+    model, mdmm, opt = _target()
+    before = snapshot(model, opt, mdmm)
+    message = refused(lambda: load_training_state(bad, model, opt, mdmm))
+    assert_identical(before, snapshot(model, opt, mdmm))
+    assert message.startswith("RuntimeError: load_training_state: state[")
+    assert named(message, part, path) and "Nothing was loaded" in message, message
+
+
+def test_the_first_offending_key_is_named() -> None:
+    state, _ = _saved()
+    bad = replaced(state, ("model", "fc3.bias"), "nan")
+    bad = replaced(bad, ("model", BASE), "off")  # earlier in the model's key order
+    model, mdmm, opt = _target()
+    before = snapshot(model, opt, mdmm)
+    message = refused(lambda: load_training_state(bad, model, opt, mdmm))
+    assert_identical(before, snapshot(model, opt, mdmm))
+    assert "'fc1.parametrizations.weight.0.base' is not orthogonal" in message
+    assert "fc3.bias" not in message
+
+
+def test_after_a_refused_load_the_checkpoint_still_resumes_bit_for_bit() -> None:
+    state, reference = _saved()
+    model, mdmm, opt = _target()
+    before = snapshot(model, opt, mdmm)
+    message = refused(
+        lambda: load_training_state(replaced(state, ("rng", "cpu"), "zeros"), model, opt, mdmm)
+    )
+    assert_identical(before, snapshot(model, opt, mdmm))  # the RNG was set last, before
+    assert "state['rng']['cpu'] is not a CPU generator state" in message
+    assert load_training_state(state, model, opt, mdmm) == {"step": 3}
+    assert _train(model, mdmm, opt, 3) == reference
+
+
+def test_optimizer_groups_that_do_not_match_change_nothing() -> None:
+    state, _ = _saved()
+    model, mdmm, _ = _target()
+    one_group = torch.optim.Adam([*model.parameters(), *mdmm.parameters()], lr=0.05)
+    before = snapshot(model, one_group, mdmm)
+    message = refused(lambda: load_training_state(state, model, one_group, mdmm))
+    assert_identical(before, snapshot(model, one_group, mdmm))  # the model loaded first, before
+    assert "RuntimeError: load_training_state: state['optimizer']['param_groups'] has 2 " in message
+
+    fewer = list(model.parameters())[:-1]
+    opt = mdmm.make_optimizer(fewer, optimizer=torch.optim.Adam, lr=0.05)
+    before = snapshot(model, opt, mdmm)
+    message = refused(lambda: load_training_state(state, model, opt, mdmm))
+    assert_identical(before, snapshot(model, opt, mdmm))
+    assert re.search(r"\['param_groups'\]\[0\] has 5 parameters, .* 4", message)
+
+
+def test_an_optimizer_that_rebinds_on_load_is_put_back_and_nothing_loads() -> None:
+    class Rebinding(torch.optim.SGD):
+        """Like an optimizer whose load_state_dict adopts the checkpoint's tensors."""
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            super().load_state_dict(state_dict)
+            self.param_groups[0]["params"] = [
+                p.detach().clone().requires_grad_() for p in self.param_groups[0]["params"]
+            ]
+
+    source = constrained(seed=1)
+    saved = via_bytes(training_state(source, Rebinding(source.parameters(), lr=0.1, momentum=0.9)))
+    model = constrained(seed=0)
+    sgd = Rebinding(model.parameters(), lr=0.1, momentum=0.9)
+    before = snapshot(model, sgd)
+    message = refused(lambda: load_training_state(saved, model, sgd))
+    assert_identical(before, snapshot(model, sgd))
+    assert re.search(r"would not train the model.*put back as it was", message)
+    assert [id(p) for p in sgd.param_groups[0]["params"]] == [id(p) for p in model.parameters()]
+
+
+def test_a_torchzero_state_of_other_parameters_changes_nothing() -> None:
+    tz = pytest.importorskip("torchzero")
+    source = constrained(seed=1)
+    saved = via_bytes(training_state(source, tz.Optimizer(source.parameters(), tz.m.Adam())))
+    model = constrained(seed=0)
+    opt = tz.Optimizer(list(model.parameters())[::-1], tz.m.Adam())  # another order
+    before = snapshot(model)
+    message = refused(lambda: load_training_state(saved, model, opt))
+    assert_identical(before, snapshot(model))
+    assert "in the same order" in message
+
+
+# --------------------------------------------------------------------- load_plain_state_dict
+def test_a_nonfinite_plain_value_changes_nothing() -> None:
+    torch.manual_seed(3)
+    sd = dict(Plain().state_dict())
+    sd["fc3.weight"] = corrupt(sd["fc3.weight"], "nan")  # the last one assigned
+    model = constrained(seed=0)
+    before = snapshot(model)
+    message = refused(lambda: load_plain_state_dict(model, sd))
+    assert_identical(before, snapshot(model))  # fc1, fc2 were assigned first, before
+    assert (
+        "RuntimeError: load_plain_state_dict: state_dict['fc3.weight'] holds 1 NaN/Inf" in message
+    )
+
+
+def _plain_cases() -> list[tuple[str, str]]:
+    own = constrained().state_dict(keep_vars=True)
+    cases = []
+    for key, value in own.items():
+        cases += [(key, "nan"), (key, "shape")]
+        if isinstance(value, nn.Parameter) or "parametrizations." in key:
+            cases.append((key, "inf"))
+        if key.endswith((".base", ".low", ".high")):
+            cases.append((key, "off"))
+    # a plain checkpoint's keys, loaded through the constraints
+    plain = [k for k in Plain().state_dict() if k != "fc3.bias"]
+    cases += [(k, how) for k in plain for how in ("nan", "inf", "shape")]
+    return cases
+
+
+@given(case=st.sampled_from(_plain_cases()), index=entries, amount=amounts)
+def test_any_corrupted_entry_of_a_plain_load_changes_nothing(
+    case: tuple[str, str], index: int, amount: float
+) -> None:
+    key, how = case
+    if "parametrizations." in key or key == "fc3.bias":
+        sd = dict(constrained(seed=1).state_dict())  # the constrained model's own keys
+    else:
+        sd = dict(Plain().state_dict())
+    sd[key] = corrupt(sd[key], how, index, amount)
+    model = constrained(seed=0)
+    before = snapshot(model)
+    message = refused(lambda: load_plain_state_dict(model, sd, warn=False))
+    assert_identical(before, snapshot(model))
+    assert message.startswith("RuntimeError: load_plain_state_dict") and repr(key) in message

@@ -25,7 +25,7 @@ Example::
 from __future__ import annotations
 
 import warnings
-from collections import ChainMap
+from collections import ChainMap, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from manifoldparam.hard.base import constraints_of, owner_name
+from manifoldparam._device import value_readable
+from manifoldparam.hard.base import check_loaded_state, constraints_of, owner_name
 
 __all__ = [
     "PlainLoadReport",
@@ -198,7 +199,12 @@ def load_plain_state_dict(
             f"unexpected keys {unexpected}.{hint} Pass strict=False to load the rest."
         )
 
-    # shapes first: nothing is modified if any constrained value does not fit
+    # Everything is checked before anything is modified: the model's own keys (shapes,
+    # finiteness, the constraints' checks), then each constrained value and its target.
+    plain_part = dict(
+        _checked_module_state(model, plain_part, "load_plain_state_dict: state_dict", strict=False)
+    )
+    targets: list[tuple[str, nn.Module, str, Tensor, Tensor, float, bool]] = []
     for k, v in constrained.items():
         module, name = attrs[k]
         current = getattr(module, name)
@@ -206,25 +212,34 @@ def load_plain_state_dict(
             shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
             raise RuntimeError(
                 f"load_plain_state_dict: {k!r} has shape {shape} but "
-                f"{owner_name(module, name)} has shape {tuple(current.shape)}."
+                f"{owner_name(module, name)} has shape {tuple(current.shape)}. Nothing was "
+                "loaded."
             )
-
-    report = PlainLoadReport(stripped_prefix=prefix)
-    if plain_part:
-        model.load_state_dict(plain_part, strict=False)
-        report.loaded.extend(plain_part)
-    for k, v in constrained.items():
-        module, name = attrs[k]
-        current = getattr(module, name)
         value = v.detach().to(device=current.device, dtype=current.dtype)
+        # (after the cast: a float64 1e300 is Inf in float32) no nearest point to NaN/Inf
+        _check_values(f"load_plain_state_dict: state_dict[{k!r}]", value, finite=True)
         found = constraints_of(module, name)
         if found:
             p = found[-1]
             distance = float(p.distance(value))
             on_set = bool(p.check(value))
             target = value if on_set else p.project(value)
+            ok, why = p.check(target, explain=True)
+            if not ok:  # what the assignment would refuse, after the rest was loaded
+                raise RuntimeError(
+                    f"load_plain_state_dict: {k!r}: its nearest point is not {p.set_name} "
+                    f"within the tolerance ({why}); register {owner_name(module, name)} with a "
+                    "larger atol= or load it in a wider dtype. Nothing was loaded."
+                )
         else:  # a parametrization of another library: its right_inverse decides
             distance, on_set, target = 0.0, True, value
+        targets.append((k, module, name, value, target, distance, on_set))
+
+    report = PlainLoadReport(stripped_prefix=prefix)
+    if plain_part:
+        model.load_state_dict(plain_part, strict=False)
+        report.loaded.extend(plain_part)
+    for k, module, name, value, target, distance, on_set in targets:
         setattr(module, name, target)
         change = float((getattr(module, name) - value).abs().amax()) if value.numel() else 0.0
         report.projected.append(
@@ -256,6 +271,202 @@ def _constrained_prefix(plain_key: str) -> str:
 def _plain_of(key: str) -> str:
     head, _, tail = key.partition(_MARK)
     return head + tail.split(".", 1)[0]
+
+
+# ------------------------------------------------------------------------ validation
+# Every loader here checks all it will load before it changes anything (model, optimizer,
+# multipliers, RNG), so a checkpoint that does not fit cannot leave a half-loaded run behind.
+# Errors are RuntimeErrors (as torch's load_state_dict raises) naming the first offending key.
+
+
+def _tensors(obj: Any, path: str) -> list[tuple[str, Tensor]]:
+    """``(path, tensor)`` for every tensor nested in dicts, lists and tuples of ``obj``."""
+    if isinstance(obj, Tensor):
+        return [(path, obj)]
+    if isinstance(obj, Mapping):
+        return [t for k, v in obj.items() for t in _tensors(v, f"{path}[{k!r}]")]
+    if isinstance(obj, list | tuple):
+        return [t for i, v in enumerate(obj) for t in _tensors(v, f"{path}[{i}]")]
+    return []
+
+
+def _check_values(where: str, t: Tensor, *, finite: bool) -> None:
+    """No NaN in a floating ``t`` (and no Inf either where ``finite``): a NaN is never a value
+    to resume from; an Inf can be (a running maximum starting at -Inf), but not in a parameter
+    or an optimizer's per-parameter state."""
+    if not (t.is_floating_point() or t.is_complex()) or not value_readable(t):
+        return
+    bad = int((~torch.isfinite(t)).sum()) if finite else int(torch.isnan(t).sum())
+    if bad:
+        what = "NaN/Inf" if finite else "NaN"
+        raise RuntimeError(
+            f"{where} holds {bad} {what} entries of {t.numel()}: the run that saved it had "
+            "diverged. Load an earlier checkpoint. Nothing was loaded."
+        )
+
+
+def _checked_module_state(
+    module: nn.Module, sd: Any, where: str, *, strict: bool
+) -> Mapping[str, Any]:
+    """``sd`` (a module's state dict) checked against ``module`` before anything is loaded.
+
+    Checks, in ``module.state_dict()``'s key order so the error names the first offending key:
+    with ``strict``, the same keys; each entry a tensor of the module's shape; parameters
+    finite, other floating tensors free of NaN; for every constrained attribute what its
+    constraints check (:func:`~manifoldparam.hard.base.check_loaded_state`: coordinates,
+    bounds equal to the declared ones, base points on the set). Returns a shallow copy of
+    ``sd`` (with its ``_metadata``) to load, in which accepted bounds are the declared ones.
+    """
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"{where}: expected a state dict (a mapping), got {type(sd).__name__}")
+    own = module.state_dict(keep_vars=True)
+    out: OrderedDict[str, Any] = OrderedDict(sd)
+    if hasattr(sd, "_metadata"):  # versions that modules' loaders read (BatchNorm)
+        out._metadata = sd._metadata  # type: ignore[attr-defined]
+    if strict:
+        missing = [k for k in own if k not in out]
+        unexpected = [k for k in out if k not in own]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"{where}: missing keys {missing}, unexpected keys {unexpected}: this "
+                f"{type(module).__name__} is not built as the one saved (other layers or "
+                "constraints). Build it as it was when saved. Nothing was loaded."
+            )
+    plists = {
+        f"{path}.": m
+        for path, m in module.named_modules()
+        if isinstance(m, parametrize.ParametrizationList)
+    }
+    checked: set[str] = set()
+    for key, mine in own.items():
+        if key not in out:
+            continue
+        value = out[key]
+        if not isinstance(value, Tensor):
+            raise RuntimeError(
+                f"{where}[{key!r}] is a {type(value).__name__}, expected a tensor of shape "
+                f"{tuple(mine.shape)}. Nothing was loaded."
+            )
+        lazy = isinstance(mine, nn.parameter.UninitializedTensorMixin)
+        if not lazy and value.shape != mine.shape:
+            raise RuntimeError(
+                f"{where}[{key!r}] has shape {tuple(value.shape)}, this "
+                f"{type(module).__name__}'s {tuple(mine.shape)}: the checkpoint is of another "
+                f"{type(module).__name__} (other sizes). Build it as it was when saved. Nothing "
+                "was loaded."
+            )
+        _check_values(f"{where}[{key!r}]", value, finite=isinstance(mine, nn.Parameter))
+        prefix = max((p for p in plists if key.startswith(p)), key=len, default=None)
+        if prefix is not None and prefix not in checked:  # once per attribute, at its 1st key
+            checked.add(prefix)
+            try:
+                check_loaded_state(plists[prefix], out, prefix)
+            except RuntimeError as e:
+                raise RuntimeError(f"{where}: {e} Nothing was loaded.") from None
+    return out
+
+
+#: torch.optim per-parameter state of the parameter's shape (Adafactor's factored moments and
+#: LBFGS's flat history vectors are not: they are checked for finiteness only).
+_ELEMENTWISE = frozenset(
+    {
+        "exp_avg",
+        "exp_avg_sq",
+        "max_exp_avg_sq",
+        "exp_inf",
+        "momentum_buffer",
+        "square_avg",
+        "grad_avg",
+        "acc_delta",
+        "sum",
+        "ax",
+        "prev",
+        "step_size",
+    }
+)
+
+
+def _checked_optimizer_state(
+    optimizer: torch.optim.Optimizer, saved: Any, where: str
+) -> dict[str, Any]:
+    """The optimizer state dict to load (bound to ``optimizer``'s tensors, see
+    :func:`_bind_to`), checked before anything is loaded: a ``torch.optim`` state dict has as
+    many groups as ``optimizer``, each with as many parameters, per-parameter moments of their
+    parameter's shape and finite; any other (torchzero) no NaN."""
+    if not isinstance(saved, Mapping):
+        raise TypeError(f"{where}: expected a state dict (a mapping), got {type(saved).__name__}")
+    bound = _bind_to(optimizer, saved)
+    groups, state = bound.get("param_groups"), bound.get("state")
+    name = type(optimizer).__name__
+    if not (isinstance(groups, list) and isinstance(state, Mapping)):
+        for path, t in _tensors({k: v for k, v in bound.items() if k != "params"}, where):
+            _check_values(path, t, finite=False)  # (its "params" are the model's own)
+        return bound
+    mine = optimizer.param_groups
+    if len(groups) != len(mine):
+        raise RuntimeError(
+            f"{where}['param_groups'] has {len(groups)} groups, this {name} {len(mine)}. "
+            "Build the optimizer with the same parameter groups as when saved. Nothing was "
+            "loaded."
+        )
+    ids: list[Any] = []
+    for i, (group, own) in enumerate(zip(groups, mine, strict=True)):
+        params = group.get("params") if isinstance(group, Mapping) else None
+        if not isinstance(params, list) or len(params) != len(own["params"]):
+            found = f"{len(params)} parameters" if isinstance(params, list) else "no 'params'"
+            raise RuntimeError(
+                f"{where}['param_groups'][{i}] has {found}, this {name}'s group {i} "
+                f"{len(own['params'])}. Build the optimizer on the same parameters, in the "
+                "same order, as when saved. Nothing was loaded."
+            )
+        ids += params
+    by_id = dict(zip(ids, (p for g in mine for p in g["params"]), strict=True))
+    for k, entry in state.items():
+        param = by_id.get(k)
+        for path, t in _tensors(entry, f"{where}['state'][{k!r}]"):
+            key = path.rsplit("[", 1)[-1].strip("]'\"")
+            if param is not None and key in _ELEMENTWISE and t.shape != param.shape:
+                raise RuntimeError(
+                    f"{path} has shape {tuple(t.shape)}, its parameter {tuple(param.shape)}: "
+                    "the state is of another model. Nothing was loaded."
+                )
+            _check_values(path, t, finite=True)
+    for path, t in _tensors(groups, f"{where}['param_groups']"):
+        _check_values(path, t, finite=False)  # (a tensor lr, ...)
+    return bound
+
+
+def _check_rng(saved: Any, where: str) -> None:
+    """The generator states set on a throwaway generator first: torch validates them there
+    (size, mt19937 consistency) without touching the global ones."""
+    cpu = saved.get("cpu") if isinstance(saved, Mapping) else None
+    try:
+        if not isinstance(cpu, Tensor):
+            raise TypeError(f"got {type(cpu).__name__}")
+        torch.Generator().set_state(cpu.cpu())
+    except (RuntimeError, TypeError) as e:
+        raise RuntimeError(
+            f"{where}['cpu'] is not a CPU generator state ({e}); save it with "
+            "training_state(...), or pass rng=False to keep this process's. Nothing was "
+            "loaded."
+        ) from None
+    if "cuda" in saved and torch.cuda.is_available():
+        states = saved["cuda"]
+        if not isinstance(states, list | tuple):
+            raise RuntimeError(
+                f"{where}['cuda'] is a {type(states).__name__}, expected a list of generator "
+                "states (torch.cuda.get_rng_state_all()). Nothing was loaded."
+            )
+        for i, t in enumerate(states[: torch.cuda.device_count()]):
+            try:
+                if not isinstance(t, Tensor):
+                    raise TypeError(f"got {type(t).__name__}")
+                torch.Generator(device=f"cuda:{i}").set_state(t.cpu())
+            except (RuntimeError, TypeError) as e:
+                raise RuntimeError(
+                    f"{where}['cuda'][{i}] is not a CUDA generator state ({e}); pass "
+                    "rng=False to keep this process's. Nothing was loaded."
+                ) from None
 
 
 # ------------------------------------------------------------------------ training state
@@ -347,36 +558,57 @@ def load_training_state(
     """Restore what :func:`training_state` saved; returns its ``extra`` dict.
 
     Build ``model`` (with the same constraints), ``mdmm`` and ``optimizer`` as for a fresh
-    run, then call this. Raises a clear error when a part is missing from ``state``, and when
-    the optimizer, after loading, no longer holds ``model``'s / ``mdmm``'s own tensors (some
-    third-party optimizers rebind to the checkpoint's tensors and then train copies;
-    torchzero's, which carry the parameters in their state dict, are bound to the
-    optimizer's current parameters first).
+    run, then call this. Atomic: everything is checked before anything changes, and a
+    checkpoint that does not fit raises a :class:`RuntimeError` naming its first offending
+    entry (``state['model']['fc.parametrizations.weight.0.base']``) with the model,
+    optimizer, multipliers and RNG left bit-identical. Checked: the parts are there (else a
+    :class:`KeyError`); model and multipliers have the same keys, shapes, finite parameters,
+    no NaN elsewhere, and fit their constraints (bounds equal to the declared ones, base
+    points on the set, finite coordinates); the optimizer has the same groups and parameter
+    counts, per-parameter moments of their parameter's shape and finite; the RNG states are
+    valid generator states. The optimizer loads first: one that, loading, replaces the tensors
+    it optimizes with other ones (some third-party optimizers rebind to the checkpoint's
+    tensors and would train copies) is put back as it was and the load raises. torchzero's
+    optimizers, which carry the parameters in their state dict, are bound to the optimizer's
+    current parameters first.
     """
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"load_training_state: expected the dict training_state(...) made, got "
+            f"{type(state).__name__}"
+        )
     for key, obj in (("model", model), ("optimizer", optimizer), ("multipliers", mdmm)):
         if obj is not None and key not in state:
             raise KeyError(
                 f"load_training_state: the checkpoint has no {key!r} entry (it has "
                 f"{sorted(state)}); save it with training_state(model, optimizer, mdmm)."
             )
-    model.load_state_dict(state["model"])
+    where = "load_training_state: state"
+    model_sd = _checked_module_state(model, state["model"], f"{where}['model']", strict=True)
+    mdmm_sd = None
     if mdmm is not None:
-        mdmm.load_state_dict(state["multipliers"])
+        mdmm_sd = _checked_module_state(
+            mdmm, state["multipliers"], f"{where}['multipliers']", strict=True
+        )
+    optimizer_sd = None
     if optimizer is not None:
-        own = {id(p) for p in model.parameters()}
-        if mdmm is not None:
-            own |= {id(p) for p in mdmm.parameters()}
-        before = [id(p) for g in optimizer.param_groups for p in g["params"]]
-        optimizer.load_state_dict(_bind_to(optimizer, state["optimizer"]))
-        after = [id(p) for g in optimizer.param_groups for p in g["params"]]
-        if after != before or not set(after) <= own | set(before):
-            raise RuntimeError(
-                f"load_training_state: {type(optimizer).__name__}.load_state_dict replaced the "
-                "tensors it optimizes with other ones, so further steps would not train the "
-                "model. Rebuild the optimizer on model.parameters() and load only its state "
-                "(per-parameter buffers) instead."
-            )
-    if rng and "rng" in state:
+        optimizer_sd = _checked_optimizer_state(
+            optimizer, state["optimizer"], f"{where}['optimizer']"
+        )
+    load_rng = rng and "rng" in state
+    if load_rng:
+        _check_rng(state["rng"], f"{where}['rng']")
+    extra = state.get("extra", {})
+    if not isinstance(extra, Mapping):
+        raise TypeError(f"{where}['extra'] is a {type(extra).__name__}, expected a dict")
+
+    # Nothing has changed so far. The optimizer first: only its own load can fail now.
+    if optimizer is not None and optimizer_sd is not None:
+        _load_optimizer(optimizer, optimizer_sd)
+    model.load_state_dict(model_sd)
+    if mdmm is not None:
+        mdmm.load_state_dict(mdmm_sd)
+    if load_rng:
         # torch.load(..., map_location="cuda") moves the saved generator states to the GPU;
         # torch takes them as CPU byte tensors. A checkpoint from a machine with more GPUs sets
         # the ones this process has.
@@ -384,4 +616,35 @@ def load_training_state(
         if "cuda" in state["rng"] and torch.cuda.is_available():
             saved = [t.cpu() for t in state["rng"]["cuda"]]
             torch.cuda.set_rng_state_all(saved[: torch.cuda.device_count()])
-    return dict(state.get("extra", {}))
+    return dict(extra)
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, sd: Mapping[str, Any]) -> None:
+    """``optimizer.load_state_dict(sd)``; if it raises or rebinds to other tensors than the
+    ones it optimizes, ``optimizer`` is put back as it was and a RuntimeError raised."""
+    # torch.optim's load_state_dict replaces ``state`` and ``param_groups`` by new objects
+    # (it writes into neither), so the old attributes are a snapshot that costs nothing.
+    snapshot = dict(optimizer.__dict__)
+    before = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    try:
+        optimizer.load_state_dict(dict(sd))
+        rebound = [id(p) for g in optimizer.param_groups for p in g["params"]] != before
+    except BaseException:
+        optimizer.__dict__.clear()
+        optimizer.__dict__.update(snapshot)
+        raise
+    if rebound:
+        optimizer.__dict__.clear()
+        optimizer.__dict__.update(snapshot)
+        restored = [id(p) for g in optimizer.param_groups for p in g["params"]] == before
+        raise RuntimeError(
+            f"load_training_state: {type(optimizer).__name__}.load_state_dict replaced the "
+            "tensors it optimizes with other ones, so further steps would not train the "
+            "model. Rebuild the optimizer on model.parameters() and load only its state "
+            "(per-parameter buffers) instead. "
+            + (
+                "The optimizer was put back as it was; nothing was loaded."
+                if restored
+                else "The optimizer could not be put back: rebuild it. Nothing else was loaded."
+            )
+        )
