@@ -15,6 +15,7 @@ from manifoldparam.caching import auto_cache, cached, cached_closure, invalidate
 from manifoldparam.hard import (
     SPD,
     Bounded,
+    NonFiniteError,
     Nonnegative,
     Orthogonal,
     Parametrization,
@@ -88,6 +89,7 @@ __all__ = [
     "MinConstraint",
     "MinConstraintHard",
     "Multiplier",
+    "NonFiniteError",
     "Nonnegative",
     "Orthogonal",
     "Parametrization",

@@ -9,15 +9,20 @@
 * :func:`may_read_on_host`: is such a read cheap enough to take by default? On the CPU, and on
   CUDA (one sync) when readable; not on other devices (XLA, MPS, ...), where code that can
   avoid the read should.
+* :func:`autocast_off`: a block in which autocast leaves ``t``'s device alone. The maps and
+  their hand-written backward passes run in their own precision (``torch.autocast`` would
+  otherwise recast products inside them, also in a backward called within an autocast block).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["cuda_capturing", "may_read_on_host", "value_readable"]
+__all__ = ["autocast_off", "cuda_capturing", "may_read_on_host", "value_readable"]
 
 
 def cuda_capturing() -> bool:
@@ -37,3 +42,12 @@ def may_read_on_host(t: Tensor) -> bool:
     """Whether to read ``t``'s value on the host by default: a CPU tensor, or a CUDA tensor
     outside CUDA graph capture; not a fake or meta tensor, nor one on another device."""
     return (t.is_cpu or t.is_cuda) and value_readable(t)
+
+
+def autocast_off(t: Tensor) -> contextlib.AbstractContextManager[object]:
+    """A block with autocast off for ``t``'s device (a no-op where autocast does not exist,
+    such as the meta device)."""
+    kind = t.device.type
+    if torch.amp.is_autocast_available(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()

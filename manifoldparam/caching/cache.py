@@ -1,13 +1,13 @@
 r"""Caching of constrained weights that is never stale.
 
 Every constrained value ``module.weight`` is made by :func:`evaluate` (``Parametrization.forward``
-calls it). With caching off it is just ``p._map(x)``. With caching on -- inside a
+calls it). With caching off it is just ``p.compute(x)``. With caching on -- inside a
 :func:`cached` block, or for a parametrization put in automatic mode (:func:`auto_cache`) --
 the value is computed once and reused for as long as nothing it depends on has changed.
 
 What is keyed (the contract)
 ----------------------------
-``f = p._map`` is a pure function of ``x`` (the ``original`` tensor passed in; under
+``f = p.compute`` is a pure function of ``x`` (the ``original`` tensor passed in; under
 ``torch.func.functional_call`` that is the substituted tensor) and of ``p``'s own tensors
 (buffers such as ``Orthogonal.base``, and parameters if a subclass has any). A stored value
 ``y = f(x)`` is returned for a later read only if all of the following are unchanged:
@@ -42,8 +42,11 @@ What is keyed (the contract)
 * the *scope*: each outermost :func:`cached` block has its own entries (dropped when it
   exits); automatic mode has its own.
 
-The one change nothing sees is an in-place write through ``.data`` (``p.data.add_(...)``)
-outside an optimizer step: call :func:`invalidate` after such writes.
+The one change nothing sees is an in-place write outside an optimizer step through a tensor
+that shares the original's storage but not its version counter: ``p.data.add_(...)``, a
+``p.data.view(-1)`` kept and written to, or the flat vector of
+``torch.nn.utils.vector_to_parameters`` (which sets ``p.data`` to slices of it) updated in
+place. Call :func:`invalidate` after such writes.
 
 Gradients
 ---------
@@ -382,22 +385,22 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
 
 
 def evaluate(p: Parametrization, x: Tensor) -> Tensor:
-    """``p._map(x)``, reused while nothing it depends on has changed (when caching is on).
+    """``p.compute(x)``, reused while nothing it depends on has changed (when caching is on).
 
     The single entry point through which every constrained value is made. Caching is on inside
     :func:`cached` and for parametrizations in automatic mode (:func:`auto_cache`); otherwise
-    this is exactly ``p._map(x)``. See the module docstring for what is keyed. A hit is read
+    this is exactly ``p.compute(x)``. See the module docstring for what is keyed. A hit is read
     at every access of a cached weight (an RNN reads it at each time step): the hit path is a
     handful of C calls and attribute reads.
     """
     if _is_compiling():  # first: dynamo cannot trace ContextVar.get
-        return p._map(x)
+        return p.compute(x)
     scope = _SCOPE.get()
     slot: _Slot | None = p.__dict__.get(_SLOT_ATTR)
     token: object
     if scope is None:
         if slot is None or not slot.auto:
-            return p._map(x)
+            return p.compute(x)
         token = _AUTO
     else:
         token = scope
@@ -413,7 +416,7 @@ def evaluate(p: Parametrization, x: Tensor) -> Tensor:
         or _is_tracing()
         or (isinstance(x, Tensor) and x.is_cuda and cuda_capturing())  # (not an fx Proxy)
     ):
-        return p._map(x)
+        return p.compute(x)
     key = (
         token,
         _grad_enabled(),
@@ -425,7 +428,7 @@ def evaluate(p: Parametrization, x: Tensor) -> Tensor:
         if entry is not None and entry.matches(x, p):
             return entry.out
     if _tensor_bypass(x):
-        return p._map(x)
+        return p.compute(x)
     if slot is None:
         slot = _Slot()
         p.__dict__[_SLOT_ATTR] = slot
@@ -433,7 +436,7 @@ def evaluate(p: Parametrization, x: Tensor) -> Tensor:
 
     state = _state_tensors(p)
     plain = not (p._modules or p._parameters)
-    inner = p._map(x)
+    inner = p.compute(x)
     inputs = tuple(t for t in (x, *state) if t is not None and t.requires_grad)
     if inner.requires_grad and inputs:
         graph = _GraphState(inner, inputs, slot, drop_on_backward=token is _AUTO)
@@ -578,7 +581,8 @@ def auto_cache(model: nn.Module | Iterable[nn.Module], enabled: bool = True) -> 
 def invalidate(model: nn.Module | Iterable[nn.Module] | None = None) -> None:
     """Drop cached values: of every constrained weight in ``model``, or with no argument, every
     entry of the current :func:`cached` block. Needed only after writes no version counter sees
-    (``original.data.copy_(...)``, also of a buffer such as ``Orthogonal.base``, whose
+    (``original.data.copy_(...)``, an in-place write into the vector ``vector_to_parameters``
+    filled the originals from, also of a buffer such as ``Orthogonal.base``, whose
     orthogonality check it drops too). Assigning an attribute of a
     parametrization (``p.base = B``, ``p.map = "cayley"``) drops its cache by itself."""
     if model is None:

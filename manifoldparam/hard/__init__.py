@@ -4,7 +4,7 @@ One file per set; each holds the parametrization class (usable directly with
 ``register_parametrization``) and the thin public constructor.
 """
 
-from manifoldparam.hard.base import Parametrization, constraints_of, project
+from manifoldparam.hard.base import NonFiniteError, Parametrization, constraints_of, project
 from manifoldparam.hard.bounded import Bounded, bounded
 from manifoldparam.hard.nonnegative import Nonnegative, nonnegative
 from manifoldparam.hard.orthogonal import Orthogonal, orthogonal, rebase
@@ -13,6 +13,7 @@ from manifoldparam.hard.spd import SPD, spd
 __all__ = [
     "SPD",
     "Bounded",
+    "NonFiniteError",
     "Nonnegative",
     "Orthogonal",
     "Parametrization",

@@ -16,10 +16,21 @@ The contract every subclass implements (the same as :mod:`torch.nn.utils.paramet
   distance and the fix, and leaves the weight unchanged;
 * ``d = original.numel()`` equals the dimension of ``M`` (minimal coordinates), so Newton-type
   optimizers meet no dead directions.
+
+Precision (one policy for every constraint, in :meth:`Parametrization.compute`): the map runs
+with autocast off, in float32 for bfloat16/float16 coordinates and in the coordinates' own
+dtype otherwise, and returns the coordinates' dtype. Under ``torch.autocast`` a float32 weight
+is therefore exact in float32 and autocast casts it per op, as it casts a plain float32 weight;
+a weight stored in bfloat16/float16 lies on the set to that dtype's precision
+(:meth:`Parametrization.to_storage`). A value that is not finite is named, not returned
+(:class:`NonFiniteError`), wherever reading it costs no device sync.
 """
 
 from __future__ import annotations
 
+import functools
+import gc
+import sys
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -27,11 +38,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from manifoldparam._device import value_readable
+from manifoldparam._device import autocast_off, value_readable
 from manifoldparam.caching.cache import evaluate, invalidate
 from manifoldparam.caching.read import install as install_read
 
 __all__ = [
+    "LOW_PRECISION",
+    "NonFiniteError",
     "Parametrization",
     "checked_weight",
     "constraints_of",
@@ -48,6 +61,36 @@ def owner_name(module: nn.Module, name: str) -> str:
     if parametrize.is_parametrized(module):
         cls = cls.__bases__[0]
     return f"{cls.__name__}.{name}"
+
+
+#: Dtypes the maps are not computed in (no SVD, eigh, LU or Cholesky kernels; too few bits for
+#: the exponential): computed in float32, rounded back.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a map is computed in for a tensor of ``dtype``: float32 for half precision."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+class NonFiniteError(FloatingPointError):
+    """A constrained value (or what it is computed from) holds NaN or Inf; the message names the
+    attribute, the tensor (coordinates, a buffer such as ``base``) and the likely cause."""
+
+
+def _eager_readable(t: object) -> bool:
+    """Whether a finiteness check of ``t`` costs nothing extra: a real CPU tensor (the read is
+    free there), in eager mode (not traced, compiled, under a torch.func transform or a dispatch
+    mode such as fake tensors)."""
+    return (
+        isinstance(t, Tensor)
+        and t.is_cpu
+        and not torch.compiler.is_compiling()
+        and not torch._C._is_tracing()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        and value_readable(t)
+    )
 
 
 def max_abs(t: Tensor) -> Tensor:
@@ -119,6 +162,62 @@ class Parametrization(nn.Module):
     def default_atol(self, dtype: torch.dtype) -> float:
         """Tolerance of :meth:`check` and of assignment when ``atol`` is not given."""
         return 0.0
+
+    def to_storage(self, y: Tensor, dtype: torch.dtype) -> Tensor:
+        """The value ``y`` (computed in float32) rounded to the half-precision ``dtype`` the
+        coordinates are stored in. A set that rounding can leave (SPD) overrides this to land
+        inside it; for the others rounding is monotone and keeps them (boxes with bounds of that
+        dtype, the orthant) or stays within the dtype's precision (Stiefel)."""
+        return y.to(dtype)
+
+    # ----------------------------------------------------------------- precision
+    def compute(self, x: Tensor) -> Tensor:
+        """``f(x)`` under the precision policy (module docstring): autocast off, computed in
+        float32 for half-precision coordinates, returned in ``x``'s dtype; a non-finite result
+        raises :class:`NonFiniteError` on the CPU (a free read there). The cache stores what
+        this returns."""
+        if not isinstance(x, Tensor):  # a torch.fx Proxy (symbolic_trace): record the map
+            return self._map(x)
+        low = x.dtype in LOW_PRECISION
+        if low or torch._C._is_any_autocast_enabled():
+            with autocast_off(x):
+                y = self._map(x.float() if low else x)
+            if low:
+                y = self.to_storage(y, x.dtype)
+        else:
+            y = self._map(x)
+        if self.check_finite and _eager_readable(y) and not bool(torch.isfinite(y).all()):
+            raise NonFiniteError(self._why_not_finite(x, y))
+        return y
+
+    #: Whether :meth:`compute` checks its value for NaN/Inf (where that read is free).
+    check_finite: bool = True
+
+    def _why_not_finite(self, x: Tensor, y: Tensor) -> str:
+        """Which tensor brought the NaN/Inf into ``y``, for the error (read only on failure)."""
+        bad = int((~torch.isfinite(y)).sum())
+        head = f"{self.owner}: the constrained value has {bad} NaN/Inf entries of {y.numel()}"
+        coords = int((~torch.isfinite(x.detach())).sum())
+        if coords:
+            return (
+                f"{head}: its coordinates (parametrizations.{self.owner.rsplit('.', 1)[-1]}"
+                f".original) hold {coords} NaN/Inf entries. The last optimizer step wrote them "
+                "(a NaN/Inf gradient, or a learning rate too large): restore a checkpoint, "
+                "lower the learning rate or clip the gradients; under fp16, use "
+                "torch.amp.GradScaler, which skips such steps."
+            )
+        for name, b in self.named_buffers(recurse=False):
+            if b.is_floating_point() and not bool(torch.isfinite(b).all()):
+                return (
+                    f"{head}: its buffer {name!r} holds NaN/Inf (written by a load, a rebase or "
+                    f"a direct write); re-register the constraint or load a finite checkpoint."
+                )
+        norm = float(x.detach().double().norm())
+        return (
+            f"{head} from finite coordinates of norm {norm:.3e} ({x.dtype}): the map "
+            "overflowed. Bring the coordinates back near 0 (manifoldparam.rebase for "
+            "orthogonal weights), lower the learning rate, or use a wider dtype."
+        )
 
     @property
     def manifold(self) -> object | None:
@@ -195,8 +294,16 @@ class Parametrization(nn.Module):
 
     def right_inverse(self, w: Tensor) -> Tensor:
         _check_finite(w, self.owner, "assigned value" if self._registered else "weight")
+        store = w.dtype
+        # In the compute dtype with autocast off, as the map (the module docstring's policy);
+        # the check's tolerance is the storage dtype's.
+        with autocast_off(w):
+            x = self._right_inverse(w)
+        return x.to(store)
+
+    def _right_inverse(self, w: Tensor) -> Tensor:
         if not self._registered:
-            w = self.project(w)
+            w = self.project(w.to(compute_dtype(w.dtype)))
             self._registered = True
         else:
             if w.shape != self.shape:
@@ -215,6 +322,7 @@ class Parametrization(nn.Module):
                     "unchanged. Assign manifoldparam.project(module, name, X) to use the "
                     "nearest point of the set, or register with a larger atol=."
                 )
+            w = w.to(compute_dtype(w.dtype))
         return self._inverse(w)
 
     def tolerance(self, dtype: torch.dtype) -> float:
@@ -233,12 +341,17 @@ class Parametrization(nn.Module):
         much. This syncs with the host: use it in tests and at assignment, not per step.
         """
         tol = self.tolerance(w.dtype) if atol is None else atol
+        # Measured in the compute dtype (no half kernels; float32 round-off is far below a half
+        # tolerance), against the tolerance of the dtype the value is stored in.
+        w = w.detach().to(compute_dtype(w.dtype))
         if w.shape != self.shape:
             ok, why = False, f"shape {tuple(w.shape)} != {tuple(self.shape)}"
         elif not bool(torch.isfinite(w).all()):
-            ok, why = False, "it contains NaN or Inf"
+            bad = int((~torch.isfinite(w)).sum())
+            ok, why = False, f"it contains {bad} NaN/Inf entries of {w.numel()}"
         else:
-            d = float(self.distance(w.detach()))
+            with autocast_off(w):
+                d = float(self.distance(w))
             ok = d <= tol
             why = None if ok else self._explain(w.detach(), d, tol)
             if ok:
@@ -298,8 +411,83 @@ def checked_weight(module: nn.Module, name: str) -> Tensor:
             f"{owner} has dtype {weight.dtype}; constraints need a real floating tensor: "
             "convert the module first, e.g. module.float() or module.double()."
         )
+    if weight.numel() == 0:
+        raise ValueError(
+            f"{owner} has no entries (shape {tuple(weight.shape)}); there is nothing to "
+            "constrain. Check the layer's sizes, or skip the constraint for empty layers."
+        )
+    if not value_readable(weight):
+        raise ValueError(
+            f"{owner} is on the {weight.device} device (or fake), so it has no values to keep: "
+            "registration projects the current weight onto the set and builds the "
+            "constraint's buffers from it. Materialise the module first "
+            "(module.to_empty(device=...) and its initialisation), then register."
+        )
     _check_finite(weight.detach(), owner, "weight")
+    _reject_tied(module, name, weight, owner)
     return weight
+
+
+def _reject_tied(module: nn.Module, name: str, weight: Tensor, owner: str) -> None:
+    """Raise if another module holds the same Parameter (tied weights, ``dec.weight =
+    enc.weight``): registration turns that very tensor into the coordinates, which the other
+    module would then silently read as its weight."""
+    if _refcount(weight) <= _refs_when_alone():
+        return  # nothing else holds it (the usual case: no heap scan)
+    others = [
+        f"{key!r} of {'the same' if m is module else 'another'} {type(m).__name__}"
+        for m, key in _parameter_holders(weight)
+        if not (m is module and key == name)
+    ]
+    if others:
+        raise ValueError(
+            f"{owner}: this Parameter is also held as {', '.join(others)} (tied weights). "
+            "Registering a constraint turns that tensor into the constraint's coordinates, "
+            "which the other module would then read as its weight. Constrain one module and "
+            "let the other read its weight instead of holding the Parameter, e.g. a decoder "
+            "whose forward calls F.linear(h, encoder.weight.T); or untie them first "
+            "(other.weight = nn.Parameter(other.weight.detach().clone())) to constrain each "
+            "on its own."
+        )
+
+
+def _refcount(t: Tensor) -> int:
+    return sys.getrefcount(t)
+
+
+def _probe_refs(weight: Tensor) -> int:  # stands where _reject_tied stands
+    return _refcount(weight)
+
+
+@functools.cache
+def _refs_when_alone() -> int:
+    """The reference count :func:`_reject_tied` sees for a Parameter nothing else holds,
+    measured once through a call path of the same shape (checked_weight's local, then one
+    argument), since the count differs across Python versions."""
+    probe = nn.Linear(1, 1)
+    weight = probe.weight
+    return _probe_refs(weight)
+
+
+def _parameter_holders(t: Tensor) -> list[tuple[nn.Module, str]]:
+    """``(module, key)`` for every module whose ``_parameters[key]`` is ``t`` (a heap scan)."""
+    found: list[tuple[nn.Module, str]] = []
+    for d in gc.get_referrers(t):
+        if not isinstance(d, dict):
+            continue
+        keys = [k for k, v in d.items() if v is t and isinstance(k, str)]
+        if not keys:
+            continue
+        for owner in gc.get_referrers(d):
+            # A module's instance dict holds ``_parameters`` (or the module itself, where the
+            # interpreter inlines instance dicts).
+            if isinstance(owner, nn.Module) and owner.__dict__.get("_parameters") is d:
+                found.extend((owner, k) for k in keys)
+            elif isinstance(owner, dict) and owner.get("_parameters") is d:
+                for m in gc.get_referrers(owner):
+                    if isinstance(m, nn.Module) and m.__dict__ is owner:
+                        found.extend((m, k) for k in keys)
+    return found
 
 
 def register(
@@ -394,5 +582,5 @@ def project(module: nn.Module, name: str, value: Tensor) -> Tensor:
             f"{type(module).__name__}.{name} has no manifoldparam constraint; register one "
             "first (e.g. manifoldparam.orthogonal(module, name))."
         )
-    with torch.no_grad():
-        return found[-1].project(value)
+    with torch.no_grad(), autocast_off(value):
+        return found[-1].project(value.to(compute_dtype(value.dtype))).to(value.dtype)

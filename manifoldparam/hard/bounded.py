@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from manifoldparam.hard.base import (
+    LOW_PRECISION,
     Parametrization,
     max_abs,
     register,
@@ -52,6 +53,12 @@ def _as_bound(value: float | Tensor, what: str, owner: str) -> Tensor:
             "manifoldparam.nonnegative (on the weight minus the bound) or a soft constraint."
         )
     return t.clone()
+
+
+def _wider(dtype: torch.dtype) -> str:
+    if dtype in LOW_PRECISION:
+        return "keep this weight in float32 and train under torch.autocast"
+    return "use a float64 weight"
 
 
 class Bounded(Parametrization):
@@ -136,24 +143,66 @@ class Bounded(Parametrization):
                 )
             state[key] = declared.detach().clone()
 
+    def _center(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(low, high, mid, half)`` in ``dtype`` (the compute dtype: half-precision bounds are
+        widened first). Halved before they are combined: ``high - low`` overflows for bounds
+        beyond ``max/2`` (``±4e4`` in float16)."""
+        lo, hi = self.low.to(dtype), self.high.to(dtype)
+        return lo, hi, 0.5 * lo + 0.5 * hi, 0.5 * hi - 0.5 * lo
+
     def _map(self, x: Tensor) -> Tensor:
-        mid, half = 0.5 * (self.low + self.high), 0.5 * (self.high - self.low)
+        lo, hi, mid, half = self._center(x.dtype)
         # the clamp only removes round-off: mid ± half can land one ulp outside the box
-        return torch.clamp(mid + half * torch.tanh(x), min=self.low, max=self.high)
+        return torch.clamp(mid + half * torch.tanh(x), min=lo, max=hi)
 
     def _inverse(self, w: Tensor) -> Tensor:
-        mid, half = 0.5 * (self.low + self.high), 0.5 * (self.high - self.low)
+        _, _, mid, half = self._center(w.dtype)
         one = 1.0 - torch.finfo(w.dtype).eps
         return torch.atanh(((w - mid) / half).clamp(-one, one)).expand(self.shape).contiguous()
 
+    def validate(self, weight: Tensor) -> None:
+        """The bounds must stay finite and ordered in the weight's dtype, which registration
+        rounds them to: ``low=0.999, high=1.0`` are both 1.0 in bfloat16, ``1 + 1e-8`` is 1.0
+        in float32 and ``1e5`` is Inf in float16."""
+        super().validate(weight)
+        dtype = weight.dtype
+        lo, hi = self.low.to(dtype), self.high.to(dtype)
+        if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise ValueError(
+                f"{self.owner}: the bounds overflow {dtype} (largest finite "
+                f"{torch.finfo(dtype).max:.6g}); give bounds within range, or {_wider(dtype)}."
+            )
+        bad = ~(lo < hi)
+        if bool(bad.any()):
+            i = int(bad.flatten().nonzero()[0])
+            raise ValueError(
+                f"{self.owner}: in {dtype}, low and high collapse: {int(bad.sum())} of "
+                f"{bad.numel()} entries round to low >= high (e.g. "
+                f"low={float(self.low.flatten()[i])} and high={float(self.high.flatten()[i])} "
+                "both become "
+                f"{float(lo.flatten()[i])}); widen the box, or {_wider(dtype)}."
+            )
+
     def project(self, w: Tensor) -> Tensor:
-        return torch.clamp(w, min=self.low, max=self.high)
+        lo, hi = self.low.to(w.dtype), self.high.to(w.dtype)
+        return torch.clamp(w, min=lo, max=hi)
 
     def distance(self, w: Tensor) -> Tensor:
-        return max_abs(torch.relu(self.low - w) + torch.relu(w - self.high))
+        lo, hi = self.low.to(w.dtype), self.high.to(w.dtype)
+        return max_abs(torch.relu(lo - w) + torch.relu(w - hi))
+
+    def _membership_failure(self, w: Tensor) -> str | None:
+        # Bounds that collapsed after registration (``module.half()``): a point, not a box.
+        if bool((self.low >= self.high).any()):
+            return (
+                f"low >= high in {self.low.dtype} (the bounds collapsed in a conversion of "
+                "the module); keep this weight in float32"
+            )
+        return None
 
     def _explain(self, w: Tensor, d: float, tol: float) -> str:
-        outside = int(((w < self.low - tol) | (w > self.high + tol)).sum())
+        lo, hi = self.low.to(w.dtype), self.high.to(w.dtype)
+        outside = int(((w < lo - tol) | (w > hi + tol)).sum())
         return f"{outside} entries lie outside [low, high], up to {d:.3e} beyond a bound"
 
 

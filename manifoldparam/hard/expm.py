@@ -112,7 +112,7 @@ import math
 import torch
 from torch import Tensor
 
-from manifoldparam._device import may_read_on_host
+from manifoldparam._device import autocast_off, may_read_on_host
 
 __all__ = ["SYNC_FREE_SQUARINGS", "expm", "expm_projected", "expm_skew"]
 
@@ -698,11 +698,16 @@ class _ExpmNoJvp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor, *_unused):  # type: ignore[override]
+        if g is None:
+            return None, None, None
+        with autocast_off(g):  # (a backward called inside an autocast block)
+            return _ExpmNoJvp._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g: Tensor):  # type: ignore[no-untyped-def]
         a, *saved = ctx.saved_tensors
         m, s_max, uniform = ctx.meta
         projected = ctx.projected
-        if g is None:
-            return None, None, None
         s = saved[-1]
         if torch.is_grad_enabled() and (a.requires_grad or g.requires_grad):
             rec = _recompute(a, m, s, s_max, uniform)
@@ -737,7 +742,8 @@ class _Expm(_ExpmNoJvp):
         a, *saved = ctx.saved_tensors
         m, s_max, uniform = ctx.meta
         saved[0] = _scaled_input(a, saved[0])
-        lx = _tangent(e, saved, m, s_max, uniform)
+        with autocast_off(e):
+            lx = _tangent(e, saved, m, s_max, uniform)
         return (lx, *([None] * len(saved)), None)
 
 
@@ -834,5 +840,6 @@ def _expm(a: Tensor, max_squarings: int | None, projected: bool) -> tuple[Tensor
         return _expm(a.float(), max_squarings, projected)[0].to(a.dtype), False
     if a.shape[-1] == 0:
         return a.clone(), True
-    out = _apply(a, max_squarings, projected)
+    with autocast_off(a):  # the scheme's products in a's dtype (its thresholds assume it)
+        out = _apply(a, max_squarings, projected)
     return out[0], out[-1][0] == _TAYLOR

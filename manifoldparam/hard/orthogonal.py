@@ -49,14 +49,19 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import MutableMapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from manifoldparam._device import may_read_on_host
 from manifoldparam.hard.base import (
+    LOW_PRECISION,
+    NonFiniteError,
     Parametrization,
+    compute_dtype,
     max_abs,
     register,
 )
@@ -70,6 +75,22 @@ _MAPS = ("expm", "cayley")
 
 #: Where ``Orthogonal._exact_base`` keeps its verdict (in the instance ``__dict__``).
 _VERDICT = "_manifoldparam_base_verdict"
+#: Whether ``Orthogonal._warn_drift`` has warned (in the instance ``__dict__``).
+_WARNED = "_manifoldparam_drift_warned"
+#: Newton--Schulz steps ``Orthogonal._settle`` tries before the polar factor (from δ < 1/2,
+#: five steps reach float64 round-off).
+_MAX_SETTLE_STEPS = 6
+
+
+def _host_checked(t: Tensor) -> bool:
+    """Whether ``t`` can be measured on the host at no extra cost: eager mode, on a device whose
+    norms the exponential already read (the CPU; CUDA outside graph capture)."""
+    return (
+        may_read_on_host(t)
+        and not torch.compiler.is_compiling()
+        and not torch._C._is_tracing()
+        and not _is_wrapped(t)
+    )
 
 
 def _exp(a: Tensor, max_squarings: int | None) -> tuple[Tensor, bool]:
@@ -154,7 +175,7 @@ class Orthogonal(Parametrization):
 
     set_name = "orthogonal (orthonormal columns/rows)"
     # The base check's memo (a plain tuple in __dict__) is not module state for TorchScript.
-    __jit_ignored_attributes__ = (_VERDICT,)
+    __jit_ignored_attributes__ = (_VERDICT, _WARNED)
 
     def __init__(
         self,
@@ -211,6 +232,10 @@ class Orthogonal(Parametrization):
         return geoopt.Stiefel()
 
     def default_atol(self, dtype: torch.dtype) -> float:
+        if dtype in LOW_PRECISION:
+            # A float32-orthogonal matrix rounded to half: max|WᵀW - I| <= about eps(dtype)
+            # (|Σᵢ wᵢvᵢ(δᵢ + δ'ᵢ)| <= 2u·Σᵢ|wᵢvᵢ| <= eps), whatever n; 4x headroom.
+            return 4.0 * torch.finfo(dtype).eps + self.default_atol(torch.float32)
         return 16.0 * max(self.n, 1) * torch.finfo(dtype).eps
 
     # ------------------------------------------------------------ shape plumbing
@@ -250,13 +275,70 @@ class Orthogonal(Parametrization):
                 e = e[..., : self.k]
         else:
             e = _cayley(a, self.k)
-        t = self.base @ e
+        t = self.base.to(e.dtype) @ e  # (a half-precision base: computed in float32)
         steps = self.newton_schulz
         if steps is None:
-            steps = 0 if clean and self._exact_base() else 1
+            if clean and self._exact_base():
+                return self._from_tall(t)
+            if self.map == "expm" and self.max_squarings is None and _host_checked(t):
+                return self._from_tall(self._settle(t, x))
+            steps = 1
         if steps > 0:
             t = t + _newton_schulz_correction(t.detach(), steps)
         return self._from_tall(t)
+
+    def _settle(self, t: Tensor, x: Tensor) -> Tensor:
+        """``t = B·exp(A)`` put on the set within the tolerance, where the
+        norms are read on the host anyway (eager expm): one Newton--Schulz step when
+        ``δ = max|yᵀy - I|`` is small (the usual case: the same two products as before, plus the
+        read of δ); more steps while they converge (``δ < 1/2``, each maps δ to about ``3δ²/4``);
+        else the polar factor (an SVD in float64). The exponential's round-off grows with
+        ``2^s·‖A‖``: from coordinates of norm ≈ 1e4 (float32) one step no longer suffices, and
+        beyond ≈ 1e6 the result is far from orthogonal. Those cases warn once, with the fix
+        (:func:`rebase`); the gradient is that of ``t`` (the correction is a constant)."""
+        y = t.detach()
+        # Stop where the step just taken leaves ¾δ² below a Gram product's round-off, √k·eps.
+        enough = math.sqrt(self.k) * torch.finfo(y.dtype).eps
+        # What one step always fixes without a word: a Padé/squaring round-off, or a base
+        # stored in half precision (its rounding, about eps of its dtype).
+        expected = max(math.sqrt(torch.finfo(y.dtype).eps), 4 * torch.finfo(self.base.dtype).eps)
+        eye = torch.eye(self.k, dtype=y.dtype, device=y.device)
+        d = y.new_zeros(())
+        for _ in range(_MAX_SETTLE_STEPS):
+            z = y + d
+            gram = z.mT @ z
+            delta = float(max_abs(gram - eye))
+            if not math.isfinite(delta) or delta >= 0.5:
+                break
+            # NS(z) - z = z/2 - z(zᵀz)/2, with the Gram product already made
+            d = d + torch.matmul(z, gram).mul_(-0.5).add_(z, alpha=0.5)
+            if delta * delta <= enough:
+                if delta > expected:
+                    self._warn_drift(delta, "Newton--Schulz steps")
+                return t + d
+        else:
+            return t + d
+        if not bool(torch.isfinite(y).all()):  # (read already: name it on every device)
+            raise NonFiniteError(self._why_not_finite(x, y))
+        self._warn_drift(delta, "the polar factor")
+        u, _, vh = torch.linalg.svd(y.double(), full_matrices=False)
+        # The polar factor itself (t + (polar - t) would cancel for a huge t); t - t.detach()
+        # is exactly 0 and carries t's gradient.
+        return (u @ vh).to(y.dtype) + (t - y)
+
+    def _warn_drift(self, delta: float, how: str) -> None:
+        if self.__dict__.get(_WARNED):
+            return
+        self.__dict__[_WARNED] = True  # (straight into __dict__: no cache invalidation)
+        warnings.warn(
+            f"{self.owner}: the orthogonal coordinates are far from the base point, where the "
+            f"exponential loses accuracy (max|WᵀW - I| = {delta:.2e} before correction); the "
+            f"weight was put back on the set with {how}. Call manifoldparam.rebase(model, "
+            "optimizer) from time to time (or lower the learning rate) to keep the map "
+            "accurate and its gradient exact. (Shown once per weight.)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def _exact_base(self) -> bool:
         """Whether the base is orthogonal to working precision (``max|BᵀB - I|`` in float64 at
@@ -281,7 +363,9 @@ class Orthogonal(Parametrization):
             return memo[1]
         d = b.detach().to(torch.float64)
         eye = torch.eye(self.n, dtype=d.dtype, device=d.device)
-        tol = 2 * torch.finfo(b.dtype).eps + math.sqrt(self.n) * torch.finfo(torch.float64).eps
+        # (in the dtype the map runs in: a half-precision base is never exact in float32)
+        eps = torch.finfo(compute_dtype(b.dtype)).eps
+        tol = 2 * eps + math.sqrt(self.n) * torch.finfo(torch.float64).eps
         exact = float(max_abs(d.mT @ d - eye)) <= tol
         # Straight into __dict__: an attribute assignment would drop the value cache.
         self.__dict__[_VERDICT] = (key, exact)
@@ -321,7 +405,7 @@ class Orthogonal(Parametrization):
         if self.k < self.n:
             q, _ = torch.linalg.qr(t, mode="complete")
             t = torch.cat([t, q[..., self.k :]], dim=-1)
-        self.base = _orthogonalize(t.detach()).contiguous()
+        self.base = _orthogonalize(t.detach()).to(self.base.dtype).contiguous()
         return w.new_zeros(*self.batch_shape, self.dim)
 
     def project(self, w: Tensor) -> Tensor:
@@ -398,7 +482,7 @@ def rebase(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> 
             if not isinstance(p, Orthogonal):
                 continue
             original = plist.original
-            w = p.project(p._map(original))
+            w = p.project(p.compute(original))
             original.copy_(p._inverse(w))
             rebased.append(original)
     if optimizer is not None:

@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from manifoldparam.hard.base import (
+    LOW_PRECISION,
     Parametrization,
     max_abs,
     register,
@@ -96,7 +98,26 @@ class SPD(Parametrization):
         return geoopt.SymmetricPositiveDefinite()
 
     def default_atol(self, dtype: torch.dtype) -> float:
+        if dtype in LOW_PRECISION:  # rounding keeps symmetry; to_storage keeps the floor
+            return 4.0 * torch.finfo(dtype).eps
         return 16.0 * max(self.n, 1) * torch.finfo(dtype).eps
+
+    def to_storage(self, y: Tensor, dtype: torch.dtype) -> Tensor:
+        r"""``round(y + cI)`` in the half-precision ``dtype``, with ``c`` the smallest shift the
+        rounding error provably cannot undo, so the stored matrix is itself positive definite
+        above the floor (rounding alone can make a well-conditioned float32 SPD matrix
+        indefinite in bfloat16). Rounding ``W' = y + cI`` moves it by ``Δ``,
+        :math:`|\Delta_{ij}| \le u|W'_{ij}|`, and :math:`\|\Delta\|_2 \le
+        \min(\|\Delta\|_1, \|\Delta\|_F)`, so :math:`\lambda_{\min}(W' + \Delta) \ge
+        \lambda_{\min}(y) + c - \|\Delta\|_2 \ge \lambda_{\min}(y)` for
+        :math:`c = u \min(\|y\|_1/(1-u),\ \|y\|_F/(1-u\sqrt n))`. For a diagonally dominant
+        ``y`` (near ``I``) that is about one rounding unit of the diagonal."""
+        u = torch.finfo(dtype).eps / 2
+        norm1 = y.abs().sum(-2).amax(-1) / (1 - u)
+        fro = torch.linalg.matrix_norm(y) / (1 - u * math.sqrt(self.n))
+        # 1% over the bound: the float32 arithmetic of W' itself (relative 6e-8) must not undo it
+        c = 1.01 * u * torch.minimum(norm1, fro)
+        return (y + c[..., None, None] * self._eye(y)).to(dtype)
 
     def _eye(self, like: Tensor) -> Tensor:
         return torch.eye(self.n, dtype=like.dtype, device=like.device)

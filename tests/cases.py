@@ -1,0 +1,101 @@
+"""One registry of constraint cases: every generic test runs on every constraint.
+
+Each :class:`Case` builds a plain module, constrains it, and brings an oracle for its set that
+does not use the library (geoopt for Stiefel and SPD, plus a strict Cholesky; direct
+comparisons for the box and the orthant), in the dtype the weight is stored in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+import manifoldparam as mp
+from tests.conftest import assert_on_stiefel, assert_spd
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One constraint on one module, and the independent membership test of its set."""
+
+    name: str
+    build: Callable[[], nn.Module]  # an unconstrained float32 module
+    constrain: Callable[[nn.Module], nn.Module]
+    inputs: tuple[int, ...]  # the shape of a batch for the module
+    oracle: Callable[[Tensor, torch.dtype], None]  # raises if the weight is off the set
+
+
+def _stiefel(w: Tensor, dtype: torch.dtype) -> None:
+    # A float32-orthogonal matrix rounded to half: max|WᵀW - I| <= eps(dtype) + O(eps²).
+    n = max(w.shape[-2:])
+    atol = 2 * torch.finfo(dtype).eps if dtype in HALF else 5 * n * torch.finfo(dtype).eps
+    assert_on_stiefel(w.float() if dtype in HALF else w, atol=atol)
+
+
+def spd_oracle(floor: float) -> Callable[[Tensor, torch.dtype], None]:
+    def oracle(w: Tensor, dtype: torch.dtype) -> None:
+        # Strict in every dtype: the stored matrix itself has a Cholesky factor above the floor.
+        w = w.double()
+        assert torch.equal(w, w.mT), "not symmetric"
+        assert_spd(w, floor=floor)
+        assert float(torch.linalg.eigvalsh(w).min()) >= floor
+
+    return oracle
+
+
+def box(low: float, high: float) -> Callable[[Tensor, torch.dtype], None]:
+    def oracle(w: Tensor, dtype: torch.dtype) -> None:
+        lo, hi = torch.tensor(low).to(dtype), torch.tensor(high).to(dtype)
+        assert bool(torch.isfinite(w).all())
+        assert bool(((w >= lo) & (w <= hi)).all()), (float(w.min()), float(w.max()))
+
+    return oracle
+
+
+def _orthant(w: Tensor, dtype: torch.dtype) -> None:
+    assert bool(torch.isfinite(w).all()) and bool((w >= 0).all())
+
+
+def _cayley(m: nn.Module) -> nn.Module:
+    return mp.orthogonal(m, map="cayley")
+
+
+CASES = [
+    Case("orthogonal", lambda: nn.Linear(12, 12), mp.orthogonal, (3, 12), _stiefel),
+    Case("orthogonal-wide", lambda: nn.Linear(12, 5), mp.orthogonal, (3, 12), _stiefel),
+    Case(
+        "cayley",
+        lambda: nn.Linear(8, 8),
+        lambda m: mp.orthogonal(m, map="cayley"),
+        (3, 8),
+        _stiefel,
+    ),
+    Case(
+        "orthogonal-batched",
+        lambda: nn.Conv2d(3, 4, 3),
+        lambda m: mp.orthogonal(m, batched=True),
+        (2, 3, 7, 7),
+        _stiefel,
+    ),
+    Case(
+        "spd",
+        lambda: nn.Linear(6, 6, bias=False),
+        lambda m: mp.spd(m, min_eigenvalue=1e-2),
+        (3, 6),
+        spd_oracle(1e-2),
+    ),
+    Case(
+        "bounded",
+        lambda: nn.Linear(6, 5),
+        lambda m: mp.bounded(m, low=-0.3, high=0.7),
+        (3, 6),
+        box(-0.3, 0.7),
+    ),
+    Case("nonnegative", lambda: nn.Linear(6, 5), mp.nonnegative, (3, 6), _orthant),
+]
+IDS = [c.name for c in CASES]
