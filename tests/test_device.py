@@ -29,6 +29,8 @@ from torch.autograd import gradcheck
 import manifoldparam as mp
 from manifoldparam.hard.base import Parametrization
 from manifoldparam.hard.expm import expm, expm_projected, expm_skew
+from tests.cases import CASES
+from tests.cases import IDS as CASE_IDS
 from tests.conftest import (
     RNN,
     assert_on_stiefel,
@@ -870,3 +872,63 @@ def test_cache_steps_aside_during_cuda_graph_capture(device) -> None:
         fresh = layer.weight  # the version changed: recomputed eagerly
     assert float((fresh - before).abs().max()) > 1e-2  # the weight did change
     assert rel_err(captured, fresh) < 1e-5
+
+
+# ------------------------------------------------------------ mixed precision on the device
+# The CPU versions (and their reasons) are in tests/test_precision.py; these run the same
+# checks on each device: autocast bf16/fp16 and weights stored in half precision.
+
+HALF = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("cache", ["off", "cached"])
+@pytest.mark.parametrize("amp", HALF, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_autocast_on_device(device, case, amp, cache) -> None:
+    """Under autocast the weight is the float32 weight, on its set; the layer's output is in
+    the autocast dtype; a backward (outside the block) gives finite coordinate gradients."""
+    m = case.constrain(case.build()).to(device)
+    plain = m.weight.detach().clone()
+    x = torch.randn(case.inputs, device=device)
+    block = mp.cached() if cache == "cached" else contextlib.nullcontext()
+    with torch.autocast(device.type, dtype=amp), block:
+        w, y = m.weight, m(x)
+    assert w.dtype == torch.float32 and torch.equal(w.detach(), plain)
+    case.oracle(w.detach().cpu(), torch.float32)
+    assert y.dtype == amp
+    (y.float() ** 2).mean().backward()
+    g = original(m).grad
+    assert g is not None and on_device(g, device) and bool(torch.isfinite(g).all())
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_half_precision_weights_on_device(device, case, dtype) -> None:
+    """A module stored in bf16/fp16 on the device: registration, SGD steps and assignment keep
+    the weight on its set in that dtype."""
+    m = case.constrain(case.build().to(device=device, dtype=dtype))
+    case.oracle(m.weight.detach().cpu(), dtype)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(case.inputs, device=device, dtype=dtype)
+    for _ in range(5):
+        opt.zero_grad()
+        (m(x).float() ** 2).mean().backward()
+        opt.step()
+        assert m.weight.dtype == dtype and on_device(m.weight, device)
+        case.oracle(m.weight.detach().cpu(), dtype)
+    m.weight = mp.project(m, "weight", torch.randn_like(m.weight))
+    case.oracle(m.weight.detach().cpu(), dtype)
+
+
+def test_orthogonal_named_for_huge_coordinates_on_device(device) -> None:
+    """The orthogonal map's host-read path names an overflow on every device (not only where
+    Parametrization.compute's CPU check runs), and re-projects a large drift."""
+    m = orth_linear(16, 16, device, torch.float32, "expm")
+    with torch.no_grad():
+        original(m).copy_(randn(original(m).numel(), seed=5).to(device) * 1e6)
+    with pytest.warns(RuntimeWarning, match="far from the base point"):
+        assert_on_stiefel(m.weight.detach().cpu())
+    with torch.no_grad():
+        original(m).fill_(3e30)
+    with pytest.raises(mp.NonFiniteError, match=r"Linear\.weight"):
+        m.weight  # noqa: B018

@@ -304,6 +304,7 @@ class Orthogonal(Parametrization):
         expected = max(math.sqrt(torch.finfo(y.dtype).eps), 4 * torch.finfo(self.base.dtype).eps)
         eye = torch.eye(self.k, dtype=y.dtype, device=y.device)
         d = y.new_zeros(())
+        first: float | None = None
         for _ in range(_MAX_SETTLE_STEPS):
             z = y + d
             gram = z.mT @ z
@@ -312,15 +313,14 @@ class Orthogonal(Parametrization):
                 break
             # NS(z) - z = z/2 - z(zᵀz)/2, with the Gram product already made
             d = d + torch.matmul(z, gram).mul_(-0.5).add_(z, alpha=0.5)
+            first = delta if first is None else first
             if delta * delta <= enough:
-                if delta > expected:
-                    self._warn_drift(delta, "Newton--Schulz steps")
+                if first > expected:
+                    self._warn_drift(first, "Newton--Schulz steps")
                 return t + d
-        else:
-            return t + d
         if not bool(torch.isfinite(y).all()):  # (read already: name it on every device)
             raise NonFiniteError(self._why_not_finite(x, y))
-        self._warn_drift(delta, "the polar factor")
+        self._warn_drift(delta if first is None else first, "the polar factor")
         u, _, vh = torch.linalg.svd(y.double(), full_matrices=False)
         # The polar factor itself (t + (polar - t) would cancel for a huge t); t - t.detach()
         # is exactly 0 and carries t's gradient.
