@@ -13,6 +13,7 @@ recomputes the matrix exponential at every step). The LSTM has about as many par
     python examples/copy_task.py --quick     # the same task, 400 iterations: ~2 min, 2 cores
     python examples/copy_task.py             # L=100, hidden 128, 1500 iterations (~7-20 min)
     python examples/copy_task.py --device cpu   # (default: cuda when there is a GPU)
+    python examples/copy_task.py --quick --amp bf16   # forward and loss under torch.autocast
 
 Writes ``examples/out/copy_task[_quick].png`` (both loss curves against the baseline) and a
 ``.json`` with the curves and final figures.
@@ -36,6 +37,7 @@ from manifoldparam.caching import auto_cache, cached
 N_SYMBOLS = 8  # symbols 1..8; 0 is blank, 9 the marker
 N_CLASSES = 9  # targets: blank or a symbol
 N_INPUTS = 10
+AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def baseline(length: int) -> float:
@@ -151,6 +153,10 @@ def train(
     loss_fn = nn.CrossEntropyLoss()
     if cache == "auto":
         auto_cache(model)
+    amp = AMP[getattr(args, "amp", "none")]
+    device_type = torch.device(args.device).type
+    # float16 needs loss scaling (its gradients underflow); bfloat16 has float32's range.
+    scaler = torch.amp.GradScaler(device_type, enabled=amp is torch.float16)
     losses: list[float] = []
     start = time.perf_counter()
     bar = tqdm(range(args.iters), desc=f"{name:>14}", unit="it", dynamic_ncols=True)
@@ -158,15 +164,27 @@ def train(
         x, y = (t.to(args.device) for t in copy_batch(args.batch, args.length, gen))
         ctx = cached() if cache == "cached" else contextlib.nullcontext()
         with ctx:
-            logits = model(x)
-            loss = loss_fn(logits.reshape(-1, N_CLASSES), y.reshape(-1))
+            # torch's recipe: forward and loss under autocast, backward and step outside
+            with torch.autocast(device_type, dtype=amp or torch.float32, enabled=amp is not None):
+                logits = model(x)
+                loss = loss_fn(logits.reshape(-1, N_CLASSES).float(), y.reshape(-1))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}", base=f"{baseline(args.length):.4f}")
     seconds = time.perf_counter() - start
-    return {"losses": losses, "seconds": seconds, "params": n_params(model)}
+    out: dict[str, object] = {"losses": losses, "seconds": seconds, "params": n_params(model)}
+    if isinstance(model, OrthogonalRNN):
+        out["orthogonality_error"] = orthogonality_error(model)
+    return out
+
+
+def orthogonality_error(model: OrthogonalRNN) -> float:
+    """``max|WᵀW - I|`` of the recurrent kernel, in float64."""
+    w = model.rec.weight.detach().double()
+    return float((w.mT @ w - torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)).abs().max())
 
 
 def first_below(losses: list[float], level: float, window: int = 20) -> int | None:
@@ -215,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--amp", choices=sorted(AMP), default="none", help="autocast dtype")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.device is None:
@@ -242,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"copy task L={args.length}, batch {args.batch}, {args.iters} iterations; "
         f"baseline {base:.4f}; orthogonal RNN n={args.hidden} ({n_params(orth)} params), "
         f"LSTM n={lstm_h} ({n_params(LSTM(lstm_h))} params); kernel cache: {args.cache}; "
-        f"device: {args.device}"
+        f"device: {args.device}; autocast: {args.amp}"
     )
     if "orthogonal" in models:
         results["orthogonal RNN"] = train("orthogonal RNN", orth, args, cache=args.cache)
@@ -262,6 +281,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             f"{name:>14}: final loss (mean of last 20) {r['final_mean20']:.5f} = "
             f"{100 * r['final_mean20'] / base:.2f}% of baseline; below 1% of baseline from "
             f"iteration {r['first_below_1pct']}; {r['seconds']:.0f} s"
+            + (
+                f"; max|WᵀW - I| {r['orthogonality_error']:.1e}"
+                if "orthogonality_error" in r
+                else ""
+            )
         )
     summary["results"] = results
     plot(results, args.length, out)

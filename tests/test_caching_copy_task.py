@@ -51,3 +51,22 @@ def test_orthogonal_rnn_computes_its_kernel_once_per_forward(
     assert logits.shape == (25, 3, 9)
     w = model.rec.weight.detach()
     torch.testing.assert_close(w @ w.T, torch.eye(16), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_copy_task_trains_under_autocast(amp: str) -> None:
+    """The example's --amp path: the kernel stays a float32 orthogonal matrix and the loss
+    falls, as in float32 (benchmarks/mixed_precision.py runs the full comparison)."""
+    import argparse
+
+    pytest.importorskip("tqdm")
+    args = argparse.Namespace(
+        seed=0, batch=16, lr=1e-2, lr_orth=1e-3, iters=15, length=5, device="cpu", amp=amp
+    )
+    torch.manual_seed(0)
+    model = copy_task.OrthogonalRNN(16)
+    r = copy_task.train("orthogonal", model, args, cache="cached")
+    losses = r["losses"]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.7 * losses[0]
+    assert model.rec.weight.dtype == torch.float32
+    assert r["orthogonality_error"] < 1e-5
