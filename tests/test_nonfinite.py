@@ -207,3 +207,13 @@ def test_flat_vector_writes_need_invalidate() -> None:
     mp.auto_cache(m)
     torch.testing.assert_close(m.weight.detach(), fresh, atol=0, rtol=0)
     assert not torch.equal(fresh, mp.project(m, "weight", torch.eye(5, dtype=torch.float64)))
+
+
+def test_finite_weights_whose_sum_overflows_are_not_flagged() -> None:
+    """The check sums first (one cheap reduction); a sum that overflows from finite entries
+    falls back to the exact test, so huge but finite weights pass."""
+    layer = mp.bounded(nn.Linear(4, 4), low=-3e38, high=3e38)
+    with torch.no_grad():
+        _original(layer).fill_(20.0)  # tanh(20) = 1: every entry 3e38, their sum Inf
+    w = layer.weight
+    assert bool(torch.isfinite(w).all()) and float(w.detach().sum()) == math.inf

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import math
 import sys
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
@@ -91,6 +92,15 @@ def _eager_readable(t: object) -> bool:
         and not torch._C._functorch.is_functorch_wrapped_tensor(t)
         and value_readable(t)
     )
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite. A sum is finite if every entry is, unless it
+    overflows: one reduction and one read (20-40x cheaper than ``isfinite(t).all()``: 3 µs at
+    190x190 on one CPU thread), with the exact test only when the sum is not finite."""
+    if math.isfinite(float(t.detach().sum(dtype=compute_dtype(t.dtype)))):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def max_abs(t: Tensor) -> Tensor:
@@ -186,7 +196,7 @@ class Parametrization(nn.Module):
                 y = self.to_storage(y, x.dtype)
         else:
             y = self._map(x)
-        if self.check_finite and _eager_readable(y) and not bool(torch.isfinite(y).all()):
+        if self.check_finite and _eager_readable(y) and not _all_finite(y):
             raise NonFiniteError(self._why_not_finite(x, y))
         return y
 
