@@ -40,9 +40,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from manifoldparam.hard.base import NonFiniteError as _NonFinite
 from manifoldparam.interop.compile import check_second_order, explain_double_backward_error
 
-__all__ = ["FlatObjective", "scipy_constraints", "scipy_minimize"]
+__all__ = ["FlatObjective", "NonFiniteError", "scipy_constraints", "scipy_minimize"]
 
 #: scipy methods that take ``hessp`` (Hessian-vector products).
 HESSP_METHODS = frozenset({"newton-cg", "trust-ncg", "trust-krylov", "trust-constr"})
@@ -52,6 +53,34 @@ HESS_METHODS = frozenset({"dogleg", "trust-exact"})
 GRADIENT_FREE = frozenset({"nelder-mead", "powell", "cobyla", "cobyqa"})
 #: scipy methods that accept general nonlinear constraints.
 CONSTRAINED_METHODS = frozenset({"slsqp", "trust-constr", "cobyla", "cobyqa"})
+
+
+class NonFiniteError(_NonFinite):
+    """The objective, its gradient, a Hessian-vector product or a soft constraint's value or
+    Jacobian was NaN or infinite at a point scipy asked for (a
+    :class:`manifoldparam.NonFiniteError`). :class:`FlatObjective` raises it;
+    :func:`scipy_minimize` turns it into a failed result (``success=False``)."""
+
+    def __init__(self, message: str, what: str, evaluation: int) -> None:
+        super().__init__(message)
+        #: what was not finite ("objective", "gradient", ..., or a constraint's description)
+        self.what = what
+        #: the objective evaluation count (``nfev``) when it happened
+        self.evaluation = evaluation
+
+
+def _describe_nonfinite(value: float | np.ndarray, sizes: Sequence[int] | None = None) -> str:
+    """``nan``, ``inf`` or "NaN/Inf in 3 of 10 entries (first: entry 4 of tensor 1)"."""
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.size == 1:
+        return str(float(arr.reshape(())))
+    bad = np.flatnonzero(~np.isfinite(arr))
+    where = f"entry {int(bad[0])}"
+    if sizes is not None:
+        ends = np.cumsum(sizes)
+        t = int(np.searchsorted(ends, bad[0], side="right"))
+        where = f"entry {int(bad[0] - (ends[t] - sizes[t]))} of tensor {t}"
+    return f"NaN/Inf in {bad.size} of {arr.size} entries (first: {where})"
 
 
 def _trainable(params: nn.Module | Iterable[Tensor]) -> list[Tensor]:
@@ -105,6 +134,11 @@ class FlatObjective:
         self._graph: tuple[bytes, tuple[Tensor, ...]] | None = None
         self.nfev = 0
         self.nhev = 0
+        #: ``(value, x)`` of the lowest finite objective evaluated, and ``(value, x)`` of the
+        #: last evaluation whose value (and gradient, where computed) were finite.
+        self.best: tuple[float, np.ndarray] | None = None
+        self.last_finite: tuple[float, np.ndarray] | None = None
+        self._before_last: tuple[float, np.ndarray] | None = None
 
     # -------------------------------------------------------------- vector <-> tensors
     def x0(self) -> np.ndarray:
@@ -150,20 +184,68 @@ class FlatObjective:
             )
         return value.reshape(())
 
+    def check_finite(
+        self, what: str, value: float | np.ndarray, *, drop_point: bool = False
+    ) -> None:
+        """Raise :class:`NonFiniteError` if ``value`` (already on the host) holds NaN/Inf;
+        ``drop_point``: the current point no longer counts as the best or last finite one (a
+        constraint is not finite there, though the objective was).
+
+        scipy does not stop at a NaN: L-BFGS-B reports convergence at the NaN point, COBYLA
+        replaces it by 1e30 and reports success, trust-ncg raises from inside its norm."""
+        if np.all(np.isfinite(value)):
+            return
+        if drop_point:
+            self._forget_current_point()
+        sizes = self.sizes if np.size(value) == self.size else None
+        raise NonFiniteError(
+            f"the {what} is {_describe_nonfinite(value, sizes)} at objective evaluation "
+            f"{self.nfev}",
+            what,
+            self.nfev,
+        )
+
+    def _finite_point(self, value: float) -> None:
+        x = self._x.copy() if self._x is not None else self.x0()
+        if self.last_finite is not None and not np.array_equal(self.last_finite[1], x):
+            self._before_last = self.last_finite
+        self.last_finite = (value, x)
+        if self.best is None or value < self.best[0]:
+            self.best = (value, x)
+
+    def _forget_current_point(self) -> None:
+        """A constraint is not finite at the current point: it is neither best nor last."""
+        x = self._x
+        if x is None:
+            return
+        if self.last_finite is not None and np.array_equal(self.last_finite[1], x):
+            self.last_finite, self._before_last = self._before_last, None
+        if self.best is not None and np.array_equal(self.best[1], x):
+            self.best = None
+
     # -------------------------------------------------------------- what scipy calls
     def fun(self, x: np.ndarray) -> float:
-        """The objective's value at ``x``."""
+        """The objective's value at ``x`` (:class:`NonFiniteError` if it is NaN/Inf)."""
         self.set_x(x)
         with torch.no_grad():
-            return float(self._value())
+            value = float(self._value())
+        self.check_finite("objective", value)
+        self._finite_point(value)
+        return value
 
     def fun_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
-        """The value and the gradient at ``x`` (scipy's ``jac=True`` convention)."""
+        """The value and the gradient at ``x`` (scipy's ``jac=True`` convention);
+        :class:`NonFiniteError` if either holds NaN/Inf."""
         self.set_x(x)
         with torch.enable_grad():
             value = self._value()
             grads = torch.autograd.grad(value, self.params, allow_unused=True)
-        return float(value.detach()), self._flat(grads)
+        v = float(value.detach())
+        self.check_finite("objective", v)
+        g = self._flat(grads)
+        self.check_finite("gradient", g)
+        self._finite_point(v)
+        return v, g
 
     def _grad_graph(self, x: np.ndarray) -> tuple[Tensor, ...]:
         self.set_x(x)
@@ -198,7 +280,9 @@ class FlatObjective:
                 retain_graph=True,
                 allow_unused=True,
             )
-        return self._flat(hv)
+        out = self._flat(hv)
+        self.check_finite("Hessian-vector product", out)
+        return out
 
     def hess(self, x: np.ndarray) -> np.ndarray:
         """The dense Hessian at ``x`` (``d`` Hessian-vector products), symmetrised."""
@@ -240,13 +324,17 @@ class _SoftConstraint:
     def values(self, x: np.ndarray) -> np.ndarray:
         self.flat.set_x(x)
         with torch.no_grad():
-            return self.c.evaluate().detach().reshape(-1).double().cpu().numpy()
+            out = self.c.evaluate().detach().reshape(-1).double().cpu().numpy()
+        self.flat.check_finite(f"value of {self.c.describe()}", out, drop_point=True)
+        return out
 
     def jac(self, x: np.ndarray) -> np.ndarray:
         self.flat.set_x(x)
         with torch.enable_grad():
             out = self.c.evaluate()
-            return _flat_jacobian(out, self.flat.params, self.flat.size)
+            jac = _flat_jacobian(out, self.flat.params, self.flat.size)
+        self.flat.check_finite(f"Jacobian of {self.c.describe()}", jac, drop_point=True)
+        return jac
 
     def hess(self, x: np.ndarray, v: np.ndarray) -> np.ndarray:
         """``∇²(v · fn)(x)`` as a dense matrix (trust-constr's constraint Hessian)."""
@@ -504,7 +592,11 @@ def scipy_minimize(
 
     Returns scipy's ``OptimizeResult``; ``params`` hold ``result.x`` afterwards (float64
     arithmetic in scipy, cast back to each tensor's dtype). ``result.nhev`` counts the
-    Hessian-vector products.
+    Hessian-vector products. A NaN/Inf objective, gradient, Hessian-vector product or soft
+    constraint value/Jacobian at any evaluation stops the run: ``success=False``, ``status=-1``,
+    ``result.nonfinite`` says what was not finite and ``message`` names it; ``result.x`` is
+    the best finite point evaluated (the last finite one when there are constraints) and the
+    multipliers are left unchanged.
 
     Multipliers, in the library's sign convention (the Lagrangian ``f + scale·λ·c`` with
     ``c = value - fn``, ``max - fn``, ``fn - min`` or ``clamp(fn) - fn``, stationary at the
@@ -555,6 +647,8 @@ def scipy_minimize(
         extra["constraints"], placed = _native_constraints(constraints, flat, m)
     try:
         result = minimize(fun, x0, method=method, **extra, **kwargs)
+    except NonFiniteError as err:
+        result = _nonfinite_result(err, flat, method, constrained=bool(constraints))
     except RuntimeError as err:
         new = explain_double_backward_error(err, method)
         if new is err:
@@ -562,6 +656,39 @@ def scipy_minimize(
         raise new from err
     flat.set_x(result.x)
     result.nhev = flat.nhev
-    if placed:
+    if placed and result.success:
         _copy_multipliers(result, m, extra["constraints"], placed, flat)
     return result
+
+
+def _nonfinite_result(
+    err: NonFiniteError, flat: FlatObjective, method: str, constrained: bool
+) -> Any:
+    """The failed result of a run stopped at a non-finite value: at the best finite point
+    evaluated (the last finite one with constraints, where a lower objective may be
+    infeasible), or at ``x0`` when no evaluation was finite."""
+    from scipy.optimize import OptimizeResult
+
+    kept = flat.last_finite if constrained else flat.best
+    if kept is None:
+        x, fun, where = flat.x0(), float("nan"), "the starting point (no evaluation was finite)"
+    else:
+        fun, x = kept
+        which = "last finite point evaluated" if constrained else "best finite point evaluated"
+        where = f"the {which} (objective {fun:.6g})"
+    return OptimizeResult(
+        x=x,
+        fun=fun,
+        success=False,
+        status=-1,
+        message=(
+            f"scipy_minimize(method={method!r}): {err}; stopped there, because scipy does not "
+            "stop at a non-finite value (L-BFGS-B would report convergence at it). The "
+            f"parameters hold {where}. Check the objective's domain (sqrt or log of a "
+            "negative number, a division by zero, an overflow) or keep the search inside it "
+            "(bounds=, a hard constraint)."
+        ),
+        nfev=flat.nfev,
+        nit=None,
+        nonfinite=err.what,
+    )

@@ -7,6 +7,8 @@
   (:mod:`.multipliers`);
 * :func:`restore_feasibility`, a Gauss–Newton step onto the constraints once near them
   (:mod:`.restoration`);
+* :class:`InfeasibleWarning`: multipliers that grow while the violation does not fall
+  (:mod:`.infeasible`);
 * :func:`constrain`, soft constraints declared on module attributes, and
   :func:`constraint_report`, hard and soft constraints of a model (:mod:`.attribute`).
 """
@@ -32,6 +34,7 @@ from manifoldparam.soft.constraints import (
     MinConstraintHard,
     Multiplier,
 )
+from manifoldparam.soft.infeasible import InfeasibleWarning
 from manifoldparam.soft.mdmm import MDMM, MDMMReturn, check_optimizer
 from manifoldparam.soft.multipliers import dual_update
 from manifoldparam.soft.restoration import restore_feasibility
@@ -43,6 +46,7 @@ __all__ = [
     "ConstraintReport",
     "ConstraintReturn",
     "EqConstraint",
+    "InfeasibleWarning",
     "MDMMReturn",
     "MaxConstraint",
     "MaxConstraintHard",

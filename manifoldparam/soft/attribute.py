@@ -22,7 +22,7 @@ it; the multipliers live in the constraints, whose ``MDMM.state_dict()`` saves t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +40,7 @@ from manifoldparam.soft.constraints import (
     MinConstraint,
     MinConstraintHard,
 )
+from manifoldparam.soft.infeasible import infeasible_note
 
 __all__ = [
     "ConstraintReport",
@@ -123,15 +124,18 @@ def constrain(
         )
     kw = {"scale": scale, "damping": damping, "shape": probe.shape, "dtype": value.dtype}
     c: Constraint
-    if eq is not None:
-        c = EqConstraint(fn, eq, **kw)
-    elif min is not None and max is not None:
-        c = BoundConstraintHard(fn, min, max, **kw)
-    elif max is not None:
-        c = (MaxConstraintHard if hard else MaxConstraint)(fn, max, **kw)
-    else:
-        assert min is not None
-        c = (MinConstraintHard if hard else MinConstraint)(fn, min, **kw)
+    try:
+        if eq is not None:
+            c = EqConstraint(fn, eq, **kw)
+        elif min is not None and max is not None:
+            c = BoundConstraintHard(fn, min, max, **kw)
+        elif max is not None:
+            c = (MaxConstraintHard if hard else MaxConstraint)(fn, max, **kw)
+        else:
+            assert min is not None
+            c = (MinConstraintHard if hard else MinConstraint)(fn, min, **kw)
+    except ValueError as err:  # a NaN bound, a bad scale/damping: say which attribute
+        raise ValueError(f"constrain({owner}): {err}") from None
     c.to(value.device)  # multipliers and bounds beside the attribute
     c.target = (module, name)
     c.owner = owner
@@ -157,12 +161,17 @@ def soft_constraints(model: nn.Module) -> list[Constraint]:
 # ------------------------------------------------------------------ the report
 @dataclass(frozen=True)
 class ReportRow:
-    """One constraint: the attribute it is on, "hard"/"soft", what it says, its violation."""
+    """One constraint: the attribute it is on, "hard"/"soft", what it says, its violation, and
+    a ``note`` when something is wrong beyond the violation ("" otherwise): a NaN/Inf in the
+    tensors behind it (named), or multipliers that grow while the violation does not fall
+    (:class:`~manifoldparam.soft.InfeasibleWarning`). A row that could not be evaluated has
+    violation ``nan``."""
 
     attribute: str
     kind: str
     constraint: str
     violation: float
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -179,17 +188,40 @@ class ConstraintReport:
 
     @property
     def worst(self) -> float:
-        """The largest violation (0 when there are no constraints)."""
+        """The largest violation (0 when there are no constraints; ``nan`` if any row's is)."""
+        if any(math.isnan(r.violation) for r in self.rows):
+            return math.nan
         return max((r.violation for r in self.rows), default=0.0)
 
+    @property
+    def problems(self) -> tuple[ReportRow, ...]:
+        """The rows with a note (non-finite tensors, infeasible-looking constraints)."""
+        return tuple(r for r in self.rows if r.note)
+
     def __str__(self) -> str:
-        head = ("attribute", "kind", "constraint", "violation")
-        body = [(r.attribute, r.kind, r.constraint, f"{r.violation:.3e}") for r in self.rows]
-        widths = [max(len(x[i]) for x in [head, *body]) for i in range(4)]
-        lines = ["  ".join(x[i].ljust(widths[i]) for i in range(4)).rstrip() for x in [head]]
+        head = ["attribute", "kind", "constraint", "violation"]
+        body = [[r.attribute, r.kind, r.constraint, f"{r.violation:.3e}"] for r in self.rows]
+        if self.problems:  # the column only when something is wrong
+            head.append("note")
+            for row, r in zip(body, self.rows, strict=True):
+                row.append(r.note)
+        k = len(head)
+        widths = [max(len(x[i]) for x in [head, *body]) for i in range(k)]
+        lines = ["  ".join(x[i].ljust(widths[i]) for i in range(k)).rstrip() for x in [head]]
         lines.append("  ".join("-" * w for w in widths))
-        lines += ["  ".join(x[i].ljust(widths[i]) for i in range(4)).rstrip() for x in body]
+        lines += ["  ".join(x[i].ljust(widths[i]) for i in range(k)).rstrip() for x in body]
         return "\n".join(lines)
+
+
+def _nonfinite(named: Iterable[tuple[str, Tensor]]) -> str:
+    """``"NaN/Inf in parametrizations.weight.original (3 of 16), base (1 of 9)"`` or ""."""
+    bad = []
+    for name, t in named:
+        if isinstance(t, Tensor) and t.is_floating_point() and value_readable(t):
+            n = int((~torch.isfinite(t.detach())).sum())
+            if n:
+                bad.append(f"{name} ({n} of {t.numel()})")
+    return f"NaN/Inf in {', '.join(bad)}" if bad else ""
 
 
 def _hard_rows(path: str, module: nn.Module) -> Iterator[ReportRow]:
@@ -200,12 +232,32 @@ def _hard_rows(path: str, module: nn.Module) -> Iterator[ReportRow]:
     if not parametrize.is_parametrized(module):
         return
     for name, plist in module.parametrizations.items():
+        coords = [
+            (f"parametrizations.{name}.{n}", t)
+            for n, t in plist.named_parameters(recurse=False)
+            if n.startswith("original")
+        ]
         for p in plist:
             if isinstance(p, Parametrization):
-                with torch.no_grad():
-                    v = float(p.violation(getattr(module, name)))
                 desc = f"{type(p).__name__}({p.extra_repr()})"
-                yield ReportRow(f"{path}{name}", "hard", desc, v)
+                # The tensors behind the value first: a NaN there makes the value (or, where
+                # the map checks it, reading the attribute) fail, and the row says which.
+                buffers = [(f"buffer {n}", b) for n, b in p.named_buffers(recurse=False)]
+                note = _nonfinite([*coords, *buffers])
+                try:
+                    with torch.no_grad():
+                        w = getattr(module, name)
+                except FloatingPointError as err:  # the map refuses a NaN/Inf value
+                    note = note or _first_sentence(err)
+                    yield ReportRow(f"{path}{name}", "hard", desc, math.nan, note)
+                    continue
+                value_note = _nonfinite([(name, w)])
+                if value_note:
+                    note = f"{note}; {value_note}" if note else value_note
+                    yield ReportRow(f"{path}{name}", "hard", desc, math.nan, note)
+                    continue
+                v = float(p.violation(w))
+                yield ReportRow(f"{path}{name}", "hard", desc, v, note)
 
 
 @torch.no_grad()
@@ -238,7 +290,24 @@ def constraint_report(
     return ConstraintReport(tuple(rows))
 
 
+def _first_sentence(err: Exception) -> str:
+    text = str(err)
+    return text.split(". ", 1)[0]
+
+
 def _soft_row(attribute: str, c: Constraint) -> ReportRow:
-    v = float(c.violation(c.evaluate()).abs().amax())
     desc = c.describe().replace(f"({c.owner})", "") if c.owner else c.describe()
-    return ReportRow(attribute, "soft", desc, v)
+    notes = [_nonfinite([("multiplier", c.lmbda)])]
+    try:
+        if c.target is not None:  # name the attribute when it is the non-finite one
+            module, name = c.target
+            notes.append(_nonfinite([(attribute, getattr(module, name))]))
+        fn_value = c.evaluate()
+    except FloatingPointError as err:  # a hard constraint under it refused a NaN/Inf value
+        notes.append(_first_sentence(err))
+        return ReportRow(attribute, "soft", desc, math.nan, "; ".join(filter(None, notes)))
+    if not any(notes):
+        notes.append(_nonfinite([("fn's value", fn_value)]))
+    notes.append(infeasible_note(c))
+    v = float(c.violation(fn_value).abs().amax())
+    return ReportRow(attribute, "soft", desc, v, "; ".join(filter(None, notes)))

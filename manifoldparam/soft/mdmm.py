@@ -41,7 +41,8 @@ from torch import Tensor, nn, optim
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from manifoldparam._device import value_readable
-from manifoldparam.soft.constraints import Constraint, Multiplier
+from manifoldparam.soft.constraints import Constraint, Multiplier, _is_compiling
+from manifoldparam.soft.infeasible import observe
 
 __all__ = ["MDMM", "MDMMReturn", "check_optimizer"]
 
@@ -64,6 +65,14 @@ class MDMM(nn.ModuleList):
             term is NaN/Inf (one host sync per call; pass ``False`` to skip it). Skipped
             while a CUDA graph is captured (which cannot read a value on the host) and for
             fake or meta tensors.
+        check_infeasible: every this many calls with gradients enabled (training steps),
+            snapshot each constraint's multipliers and violation; when over the last
+            :data:`~manifoldparam.soft.infeasible.WINDOWS` snapshots the multipliers grew
+            steadily while the violation did not fall, warn once
+            (:class:`~manifoldparam.soft.InfeasibleWarning`) naming the constraints, and flag
+            them in :func:`~manifoldparam.soft.constraint_report`. One host read per this
+            many calls; ``0`` turns it off. Skipped where ``check_finite`` is, and while
+            ``torch.compile`` traces.
 
     Example::
 
@@ -76,7 +85,13 @@ class MDMM(nn.ModuleList):
             opt.step()
     """
 
-    def __init__(self, constraints: Iterable[Constraint] = (), *, check_finite: bool = True):
+    def __init__(
+        self,
+        constraints: Iterable[Constraint] = (),
+        *,
+        check_finite: bool = True,
+        check_infeasible: int = 100,
+    ):
         constraints = list(constraints)
         for i, c in enumerate(constraints):
             if not isinstance(c, Constraint):
@@ -86,6 +101,13 @@ class MDMM(nn.ModuleList):
                 )
         super().__init__(constraints)
         self.check_finite = check_finite
+        if isinstance(check_infeasible, bool) or int(check_infeasible) != check_infeasible:
+            raise TypeError(
+                f"MDMM(check_infeasible={check_infeasible!r}): give a number of steps between "
+                "two checks (e.g. 100), or 0 to turn the check off."
+            )
+        self.check_infeasible = int(check_infeasible)
+        self._calls = 0  # training calls, for check_infeasible's cadence
 
     def __iter__(self) -> Iterator[Constraint]:  # typed iteration
         return super().__iter__()  # type: ignore[return-value]
@@ -118,6 +140,11 @@ class MDMM(nn.ModuleList):
             and not bool(torch.isfinite(total))
         ):
             self._raise_not_finite(fn_values)
+        every = self.__dict__.get("check_infeasible", 0)  # (0 for an MDMM pickled before it)
+        if every > 0 and total is not None and torch.is_grad_enabled() and not _is_compiling():
+            self._calls = self.__dict__.get("_calls", 0) + 1
+            if self._calls % every == 0 and value_readable(total):
+                observe(list(self), infs, source="forward", steps=every, stacklevel=5)
         return MDMMReturn(value, fn_values, infs)
 
     def _raise_not_finite(self, fn_values: list[Tensor]) -> None:
@@ -131,10 +158,11 @@ class MDMM(nn.ModuleList):
             if not bool(torch.isfinite(c.lmbda).all()):
                 raise ValueError(
                     f"{c.describe()}: its multiplier is not finite ({c.lmbda.detach()}); the "
-                    "dual ascent diverged. Raise damping or lower the multipliers' lr."
+                    f"descent-ascent diverged. {_damping_advice(c)}"
                 )
         raise ValueError(
-            "MDMM: a constraint term is not finite; raise damping or lower the learning rate."
+            "MDMM: a constraint term is not finite (the descent-ascent diverged). "
+            + _damping_advice(None)
         )
 
     @torch.no_grad()
@@ -190,6 +218,20 @@ class MDMM(nn.ModuleList):
         if "weight_decay" in accepted:
             dual["weight_decay"] = 0.0
         return optimizer([*groups, dual])
+
+
+def _damping_advice(c: Constraint | None) -> str:
+    """What to change, in both directions: damping damps the oscillation of fn and λ, and
+    makes the Lagrangian stiffer. Measured on min 0 s.t. x = 1 with SGD lr 0.05: d = 0 rings
+    up to |c| = 50 in 4000 steps, d = 2 settles in 323 without overshoot, d = 10 takes 1824,
+    d = 41 diverges (lr·d > 2)."""
+    d = f"damping={float(c.damping):g}" if c is not None else "damping"
+    return (
+        f"If the violation oscillated with a growing amplitude first, {d} is too small to "
+        "damp the multiplier's oscillation: raise it. If it blew up within a few steps, or "
+        f"{d} is large, the damping makes the problem too stiff for the step (plain SGD needs "
+        "lr·scale·damping·|∇fn|² < 2): lower the damping or the learning rate."
+    )
 
 
 # ---------------------------------------------------------------------------- the guard

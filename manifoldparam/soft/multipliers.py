@@ -44,7 +44,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from manifoldparam.soft.constraints import Constraint
+from manifoldparam._device import value_readable
+from manifoldparam.soft.constraints import Constraint, _is_compiling
+from manifoldparam.soft.infeasible import observe
 
 __all__ = ["dual_update"]
 
@@ -57,6 +59,7 @@ def dual_update(
     step: float | None = None,
     beta: float | None = None,
     gamma: float | None = None,
+    check_infeasible: bool = True,
 ) -> Tensor:
     """Update every constraint's multiplier in place; return the largest true violation.
 
@@ -69,6 +72,10 @@ def dual_update(
         beta, gamma: the adaptive step :math:`\\min(\\beta, \\gamma/\\lVert c \\rVert)` of the
             inexact ALM (Li et al. 2023), ``‖c‖`` over all constraints' true violations.
             Give both or neither.
+        check_infeasible: watch the multipliers across calls; when over the last
+            :data:`~manifoldparam.soft.infeasible.WINDOWS` calls they grew steadily while the
+            violation did not fall, warn once (:class:`~manifoldparam.soft.InfeasibleWarning`)
+            naming the constraints. One host read per call (``False``: none).
 
     The multipliers' ``.grad`` is cleared: they are not optimized variables in this mode.
     """
@@ -101,4 +108,8 @@ def dual_update(
         )
         con.lmbda.copy_(con.dual_target(c, eta))
         con.lmbda.grad = None
+    if check_infeasible and not _is_compiling() and value_readable(worst):
+        # One host read per call: dual_update runs between solves of an optimizer that reads
+        # the loss on the host at every evaluation anyway.
+        observe(constraints, viols, source="dual", steps=1, stacklevel=4)
     return worst

@@ -16,8 +16,15 @@ the smallest change that meets the linearised constraints. It is applied only wh
 largest violation is below ``within`` (default 0.1: far from the set a linearisation jumps
 to a poor point, so the multipliers bring the iterate there first), decided on the device
 with no host sync; switching it on early, while the learning rate is still large, lets the
-optimizer recover the loss along the constraint set. Cost: one batched backward through the
-constraint functions (not the model's forward, for constraints on weights).
+optimizer recover the loss along the constraint set. Cost: one backward through each constraint
+function, batched over its elements (not the model's forward, for constraints on weights).
+
+It never writes a non-finite value and never moves a parameter when it does not apply: the
+step is taken only if the gate is open *and* the step is finite everywhere, else every
+parameter keeps its exact bits (both decided on the device, no host sync). Inactive
+constraints (satisfied inequalities) contribute exactly nothing, even where their gradient
+is NaN (``sqrt(Σw²)`` at ``w = 0``). An *active* constraint with a non-finite gradient makes
+the whole step be skipped (a partial Gauss–Newton step would not meet the others either).
 
 Example (after every Adam step)::
 
@@ -80,6 +87,9 @@ def restore_feasibility(
             of ``diag(JJᵀ)``: a direction where the constraints' gradients are nearly
             parallel is corrected over several steps instead of by one large jump.
         eps: Tikhonov term of the solve (m = number of constraint elements).
+
+    Nothing moves (bit for bit) when the largest violation is not below ``within`` (NaN
+    included) or when the step would not be finite everywhere.
     """
     constraints = list(constraints)
     if not constraints:
@@ -89,35 +99,65 @@ def restore_feasibility(
         fns = [c.evaluate() for c in constraints]
     with torch.no_grad():
         pairs = list(zip(constraints, [v.detach() for v in fns], strict=True))
-        r = torch.cat([c.violation(v).reshape(-1) for c, v in pairs])
+        viols = [c.violation(v).reshape(-1) for c, v in pairs]
+        r = torch.cat(viols)
         active = torch.cat(
             [
-                (torch.ones_like(v) if c.always_active else (c.violation(v) != 0))
-                .to(v.dtype)
-                .reshape(-1)
-                for c, v in pairs
+                torch.ones_like(v, dtype=torch.bool) if c.always_active else v != 0
+                for c, v in zip(constraints, viols, strict=True)
             ]
         )
         worst = r.abs().amax()
-    vec = torch.cat([v.reshape(-1) for v in fns])
-    m = vec.numel()
-    eye = torch.eye(m, dtype=vec.dtype, device=vec.device)
-    grads = torch.autograd.grad(
-        vec, leaves, grad_outputs=eye, is_grads_batched=True, allow_unused=True
-    )
+    # One batched backward per constraint, not one for all: in a shared backward a satisfied
+    # constraint's 0·inf (the gradient of sqrt(Σw²) at w = 0 times a zero row of grad_outputs)
+    # is NaN and lands in the rows of every other constraint on the same tensors.
+    blocks = []
+    for v in fns:
+        n = v.numel()
+        if n == 1:  # a plain backward: cheaper than a batch of one
+            g = torch.autograd.grad(v.reshape(()), leaves, allow_unused=True, retain_graph=True)
+        else:
+            g = torch.autograd.grad(
+                v.reshape(-1),
+                leaves,
+                grad_outputs=torch.eye(n, dtype=v.dtype, device=v.device),
+                is_grads_batched=True,
+                allow_unused=True,
+                retain_graph=True,  # constraints on one attribute share its parametrization
+            )
+        blocks.append([None if gi is None else gi.reshape(n, -1) for gi in g])
+    m = int(active.numel())
     with torch.no_grad():
-        used = [(p, g.reshape(m, -1)) for p, g in zip(leaves, grads, strict=True) if g is not None]
+        used = []
+        for j, p in enumerate(leaves):
+            if all(b[j] is None for b in blocks):
+                continue
+            col = torch.cat(
+                [
+                    p.new_zeros(v.numel(), p.numel()) if b[j] is None else b[j]
+                    for b, v in zip(blocks, fns, strict=True)
+                ]
+            )
+            # Bool, applied with torch.where, never as a 0/1 factor: 0·NaN is NaN, so an
+            # inactive constraint whose gradient is NaN would otherwise poison the solve.
+            used.append((p, torch.where(active[:, None], col, 0.0)))
         if not used:
             return worst
-        jac = torch.cat([g for _, g in used], dim=1) * active[:, None]
+        jac = torch.cat([g for _, g in used], dim=1)
+        eye = torch.eye(m, dtype=jac.dtype, device=jac.device)
+        r = torch.where(active, r, 0.0)
         gram = jac @ jac.mT
         # Levenberg–Marquardt: nearly parallel constraint gradients (mean|W| and ‖W‖ of one
         # layer) would otherwise turn a small violation into a large jump.
         lm = levenberg * gram.diagonal().sum() / active.sum().clamp_min(1)
-        gram = gram + torch.diag(1 - active) + (lm + eps) * eye
-        gate = (worst < within).to(r.dtype)
+        gram = gram + torch.diag((~active).to(gram.dtype)) + (lm + eps) * eye
         # solve_ex: no error check, so no host sync (gram is SPD plus (lm + eps)·I).
-        alpha = torch.linalg.solve_ex(gram, r)[0] * gate
-        for p, g in used:
-            p.add_((alpha @ g).reshape(p.shape))
+        alpha = torch.linalg.solve_ex(gram, r)[0]
+        steps = [(p, (alpha @ g).reshape(p.shape)) for p, g in used]
+        # Decided on the device (no host sync): the gate (near the set), and a step that is
+        # finite everywhere (a NaN Jacobian row of an active constraint, an overflow). With
+        # either false every parameter keeps its exact bits (where, not p + 0·step).
+        ok = (worst < within) & torch.stack([torch.isfinite(s).all() for _, s in steps]).all()
+        for p, s in steps:
+            p.copy_(torch.where(ok, p + s, p))
     return worst
