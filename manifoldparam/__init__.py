@@ -25,6 +25,7 @@ from manifoldparam.hard import (
     orthogonal,
     project,
     rebase,
+    register,
     spd,
 )
 from manifoldparam.interop import (
@@ -123,6 +124,7 @@ __all__ = [
     "per_sample_grads",
     "project",
     "rebase",
+    "register",
     "replica_divergence",
     "restore_feasibility",
     "rms",

@@ -65,19 +65,19 @@ def _seed() -> None:
 
 @contextlib.contextmanager
 def counting(cls: type[Parametrization] = mp.Orthogonal) -> Iterator[list[int]]:
-    """Count the evaluations of ``cls._map`` (the constrained weight's computation)."""
+    """Count the evaluations of ``cls.map`` (the constrained weight's computation)."""
     calls = [0]
-    original = cls._map
+    original = cls.map
 
     def counted(self: Parametrization, x: torch.Tensor) -> torch.Tensor:
         calls[0] += 1
         return original(self, x)
 
-    cls._map = counted  # type: ignore[method-assign]
+    cls.map = counted  # type: ignore[method-assign]
     try:
         yield calls
     finally:
-        cls._map = original  # type: ignore[method-assign]
+        cls.map = original  # type: ignore[method-assign]
 
 
 def via_bytes(obj: Any, map_location: Any = None) -> Any:

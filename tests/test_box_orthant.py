@@ -128,4 +128,4 @@ def test_gradcheck(make):
     lin = make(nn.Linear(3, 2).double())
     p = lin.parametrizations.weight[0]
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-    assert gradcheck(p._map, (x,))
+    assert gradcheck(p.map, (x,))

@@ -513,14 +513,14 @@ def test_changed_setting_and_in_place_buffer_edit_are_misses() -> None:
     with torch.no_grad():
         original_of(model).add_(0.3)
     w_expm = model.rec.weight
-    p.map = "cayley"
+    p.method = "cayley"
     w_cayley = model.rec.weight
     assert not torch.allclose(w_cayley, w_expm)
-    torch.testing.assert_close(w_cayley, p._map(original_of(model)), **TOL)
+    torch.testing.assert_close(w_cayley, p.map(original_of(model)), **TOL)
     q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=DT))
     with torch.no_grad():
         p.base.copy_(q)  # in place: a version bump of a buffer, not of the original
-    torch.testing.assert_close(model.rec.weight, p._map(original_of(model)), **TOL)
+    torch.testing.assert_close(model.rec.weight, p.map(original_of(model)), **TOL)
     assert not torch.allclose(model.rec.weight, w_cayley)
 
 
@@ -538,18 +538,18 @@ def test_swapped_buffer_with_a_lower_version_and_an_edited_original_is_a_miss() 
         model.rec.weight  # noqa: B018
         torch.utils.swap_tensors(p.base, q.clone())  # same object, version 1 -> 0
         x.add_(0.1)  # version + 1
-        torch.testing.assert_close(model.rec.weight, p._map(x), **TOL)
+        torch.testing.assert_close(model.rec.weight, p.map(x), **TOL)
 
 
 class _Lazy(Parametrization):
     """Registers a buffer on its first map (a pattern torch's own parametrizations allow)."""
 
-    def _map(self, x: Tensor) -> Tensor:
+    def map(self, x: Tensor) -> Tensor:
         if "u" not in self._buffers:
             self.register_buffer("u", torch.ones_like(x))
         return x * self.u
 
-    def _inverse(self, w: Tensor) -> Tensor:
+    def inverse(self, w: Tensor) -> Tensor:
         return w
 
     def project(self, w: Tensor) -> Tensor:
@@ -557,6 +557,10 @@ class _Lazy(Parametrization):
 
     def distance(self, w: Tensor) -> Tensor:
         return w.new_zeros(())
+
+    @property
+    def dim(self) -> int:
+        return self.shape.numel()
 
 
 def test_buffer_registered_by_the_map_is_watched() -> None:

@@ -37,13 +37,13 @@ def test_orthogonal_rnn_computes_its_kernel_once_per_forward(
     model = copy_task.OrthogonalRNN(16)
     x, y = copy_task.copy_batch(3, 5, torch.Generator().manual_seed(0))
     calls = [0]
-    original = mp.Orthogonal._map
+    original = mp.Orthogonal.map
 
     def counted(self: mp.Orthogonal, a: torch.Tensor) -> torch.Tensor:
         calls[0] += 1
         return original(self, a)
 
-    monkeypatch.setattr(mp.Orthogonal, "_map", counted)
+    monkeypatch.setattr(mp.Orthogonal, "map", counted)
     with cached():
         logits = model(x)
         torch.nn.functional.cross_entropy(logits.reshape(-1, 9), y.reshape(-1)).backward()

@@ -155,7 +155,7 @@ def test_subclass_overriding_forward_is_called() -> None:
     m = nn.Linear(5, 5, bias=False).double()
     register(m, "weight", Shifted)
     w = m.weight
-    plain = m.parametrizations.weight[0]._map(m.parametrizations.weight.original)
+    plain = m.parametrizations.weight[0].map(m.parametrizations.weight.original)
     torch.testing.assert_close(w, plain + 1.0, **TOL)
 
 

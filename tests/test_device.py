@@ -548,7 +548,7 @@ def test_cached_rnn_equals_uncached_and_is_fresh_after_a_step(device, mode, opt_
             # The next read is the new weight, not the stored one: compare with the map itself.
             with torch.no_grad():
                 after = model.rec.weight.clone()
-                fresh = param(model.rec)._map(original(model.rec))
+                fresh = param(model.rec).map(original(model.rec))
             assert not torch.allclose(after, before)
             torch.testing.assert_close(after, fresh, atol=1e-12, rtol=0)
             torch.testing.assert_close(after, ref.rec.weight.detach(), atol=1e-12, rtol=0)
@@ -862,7 +862,7 @@ def test_cache_steps_aside_during_cuda_graph_capture(device) -> None:
     with torch.no_grad():
         stored = layer.weight  # an entry, stored before the capture
         assert layer.weight is stored
-        warm_up_off_stream(lambda: param(layer)._map(original(layer)), 2)
+        warm_up_off_stream(lambda: param(layer).map(original(layer)), 2)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             captured = layer.weight

@@ -81,7 +81,7 @@ def test_minimal_coordinates_have_no_dead_direction(rows, cols):
     if dim == 0:
         return
     x = 0.3 * torch.randn(dim, dtype=torch.float64)
-    jac = jacobian(p._map, x).reshape(rows * cols, dim)
+    jac = jacobian(p.map, x).reshape(rows * cols, dim)
     assert int(torch.linalg.matrix_rank(jac)) == dim
 
 
@@ -373,9 +373,9 @@ def test_map_under_vmap_has_batching_rules():
     rule; turned into an error here)."""
     p = param(mp.orthogonal(linear(6, 6, torch.float32)))
     xs = 0.3 * torch.randn(4, p.dim)
-    ws = torch.func.vmap(p._map)(xs)
+    ws = torch.func.vmap(p.map)(xs)
     for x, w in zip(xs, ws, strict=True):
-        torch.testing.assert_close(w, p._map(x))
+        torch.testing.assert_close(w, p.map(x))
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
@@ -421,7 +421,7 @@ def test_newton_schulz_backward_is_skipped_without_changing_gradients(steps, dty
         return t.mT if p.transposed else t
 
     tol = 50 * torch.finfo(dtype).eps * p.n
-    w, w_ref = p._map(x), tracked(x)
+    w, w_ref = p.map(x), tracked(x)
     assert float((w - w_ref).detach().abs().max()) < tol
     (grad,) = torch.autograd.grad((w * g).sum(), x, create_graph=True)
     (grad_ref,) = torch.autograd.grad((w_ref * g).sum(), x, create_graph=True)
@@ -437,7 +437,7 @@ def test_newton_schulz_backward_is_skipped_without_changing_gradients(steps, dty
 def test_gradcheck(map, rows, cols):
     p = param(mp.orthogonal(linear(rows, cols), map=map))
     x = 0.5 * torch.randn(p.dim, dtype=torch.float64, requires_grad=True)
-    assert gradcheck(p._map, (x,))
+    assert gradcheck(p.map, (x,))
 
 
 def test_rebase_keeps_the_weight_and_resets_optimizer_state():

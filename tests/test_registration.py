@@ -101,9 +101,8 @@ def test_already_parametrized(kind):
 def test_class_built_for_another_shape():
     layer = nn.Linear(3, 4)
     with pytest.raises(ValueError, match=r"built for shape \(5, 5\).*shape \(4, 3\)"):
-        mp.hard.base.register(
-            layer, "weight", lambda shape, owner: mp.Orthogonal((5, 5), owner=owner)
-        )
+        mp.register(layer, "weight", mp.Orthogonal((5, 5)))
+    assert not torch.nn.utils.parametrize.is_parametrized(layer)
 
 
 def test_project_without_a_constraint():

@@ -17,7 +17,7 @@ What is keyed (the contract)
   ``id`` is recycled can never match, and a replaced original is not kept alive) and ``p``
   holds the same buffer objects (held by the entry, so a re-assigned buffer is a miss, also
   one written straight into ``p._buffers`` as ``functional_call`` does); assigning any
-  attribute of a parametrization (``p.base = B``, also a setting such as ``p.map = "cayley"``)
+  attribute of a parametrization (``p.base = B``, also a setting such as ``p.method = "cayley"``)
   drops its entries (``Parametrization.__setattr__``).
   ``torch.utils.swap_tensors`` (``module.to()`` and ``load_state_dict`` with
   ``swap_module_params_on_conversion``) refuses a weakly referenced tensor or one a live
@@ -584,7 +584,7 @@ def invalidate(model: nn.Module | Iterable[nn.Module] | None = None) -> None:
     (``original.data.copy_(...)``, an in-place write into the vector ``vector_to_parameters``
     filled the originals from, also of a buffer such as ``Orthogonal.base``, whose
     orthogonality check it drops too). Assigning an attribute of a
-    parametrization (``p.base = B``, ``p.map = "cayley"``) drops its cache by itself."""
+    parametrization (``p.base = B``, ``p.method = "cayley"``) drops its cache by itself."""
     if model is None:
         scope = _SCOPE.get()
         if scope is not None:
@@ -594,4 +594,4 @@ def invalidate(model: nn.Module | Iterable[nn.Module] | None = None) -> None:
         slot: _Slot | None = p.__dict__.get(_SLOT_ATTR)
         if slot is not None:
             slot.clear()
-        p._forget()  # type: ignore[operator]
+        p.forget()  # type: ignore[operator]

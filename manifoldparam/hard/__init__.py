@@ -4,10 +4,17 @@ One file per set; each holds the parametrization class (usable directly with
 ``register_parametrization``) and the thin public constructor.
 """
 
-from manifoldparam.hard.base import NonFiniteError, Parametrization, constraints_of, project
+from manifoldparam.hard.base import (
+    NonFiniteError,
+    Parametrization,
+    constraints_of,
+    project,
+    rebase,
+    register,
+)
 from manifoldparam.hard.bounded import Bounded, bounded
 from manifoldparam.hard.nonnegative import Nonnegative, nonnegative
-from manifoldparam.hard.orthogonal import Orthogonal, orthogonal, rebase
+from manifoldparam.hard.orthogonal import Orthogonal, orthogonal
 from manifoldparam.hard.spd import SPD, spd
 
 __all__ = [
@@ -23,5 +30,6 @@ __all__ = [
     "orthogonal",
     "project",
     "rebase",
+    "register",
     "spd",
 ]

@@ -28,6 +28,7 @@ a weight stored in bfloat16/float16 lies on the set to that dtype's precision
 
 from __future__ import annotations
 
+import abc
 import functools
 import gc
 import math
@@ -51,6 +52,7 @@ __all__ = [
     "constraints_of",
     "owner_name",
     "project",
+    "rebase",
     "register",
 ]
 
@@ -108,23 +110,78 @@ def max_abs(t: Tensor) -> Tensor:
     return t.abs().amax() if t.numel() else t.new_zeros(())
 
 
-class Parametrization(nn.Module):
-    """Base class of the hard constraints (orthogonal, SPD, box, orthant).
+class Parametrization(nn.Module, metaclass=abc.ABCMeta):
+    r"""The base of every hard constraint: write a new set by implementing five hooks.
 
-    Subclasses implement :meth:`_map` (coordinates -> set), :meth:`_inverse` (a point of the
-    set -> coordinates; may reset buffers such as a base point), :meth:`project` (nearest
-    point of the set) and :meth:`distance` (how far a tensor is from the set, in the metric
-    the tolerance is stated in). Everything else -- the registration-time projection, the
-    assignment check, :meth:`check` with explanations, caching -- lives here once.
+    A subclass describes a set :math:`M` and a smooth surjection :math:`f: \mathbb{R}^d \to M`
+    from unconstrained coordinates (the ``original`` tensor torch stores) onto it:
+
+    * :meth:`map` -- :math:`f(x)`, coordinates to a point of the set;
+    * :meth:`inverse` -- coordinates :math:`x` with :math:`f(x) = w` for a point :math:`w` of
+      the set (it may reset buffers, such as a base point);
+    * :meth:`project` -- the nearest point of the set to any tensor;
+    * :meth:`distance` -- how far a tensor is from the set, as a 0-dim tensor (the metric the
+      tolerance is stated in);
+    * :attr:`dim` -- the dimension :math:`d` of the set, which the coordinates must match
+      (minimal coordinates: no dead directions for Newton-type optimizers).
+
+    Optional: :attr:`manifold` (the geoopt manifold, for users' checks), :meth:`default_atol`,
+    :meth:`validate` (registration-time checks of the weight), :meth:`explain` and
+    :meth:`membership_failure` (what :meth:`check` says), :meth:`to_storage` (half precision),
+    :meth:`check_state` (what a checkpoint may load), :meth:`forget` (memos of the map), and
+    ``has_base_point = True`` for :func:`~manifoldparam.rebase`.
+
+    The base gives every subclass, written once: registration through :func:`register` (the
+    user's weight moved to :meth:`project`, the coordinate count checked against :attr:`dim`),
+    the checked assignment ``module.weight = w`` (off the set: a ``ValueError`` naming the
+    attribute and the distance, nothing changed), :meth:`check` with ``explain=True``, the
+    never-stale cache (:func:`~manifoldparam.cached`, :func:`~manifoldparam.auto_cache`), the
+    precision policy (:meth:`compute`: autocast off, half precision computed in float32,
+    non-finite values named), checkpoint checks, and rebase for sets with a base point.
+
+    Example (symmetric matrices, in minimal coordinates: the lower triangle)::
+
+        class Symmetric(manifoldparam.Parametrization):
+            set_name = "symmetric"
+
+            def __init__(self, shape, **kw):
+                super().__init__(shape, **kw)
+                self.n = shape[-1]
+                rows, cols = torch.tril_indices(self.n, self.n)
+                self.register_buffer("rows", rows, persistent=False)
+                self.register_buffer("cols", cols, persistent=False)
+
+            @property
+            def dim(self):
+                return self.n * (self.n + 1) // 2
+
+            def map(self, x):
+                low = x.new_zeros(self.n, self.n).index_put((self.rows, self.cols), x)
+                return low + low.mT - torch.diag(low.diagonal())
+
+            def inverse(self, w):
+                return w[self.rows, self.cols]
+
+            def project(self, w):
+                return (w + w.mT) / 2
+
+            def distance(self, w):
+                return (w - w.mT).abs().amax()
+
+        layer = manifoldparam.register(nn.Linear(4, 4), "weight", Symmetric)
 
     Args:
         shape: the shape of the constrained tensor (``module.weight.shape``).
         atol: how far from the set an assigned value may be and still count as on it. ``None``
             picks a tolerance from the dtype and size (:meth:`default_atol`).
+        owner: ``"Linear.weight"``, how messages name the attribute (:func:`register` sets it).
     """
 
     #: Human name of the set, used in messages ("orthogonal", "symmetric positive definite").
     set_name: str = "constrained set"
+    #: Whether the map is centred at a base point that :func:`~manifoldparam.rebase` may move
+    #: to the current weight (``inverse(project(map(x)))`` re-centres the coordinates).
+    has_base_point: bool = False
 
     # torch.jit.script compiles every property and ``forward`` of a submodule; these are
     # Python-only (the attribute's getter raises a clear error when a scripted model runs).
@@ -142,32 +199,42 @@ class Parametrization(nn.Module):
         self.owner = owner or f"<{type(self).__name__}>"
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # Any assignment drops the cached values: a new setting (``p.map = "cayley"``) changes
-        # what the map computes, which no tensor's version shows. (A new buffer object is also
-        # seen by the cache's identity check, which covers writes into ``_buffers``.)
+        # Any assignment drops the cached values: a new setting (``p.method = "cayley"``)
+        # changes what the map computes, which no tensor's version shows. (A new buffer object
+        # is also seen by the cache's identity check, which covers writes into ``_buffers``.)
         super().__setattr__(name, value)
         # (Not before nn.Module.__init__, and not for ``training``: train()/eval() keep it.)
         if name != "training" and "_modules" in self.__dict__:
             invalidate(self)
 
-    # ----------------------------------------------------------------- subclass API
-    def _map(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    # ----------------------------------------------------------------- the hooks
+    @abc.abstractmethod
+    def map(self, x: Tensor) -> Tensor:
+        """:math:`f(x)`: the point of the set for coordinates ``x`` (shape ``(dim,)``, or what
+        :meth:`inverse` returns). Differentiable; pure in ``x`` and this module's tensors (the
+        cache relies on it)."""
 
-    def _forget(self) -> None:
+    @abc.abstractmethod
+    def inverse(self, w: Tensor) -> Tensor:
+        """Coordinates ``x`` with ``map(x) == w`` for ``w`` on the set (already checked or
+        projected by the base). May reset buffers, such as a base point, to make ``x`` small."""
+
+    @abc.abstractmethod
+    def project(self, w: Tensor) -> Tensor:
+        """The nearest point of the set to ``w`` (same shape and dtype)."""
+
+    @abc.abstractmethod
+    def distance(self, w: Tensor) -> Tensor:
+        """A 0-dim tensor: how far ``w`` is from the set (0 on it). No host sync."""
+
+    @property
+    @abc.abstractmethod
+    def dim(self) -> int:
+        """The dimension of the set: the number of coordinates (``original.numel()``)."""
+
+    def forget(self) -> None:
         """Drop what the map remembers about its own tensors between calls (none here; see
         ``Orthogonal._exact_base``). Called by :func:`~manifoldparam.invalidate`."""
-
-    def _inverse(self, w: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def project(self, w: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """The nearest point of the set to ``w`` (same shape and dtype)."""
-        raise NotImplementedError
-
-    def distance(self, w: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """A 0-dim tensor: how far ``w`` is from the set (0 on it). No host sync."""
-        raise NotImplementedError
 
     def default_atol(self, dtype: torch.dtype) -> float:
         """Tolerance of :meth:`check` and of assignment when ``atol`` is not given."""
@@ -187,15 +254,15 @@ class Parametrization(nn.Module):
         raises :class:`NonFiniteError` on the CPU (a free read there). The cache stores what
         this returns."""
         if not isinstance(x, Tensor):  # a torch.fx Proxy (symbolic_trace): record the map
-            return self._map(x)
+            return self.map(x)
         low = x.dtype in LOW_PRECISION
         if low or torch._C._is_any_autocast_enabled():
             with autocast_off(x):
-                y = self._map(x.float() if low else x)
+                y = self.map(x.float() if low else x)
             if low:
                 y = self.to_storage(y, x.dtype)
         else:
-            y = self._map(x)
+            y = self.map(x)
         if self.check_finite and _eager_readable(y) and not _all_finite(y):
             raise NonFiniteError(self._why_not_finite(x, y))
         return y
@@ -333,14 +400,10 @@ class Parametrization(nn.Module):
                     "nearest point of the set, or register with a larger atol=."
                 )
             w = w.to(compute_dtype(w.dtype))
-        return self._inverse(w)
+        return self.inverse(w)
 
     def tolerance(self, dtype: torch.dtype) -> float:
         return self.default_atol(dtype) if self.atol is None else float(self.atol)
-
-    def violation(self, w: Tensor) -> Tensor:
-        """Distance of ``w`` from the set as a 0-dim tensor (alias of :meth:`distance`)."""
-        return self.distance(w)
 
     def check(
         self, w: Tensor, *, atol: float | None = None, explain: bool = False
@@ -363,16 +426,16 @@ class Parametrization(nn.Module):
             with autocast_off(w):
                 d = float(self.distance(w))
             ok = d <= tol
-            why = None if ok else self._explain(w.detach(), d, tol)
+            why = None if ok else self.explain(w.detach(), d, tol)
             if ok:
-                why = self._membership_failure(w.detach())
+                why = self.membership_failure(w.detach())
                 ok = why is None
         return (ok, why) if explain else ok
 
-    def _explain(self, w: Tensor, d: float, tol: float) -> str:
+    def explain(self, w: Tensor, d: float, tol: float) -> str:
         return f"distance {d:.3e} > tolerance {tol:.3e} ({w.dtype})"
 
-    def _membership_failure(self, w: Tensor) -> str | None:
+    def membership_failure(self, w: Tensor) -> str | None:
         """A reason ``w`` is off the set that :meth:`distance` cannot see, or ``None``."""
         return None
 
@@ -501,26 +564,69 @@ def _parameter_holders(t: Tensor) -> list[tuple[nn.Module, str]]:
 
 
 def register(
-    module: nn.Module, name: str, build: Callable[..., Parametrization], **options: Any
+    module: nn.Module,
+    name: str,
+    constraint: type[Parametrization] | Parametrization | nn.Module,
+    **options: Any,
 ) -> nn.Module:
-    """Check ``module.<name>``, build its parametrization and register it through torch.
+    """Constrain ``module.<name>``: the one way every constraint is registered.
 
-    ``build(shape, owner=..., **options)`` makes the parametrization (a class such as
-    :class:`~manifoldparam.Orthogonal`); the public constructors
-    (:func:`manifoldparam.orthogonal`, ...) are this one call. It runs :func:`checked_weight`
-    and :meth:`Parametrization.validate` before touching the module, then
-    :func:`torch.nn.utils.parametrize.register_parametrization` (whose first ``right_inverse``
-    call moves the current weight to the nearest point of the set), and gives the attribute the
-    fast read path of :mod:`manifoldparam.caching.read`. Returns ``module``.
+    ``constraint`` is a :class:`Parametrization` subclass (built as
+    ``constraint(weight.shape, owner="Linear.weight", **options)``; the public constructors
+    such as :func:`manifoldparam.orthogonal` are this one call), an instance of one, or any
+    other ``nn.Module`` parametrization in torch's sense (``forward`` and ``right_inverse``,
+    registered through torch unchanged, ``options`` passed to
+    :func:`~torch.nn.utils.parametrize.register_parametrization`).
+
+    For a :class:`Parametrization`: checks the weight (:func:`checked_weight`) and
+    :meth:`Parametrization.validate` before touching the module, moves the weight to the
+    nearest point of the set (torch's first ``right_inverse``), checks that the coordinates
+    number :attr:`Parametrization.dim` (else the module is restored and a ``ValueError``
+    raised), and installs the checkpoint checks. Every attribute registered here gets the
+    cache's read path (:mod:`manifoldparam.caching.read`). Returns ``module``::
+
+        manifoldparam.register(layer, "weight", manifoldparam.Orthogonal, map="cayley")
+        manifoldparam.register(layer, "bias", MyConstraint((4,)))
     """
+    if not isinstance(constraint, Parametrization) and not (
+        isinstance(constraint, type) and issubclass(constraint, Parametrization)
+    ):
+        if not isinstance(constraint, nn.Module):
+            raise TypeError(
+                f"{owner_name(module, name)}: register() takes a Parametrization subclass, an "
+                f"instance of one, or an nn.Module parametrization; got {type(constraint)!r}."
+            )
+        parametrize.register_parametrization(module, name, constraint, **options)
+        install_read(module, name)
+        return module
     weight = checked_weight(module, name)
-    parametrization = build(weight.shape, owner=owner_name(module, name), **options)
+    owner = owner_name(module, name)
+    if isinstance(constraint, Parametrization):
+        if options:
+            raise TypeError(f"{owner}: options {sorted(options)} go to the class, not an instance")
+        parametrization = constraint
+        if parametrization.owner.startswith("<"):
+            parametrization.owner = owner
+    else:
+        parametrization = constraint(weight.shape, owner=owner, **options)
     parametrization.validate(weight)
     parametrization.to(device=weight.device, dtype=weight.dtype)
+    saved = weight.detach().clone()  # torch writes the coordinates into the same tensor
     parametrize.register_parametrization(module, name, parametrization)
+    plist = module.parametrizations[name]
+    count = plist.original.numel()
+    if count != parametrization.dim:
+        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        with torch.no_grad():
+            getattr(module, name).set_(saved)
+        raise ValueError(
+            f"{owner}: {type(parametrization).__name__}.inverse returned {count} coordinates "
+            f"but the set has dimension {parametrization.dim} (its dim); coordinates must be "
+            "minimal, one per direction of the set. The module is unchanged."
+        )
     # load_state_dict writes ``original`` before it reaches the parametrization: check what it
     # would load and drop the cache first (_before_load).
-    module.parametrizations[name].register_load_state_dict_pre_hook(_before_load)
+    plist.register_load_state_dict_pre_hook(_before_load)
     install_read(module, name)
     return module
 
@@ -594,3 +700,39 @@ def project(module: nn.Module, name: str, value: Tensor) -> Tensor:
         )
     with torch.no_grad(), autocast_off(value):
         return found[-1].project(value.to(compute_dtype(value.dtype))).to(value.dtype)
+
+
+@torch.no_grad()
+def rebase(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Dynamic trivialization: move the base point of every constraint that has one
+    (``has_base_point``, e.g. :class:`~manifoldparam.Orthogonal`) to the current weight.
+
+    For each: ``x <- inverse(project(map(x)))``, so the base becomes the current weight
+    (re-projected, so float error does not compound) and the coordinates 0. The weight is
+    unchanged up to round-off and the map is again evaluated near its base, where it is best
+    conditioned. The optimizer's state of each rebased coordinate tensor (momentum, Adam
+    moments) refers to the old chart, so it is dropped when ``optimizer`` is given. Returns
+    the number of weights rebased::
+
+        if step % 100 == 0:
+            manifoldparam.rebase(model, optimizer)
+    """
+    rebased: list[Tensor] = []
+    for module in model.modules():
+        parametrizations = getattr(module, "parametrizations", None)
+        if not isinstance(parametrizations, nn.ModuleDict):
+            continue
+        for plist in parametrizations.values():
+            p = plist[0] if len(plist) == 1 else None
+            if not (isinstance(p, Parametrization) and p.has_base_point):
+                continue
+            original = plist.original
+            w = p.compute(original)
+            with autocast_off(w):
+                w = w.to(compute_dtype(w.dtype))
+                original.copy_(p.inverse(p.project(w)))
+            rebased.append(original)
+    if optimizer is not None:
+        for original in rebased:
+            optimizer.state.pop(original, None)
+    return len(rebased)

@@ -150,12 +150,12 @@ class Bounded(Parametrization):
         lo, hi = self.low.to(dtype), self.high.to(dtype)
         return lo, hi, 0.5 * lo + 0.5 * hi, 0.5 * hi - 0.5 * lo
 
-    def _map(self, x: Tensor) -> Tensor:
+    def map(self, x: Tensor) -> Tensor:
         lo, hi, mid, half = self._center(x.dtype)
         # the clamp only removes round-off: mid ± half can land one ulp outside the box
         return torch.clamp(mid + half * torch.tanh(x), min=lo, max=hi)
 
-    def _inverse(self, w: Tensor) -> Tensor:
+    def inverse(self, w: Tensor) -> Tensor:
         _, _, mid, half = self._center(w.dtype)
         one = 1.0 - torch.finfo(w.dtype).eps
         return torch.atanh(((w - mid) / half).clamp(-one, one)).expand(self.shape).contiguous()
@@ -191,7 +191,7 @@ class Bounded(Parametrization):
         lo, hi = self.low.to(w.dtype), self.high.to(w.dtype)
         return max_abs(torch.relu(lo - w) + torch.relu(w - hi))
 
-    def _membership_failure(self, w: Tensor) -> str | None:
+    def membership_failure(self, w: Tensor) -> str | None:
         # Bounds that collapsed after registration (``module.half()``): a point, not a box.
         if bool((self.low >= self.high).any()):
             return (
@@ -200,7 +200,7 @@ class Bounded(Parametrization):
             )
         return None
 
-    def _explain(self, w: Tensor, d: float, tol: float) -> str:
+    def explain(self, w: Tensor, d: float, tol: float) -> str:
         lo, hi = self.low.to(w.dtype), self.high.to(w.dtype)
         outside = int(((w < lo - tol) | (w > hi + tol)).sum())
         return f"{outside} entries lie outside [low, high], up to {d:.3e} beyond a bound"

@@ -64,24 +64,24 @@ class Nonnegative(Parametrization):
         super().__init__(shape, atol=atol, owner=owner)
         if map not in _MAPS:
             raise ValueError(f"{self.owner}: map must be one of {_MAPS}, got {map!r}")
-        self.map = map
+        self.method = map
 
     @property
     def dim(self) -> int:
         return self.shape.numel()
 
-    def _map(self, x: Tensor) -> Tensor:
-        if self.map == "softplus":
+    def map(self, x: Tensor) -> Tensor:
+        if self.method == "softplus":
             return F.softplus(x)
-        if self.map == "exp":
+        if self.method == "exp":
             return torch.exp(x)
         return x * x
 
-    def _inverse(self, w: Tensor) -> Tensor:
+    def inverse(self, w: Tensor) -> Tensor:
         w = w.clamp_min(0.0)
-        if self.map == "softplus":
+        if self.method == "softplus":
             return softplus_inverse(w)
-        if self.map == "exp":
+        if self.method == "exp":
             return torch.log(w.clamp_min(torch.finfo(w.dtype).tiny))
         return torch.sqrt(w)
 
@@ -91,11 +91,11 @@ class Nonnegative(Parametrization):
     def distance(self, w: Tensor) -> Tensor:
         return max_abs(torch.relu(-w))
 
-    def _explain(self, w: Tensor, d: float, tol: float) -> str:
+    def explain(self, w: Tensor, d: float, tol: float) -> str:
         return f"{int((w < -tol).sum())} entries are negative, the lowest {-d:.3e}"
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, map={self.map}"
+        return f"{super().extra_repr()}, map={self.method}"
 
 
 def nonnegative(

@@ -67,7 +67,7 @@ from manifoldparam.hard.base import (
 )
 from manifoldparam.hard.expm import _expm, _is_wrapped
 
-__all__ = ["Orthogonal", "orthogonal", "rebase"]
+__all__ = ["Orthogonal", "orthogonal"]
 
 Map = Literal["expm", "cayley"]
 _MAPS = ("expm", "cayley")
@@ -174,6 +174,7 @@ class Orthogonal(Parametrization):
     """
 
     set_name = "orthogonal (orthonormal columns/rows)"
+    has_base_point = True
     # The base check's memo (a plain tuple in __dict__) is not module state for TorchScript.
     __jit_ignored_attributes__ = (_VERDICT, _WARNED)
 
@@ -197,7 +198,7 @@ class Orthogonal(Parametrization):
             raise ValueError(
                 "batched=True needs a weight with at least 3 dims (a batch of matrices)"
             )
-        self.map = map
+        self.method = map
         self.batched = batched
         ns = newton_schulz
         if ns is not None and (type(ns) is bool or not isinstance(ns, int) or ns < 0):
@@ -221,9 +222,13 @@ class Orthogonal(Parametrization):
         self.register_buffer("base", torch.eye(n).expand(*self.batch_shape, n, n).clone())
 
     @property
-    def dim(self) -> int:
+    def matrix_dim(self) -> int:
         """Dimension of the set per matrix: ``nk - k(k+1)/2``."""
         return self.n * self.k - self.k * (self.k + 1) // 2
+
+    @property
+    def dim(self) -> int:
+        return self.batch_shape.numel() * self.matrix_dim
 
     @property
     def manifold(self) -> object:
@@ -266,10 +271,10 @@ class Orthogonal(Parametrization):
         return low - low.mT
 
     # ------------------------------------------------------------ the map
-    def _map(self, x: Tensor) -> Tensor:
+    def map(self, x: Tensor) -> Tensor:
         a = self.skew(x)
         clean = False  # round-off already at the floor one Newton--Schulz step reaches
-        if self.map == "expm":
+        if self.method == "expm":
             e, clean = _exp(a, self.max_squarings)
             if self.k < self.n:  # (a full slice would still cost a copy in the backward)
                 e = e[..., : self.k]
@@ -280,7 +285,7 @@ class Orthogonal(Parametrization):
         if steps is None:
             if clean and self._exact_base():
                 return self._from_tall(t)
-            if self.map == "expm" and self.max_squarings is None and _host_checked(t):
+            if self.method == "expm" and self.max_squarings is None and _host_checked(t):
                 return self._from_tall(self._settle(t, x))
             steps = 1
         if steps > 0:
@@ -299,9 +304,12 @@ class Orthogonal(Parametrization):
         y = t.detach()
         # Stop where the step just taken leaves ¾δ² below a Gram product's round-off, √k·eps.
         enough = math.sqrt(self.k) * torch.finfo(y.dtype).eps
-        # What one step always fixes without a word: a Padé/squaring round-off, or a base
-        # stored in half precision (its rounding, about eps of its dtype).
-        expected = max(math.sqrt(torch.finfo(y.dtype).eps), 4 * torch.finfo(self.base.dtype).eps)
+        # What needs no word: a Padé/squaring round-off, or the base's own error (measured by
+        # _exact_base: a base stored in half precision, or converted from a lower one).
+        self._exact_base()
+        memo = self.__dict__.get(_VERDICT)
+        base_error = memo[2] if memo is not None else torch.finfo(self.base.dtype).eps
+        expected = max(math.sqrt(torch.finfo(y.dtype).eps), 4 * base_error)
         eye = torch.eye(self.k, dtype=y.dtype, device=y.device)
         d = y.new_zeros(())
         first: float | None = None
@@ -351,7 +359,7 @@ class Orthogonal(Parametrization):
         reference, weak or strong: a tensor substituted by ``functional_call`` is not kept
         alive, and ``torch.utils.swap_tensors`` refuses weakly referenced tensors). Like the
         cache, it cannot see writes through ``.data``, after which
-        :func:`~manifoldparam.invalidate` drops it (:meth:`_forget`). False (the step runs)
+        :func:`~manifoldparam.invalidate` drops it (:meth:`forget`). False (the step runs)
         for a batched base under ``torch.func`` transforms and for inference tensors, which
         keep no version counter."""
         b = self.base
@@ -366,12 +374,13 @@ class Orthogonal(Parametrization):
         # (in the dtype the map runs in: a half-precision base is never exact in float32)
         eps = torch.finfo(compute_dtype(b.dtype)).eps
         tol = 2 * eps + math.sqrt(self.n) * torch.finfo(torch.float64).eps
-        exact = float(max_abs(d.mT @ d - eye)) <= tol
+        error = float(max_abs(d.mT @ d - eye))
+        exact = error <= tol
         # Straight into __dict__: an attribute assignment would drop the value cache.
-        self.__dict__[_VERDICT] = (key, exact)
+        self.__dict__[_VERDICT] = (key, exact, error)
         return exact
 
-    def _forget(self) -> None:
+    def forget(self) -> None:
         self.__dict__.pop(_VERDICT, None)
 
     def check_state(self, state: MutableMapping[str, Any], prefix: str) -> None:
@@ -400,13 +409,13 @@ class Orthogonal(Parametrization):
                 f"'{self.owner.rsplit('.', 1)[-1]}' key projects it onto the set)."
             )
 
-    def _inverse(self, w: Tensor) -> Tensor:
+    def inverse(self, w: Tensor) -> Tensor:
         t = self._to_tall(w)
         if self.k < self.n:
             q, _ = torch.linalg.qr(t, mode="complete")
             t = torch.cat([t, q[..., self.k :]], dim=-1)
         self.base = _orthogonalize(t.detach()).to(self.base.dtype).contiguous()
-        return w.new_zeros(*self.batch_shape, self.dim)
+        return w.new_zeros(*self.batch_shape, self.matrix_dim)
 
     def project(self, w: Tensor) -> Tensor:
         """The polar factor ``U Vᵀ`` of (each matrix of) ``w``: the nearest orthogonal one."""
@@ -418,7 +427,7 @@ class Orthogonal(Parametrization):
         eye = torch.eye(self.k, dtype=t.dtype, device=t.device)
         return max_abs(t.mT @ t - eye)
 
-    def _explain(self, w: Tensor, d: float, tol: float) -> str:
+    def explain(self, w: Tensor, d: float, tol: float) -> str:
         kind = "rows" if self.transposed else "columns"
         return (
             f"max|WᵀW - I| over its {kind} is {d:.3e} > tolerance {tol:.3e} "
@@ -427,7 +436,7 @@ class Orthogonal(Parametrization):
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, map={self.map}, matrix={self.n}x{self.k}"
+            f"{super().extra_repr()}, map={self.method}, matrix={self.n}x{self.k}"
             f"{' (transposed)' if self.transposed else ''}, batched={self.batched}"
         )
 
@@ -460,32 +469,3 @@ def orthogonal(
         max_squarings=max_squarings,
         atol=atol,
     )
-
-
-@torch.no_grad()
-def rebase(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Dynamic trivialization: move every orthogonal base point to the current weight.
-
-    For each :class:`Orthogonal` in ``model``: ``B <- polar(W)`` (re-projected, so float error
-    does not compound) and coordinates ``<- 0``. The weight is unchanged up to round-off and
-    the map is again evaluated near 0, where it is best conditioned. The optimizer's state of
-    each rebased coordinate tensor (momentum, Adam moments) refers to the old chart, so it is
-    dropped when ``optimizer`` is given. Returns the number of weights rebased.
-    """
-    rebased: list[Tensor] = []
-    for module in model.modules():
-        parametrizations = getattr(module, "parametrizations", None)
-        if not isinstance(parametrizations, nn.ModuleDict):
-            continue
-        for plist in parametrizations.values():
-            p = plist[0] if len(plist) == 1 else None
-            if not isinstance(p, Orthogonal):
-                continue
-            original = plist.original
-            w = p.project(p.compute(original))
-            original.copy_(p._inverse(w))
-            rebased.append(original)
-    if optimizer is not None:
-        for original in rebased:
-            optimizer.state.pop(original, None)
-    return len(rebased)

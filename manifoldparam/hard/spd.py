@@ -88,8 +88,8 @@ class SPD(Parametrization):
 
     @property
     def dim(self) -> int:
-        """Dimension of the set per matrix: ``n(n+1)/2``."""
-        return self.n * (self.n + 1) // 2
+        """Dimension of the set: ``n(n+1)/2`` per matrix."""
+        return self.shape[:-2].numel() * self.n * (self.n + 1) // 2
 
     @property
     def manifold(self) -> object:
@@ -128,7 +128,7 @@ class SPD(Parametrization):
         flat = x.new_zeros(*x.shape[:-1], self.n * self.n).index_copy(-1, self.index, x)
         return flat.unflatten(-1, (self.n, self.n))
 
-    def _map(self, x: Tensor) -> Tensor:
+    def map(self, x: Tensor) -> Tensor:
         factor = self.cholesky_factor(x)
         w = factor @ factor.mT
         # Symmetric to the bit: a GEMM need not round (i, j) and (j, i) alike (MKL's AVX-512
@@ -138,7 +138,7 @@ class SPD(Parametrization):
             w = w + self.min_eigenvalue * self._eye(w)
         return w
 
-    def _inverse(self, w: Tensor) -> Tensor:
+    def inverse(self, w: Tensor) -> Tensor:
         sym = 0.5 * (w + w.mT)
         factor = torch.linalg.cholesky(sym - self.min_eigenvalue * self._eye(w))
         x = factor.flatten(-2)[..., self.index]
@@ -163,7 +163,7 @@ class SPD(Parametrization):
         below = torch.relu(self.min_eigenvalue - lam_min) / scale
         return torch.maximum(asym, below)
 
-    def _membership_failure(self, w: Tensor) -> str | None:
+    def membership_failure(self, w: Tensor) -> str | None:
         sym = 0.5 * (w + w.mT)
         info = torch.linalg.cholesky_ex(sym - self.min_eigenvalue * self._eye(w)).info
         if bool((info != 0).any()):
@@ -173,7 +173,7 @@ class SPD(Parametrization):
             )
         return None
 
-    def _explain(self, w: Tensor, d: float, tol: float) -> str:
+    def explain(self, w: Tensor, d: float, tol: float) -> str:
         return (
             f"relative asymmetry or eigenvalue deficit {d:.3e} > tolerance {tol:.3e} "
             f"({w.dtype}, floor {self.min_eigenvalue})"

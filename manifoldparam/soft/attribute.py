@@ -256,7 +256,7 @@ def _hard_rows(path: str, module: nn.Module) -> Iterator[ReportRow]:
                     note = f"{note}; {value_note}" if note else value_note
                     yield ReportRow(f"{path}{name}", "hard", desc, math.nan, note)
                     continue
-                v = float(p.violation(w))
+                v = float(p.distance(w))
                 yield ReportRow(f"{path}{name}", "hard", desc, v, note)
 
 
@@ -267,7 +267,7 @@ def constraint_report(
     """Every constraint on every attribute of ``model``, hard and soft, with its violation.
 
     Hard constraints are the :class:`manifoldparam.hard.base.Parametrization` entries of
-    ``module.parametrizations``; their violation is ``p.violation(module.<name>)`` (0 up to
+    ``module.parametrizations``; their violation is ``p.distance(module.<name>)`` (0 up to
     rounding). Soft ones are those declared with :func:`constrain` (plus ``extra``, e.g. the
     function-based constraints of an ``MDMM``); their violation is ``max |projection(fn) -
     fn|``. This syncs with the host: call it for logging, not inside the step.
