@@ -14,6 +14,8 @@ from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import manifoldparam as mp
+from tests.cases import CASES as CONSTRAINT_CASES
+from tests.cases import IDS as CASE_IDS
 from tests.conftest import assert_on_stiefel, assert_spd
 
 CONSTRAINTS = {
@@ -237,3 +239,19 @@ def test_weight_compiles_into_one_graph(kind):
     layer = CONSTRAINTS[kind](nn.Linear(5, 5))
     compiled = torch.compile(lambda: layer.weight, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(), layer.weight)
+
+
+@pytest.mark.parametrize("case", CONSTRAINT_CASES, ids=CASE_IDS)
+def test_registration_draws_nothing_from_the_global_rng(case) -> None:
+    """Two models built from one seed are equal whatever was registered before: registration
+    must not draw random numbers (the tied-weight check's first call built an nn.Linear probe,
+    whose init shifted every later draw, once per process)."""
+    import manifoldparam.hard.base as base
+
+    base._refs_when_alone.cache_clear()
+    torch.manual_seed(0)
+    case.constrain(case.build())
+    after = torch.randn(3)
+    torch.manual_seed(0)
+    case.build()
+    assert torch.equal(torch.randn(3), after)

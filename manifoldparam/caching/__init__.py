@@ -1,31 +1,33 @@
-"""Caching of parametrized weights that is never stale (see :mod:`.cache`).
+"""Caching of parametrized weights that is never stale.
 
-* :func:`cached` -- a block (or decorator) in which every constrained weight is computed once;
-* :func:`auto_cache` -- the same without a block, per model (``set_auto`` per parametrization);
+* :func:`cached` -- a block (or decorator) in which every parametrized weight is computed once;
+* :func:`auto_cache` -- the same without a block, per model (:func:`set_auto` per unit);
 * :func:`invalidate` -- drop cached values after writes no version counter sees (``.data``);
 * :func:`cached_closure` -- a fresh cache for each evaluation of an optimizer closure.
 
-:mod:`.read` gives each constrained attribute a read path that reaches the cache without
-going through ``torch.nn.utils.parametrize``'s ``ParametrizationList`` module (installed by
-the constructors; a read costs a few microseconds, which an RNN pays at every time step).
+:mod:`.cache` holds what is keyed (the contract), :mod:`.api` the functions above, :mod:`.read`
+the read path of a parametrized attribute (a few microseconds, which an RNN pays at every time
+step) and the adoption of attributes registered with torch's own API.
 """
 
-from manifoldparam.caching.cache import (
+from manifoldparam.caching.api import (
     auto_cache,
     cached,
     cached_closure,
-    evaluate,
     invalidate,
     is_auto,
     set_auto,
 )
+from manifoldparam.caching.cache import cached_forward, evaluate, note_change
 
 __all__ = [
     "auto_cache",
     "cached",
     "cached_closure",
+    "cached_forward",
     "evaluate",
     "invalidate",
     "is_auto",
+    "note_change",
     "set_auto",
 ]

@@ -80,33 +80,19 @@ flag), pickling stores no tensors, and nothing keeps a module alive.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import operator
 import weakref
-from collections.abc import Callable, Iterable
-from contextvars import ContextVar, Token
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 from manifoldparam._device import cuda_capturing
 
-if TYPE_CHECKING:
-    from manifoldparam.hard.base import Parametrization
-
-__all__ = [
-    "auto_cache",
-    "cached",
-    "cached_closure",
-    "evaluate",
-    "invalidate",
-    "is_auto",
-    "set_auto",
-]
-
-F = TypeVar("F", bound=Callable[..., Any])
+__all__ = ["cached_forward", "evaluate", "note_change"]
 
 #: Attribute of a parametrization that holds its cache slot.
 _SLOT_ATTR = "_manifoldparam_cache"
@@ -162,6 +148,13 @@ class _StepCounter:
 
     def _bump(self, *_: object) -> None:
         self.count += 1
+
+
+def note_change() -> None:
+    """Make every stored value stale: a setting of a parametrization changed (which no
+    tensor's version shows). Called by ``Parametrization.__setattr__``: a parametrization in a
+    chain is cached with its chain, whose entries it cannot reach."""
+    _STEPS.count += 1
 
 
 _STEPS = _StepCounter()
@@ -351,7 +344,11 @@ class _Reuse(torch.autograd.Function):
 
 
 def _state_tensors(p: nn.Module) -> tuple[Tensor | None, ...]:
-    """The tensors of ``p`` (buffers, parameters) its map may read besides ``x``."""
+    """The tensors of ``p`` (buffers, parameters) its map may read besides ``x``; for a
+    ``ParametrizationList`` (a chain, or a parametrization that is not ours), those of its
+    modules, not its own originals."""
+    if isinstance(p, ParametrizationList):
+        return tuple(t for m in p._modules.values() for t in (*m.buffers(), *m.parameters()))
     if p._modules:
         return (*p.buffers(), *p.parameters())
     if p._parameters:
@@ -384,23 +381,43 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def evaluate(p: Parametrization, x: Tensor) -> Tensor:
-    """``p.compute(x)``, reused while nothing it depends on has changed (when caching is on).
+@torch.jit.unused
+def cached_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """``forward`` of a manifoldparam parametrization: its value through the cache. The read
+    path (:mod:`.read`) recognises the class by this very function."""
+    return evaluate(self, x)
 
-    The single entry point through which every constrained value is made. Caching is on inside
-    :func:`cached` and for parametrizations in automatic mode (:func:`auto_cache`); otherwise
-    this is exactly ``p.compute(x)``. See the module docstring for what is keyed. A hit is read
-    at every access of a cached weight (an RNN reads it at each time step): the hit path is a
-    handful of C calls and attribute reads.
+
+def _compute(p: nn.Module, x: Tensor) -> Tensor:
+    """The value without the cache: ``p.compute(x)`` for ours; for a ``ParametrizationList``,
+    its chain applied to ``x`` (ours through ``compute``, so an entry is not nested in
+    another; the others called as torch calls them)."""
+    if not isinstance(p, ParametrizationList):
+        return p.compute(x)  # type: ignore[operator]
+    for m in p._modules.values():
+        x = m.compute(x) if type(m).forward is cached_forward else m(x)  # type: ignore[operator]
+    return x
+
+
+def evaluate(p: nn.Module, x: Tensor) -> Tensor:
+    """``f(x)``, reused while nothing it depends on has changed (when caching is on).
+
+    ``p`` is a manifoldparam parametrization (``f = p.compute``) or the
+    ``ParametrizationList`` of an attribute whose chain is not a single one of ours (``f`` the
+    chain). The single entry point through which every cached value is made. Caching is on
+    inside :func:`~.api.cached` and for parametrizations in automatic mode
+    (:func:`~.api.auto_cache`); otherwise this is exactly ``f(x)``. See the module docstring for
+    what is keyed. A hit is read at every access of a cached weight (an RNN reads it at each
+    time step): the hit path is a handful of C calls and attribute reads.
     """
     if _is_compiling():  # first: dynamo cannot trace ContextVar.get
-        return p.compute(x)
+        return _compute(p, x)
     scope = _SCOPE.get()
     slot: _Slot | None = p.__dict__.get(_SLOT_ATTR)
     token: object
     if scope is None:
         if slot is None or not slot.auto:
-            return p.compute(x)
+            return _compute(p, x)
         token = _AUTO
     else:
         token = scope
@@ -416,7 +433,7 @@ def evaluate(p: Parametrization, x: Tensor) -> Tensor:
         or _is_tracing()
         or (isinstance(x, Tensor) and x.is_cuda and cuda_capturing())  # (not an fx Proxy)
     ):
-        return p.compute(x)
+        return _compute(p, x)
     key = (
         token,
         _grad_enabled(),
@@ -428,7 +445,7 @@ def evaluate(p: Parametrization, x: Tensor) -> Tensor:
         if entry is not None and entry.matches(x, p):
             return entry.out
     if _tensor_bypass(x):
-        return p.compute(x)
+        return _compute(p, x)
     if slot is None:
         slot = _Slot()
         p.__dict__[_SLOT_ATTR] = slot
@@ -436,7 +453,7 @@ def evaluate(p: Parametrization, x: Tensor) -> Tensor:
 
     state = _state_tensors(p)
     plain = not (p._modules or p._parameters)
-    inner = p.compute(x)
+    inner = _compute(p, x)
     inputs = tuple(t for t in (x, *state) if t is not None and t.requires_grad)
     if inner.requires_grad and inputs:
         graph = _GraphState(inner, inputs, slot, drop_on_backward=token is _AUTO)
@@ -450,148 +467,3 @@ def evaluate(p: Parametrization, x: Tensor) -> Tensor:
         scope.slots.append(weakref.ref(slot))
     slot.entries[key] = entry
     return out
-
-
-# --------------------------------------------------------------------------- public API
-
-
-class cached(contextlib.ContextDecorator):
-    """Compute every constrained weight once inside the block, reuse it, never go stale.
-
-    ::
-
-        with manifoldparam.cached():
-            for t in range(T):                 # module.weight computed once, read T times
-                h = cell(x[t], h)
-            loss.backward()
-            optimizer.step()                   # bumps the originals' versions:
-            model(x2)                          # ... so this read recomputes
-
-    The results -- values and gradients -- equal those of the same code without the block,
-    including after ``optimizer.step()`` inside it, after a ``torch.no_grad()`` read, under
-    ``torch.func.functional_call`` with substituted tensors, with several ``backward()`` calls,
-    and with ``create_graph=True`` (see :mod:`manifoldparam.caching.cache` for what is keyed).
-    Entries are dropped when the outermost block exits. A nested block shares the outer
-    block's entries unless ``fresh=True``. Also usable as a decorator (each call opens a block).
-    """
-
-    def __init__(self, *, fresh: bool = False) -> None:
-        self.fresh = fresh
-        self._tokens: list[tuple[Token[_Scope | None], _Scope | None]] = []
-
-    def _recreate_cm(self) -> cached:
-        return cached(fresh=self.fresh)
-
-    def __enter__(self) -> cached:
-        _STEPS.install()
-        opened: _Scope | None = None
-        if self.fresh or _SCOPE.get() is None:
-            opened = _Scope()
-            self._tokens.append((_SCOPE.set(opened), opened))
-        else:
-            self._tokens.append((_SCOPE.set(_SCOPE.get()), None))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        token, opened = self._tokens.pop()
-        _SCOPE.reset(token)
-        if opened is not None:
-            opened.close()
-
-
-def cached_closure(closure: F) -> F:
-    """Wrap an optimizer closure so that each evaluation runs in a fresh :func:`cached` block.
-
-    For optimizers that evaluate the objective several times per step: ``torch.optim.LBFGS``
-    (``closure()`` with ``backward()`` inside), torchzero (``closure(backward=True)``), torchmin's
-    ``Minimizer`` (``closure()`` without backward; it differentiates, with ``create_graph`` for
-    the Newton and trust-region methods). Arguments pass through unchanged::
-
-        @manifoldparam.cached_closure
-        def closure():
-            optimizer.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-
-    Every parametrized weight is computed once per evaluation however often the model reads it,
-    and each evaluation sees the parameters the optimizer just wrote (even through ``.data``,
-    which version counters cannot see, since nothing is carried over between evaluations).
-    """
-
-    @functools.wraps(closure)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with cached(fresh=True):
-            return closure(*args, **kwargs)
-
-    return wrapped  # type: ignore[return-value]
-
-
-def _parametrizations(obj: nn.Module | Iterable[nn.Module]) -> Iterable[nn.Module]:
-    from manifoldparam.hard.base import Parametrization
-
-    modules = [obj] if isinstance(obj, nn.Module) else list(obj)
-    seen: set[int] = set()
-    for module in modules:
-        for m in module.modules():
-            if isinstance(m, Parametrization) and id(m) not in seen:
-                seen.add(id(m))
-                yield m
-
-
-def set_auto(p: nn.Module, enabled: bool = True) -> None:
-    """Put one parametrization in (or out of) automatic mode; leaving it drops its entries."""
-    slot: _Slot | None = p.__dict__.get(_SLOT_ATTR)
-    if slot is None:
-        slot = _Slot()
-        p.__dict__[_SLOT_ATTR] = slot
-    slot.auto = bool(enabled)
-    _STEPS.install()
-    if not enabled:
-        slot.drop_scope(_AUTO)
-
-
-def is_auto(p: nn.Module) -> bool:
-    """Whether ``p`` caches automatically (outside :func:`cached` blocks)."""
-    slot: _Slot | None = p.__dict__.get(_SLOT_ATTR)
-    return bool(slot is not None and slot.auto)
-
-
-def auto_cache(model: nn.Module | Iterable[nn.Module], enabled: bool = True) -> Any:
-    """Automatic caching, without a context, for every constrained weight in ``model``.
-
-    A weight read many times between two optimizer steps is computed once. Any in-place change
-    of an original or of a buffer (``optimizer.step()``, ``rebase``, assignment), a backward
-    through the value, a grad-mode change, ``functional_call`` with other tensors: the next read
-    recomputes. Writes through ``.data`` are invisible to version counters: call
-    :func:`invalidate` after them. ``enabled=False`` turns it off. Returns ``model``::
-
-        model = manifoldparam.auto_cache(model)
-        for x, y in loader:
-            loss = loss_fn(model(x), y)       # an RNN kernel is computed once per step
-            optimizer.zero_grad(); loss.backward(); optimizer.step()
-    """
-    for p in _parametrizations(model):
-        set_auto(p, enabled)
-    return model
-
-
-def invalidate(model: nn.Module | Iterable[nn.Module] | None = None) -> None:
-    """Drop cached values: of every constrained weight in ``model``, or with no argument, every
-    entry of the current :func:`cached` block. Needed only after writes no version counter sees
-    (``original.data.copy_(...)``, an in-place write into the vector ``vector_to_parameters``
-    filled the originals from, also of a buffer such as ``Orthogonal.base``, whose
-    orthogonality check it drops too). Assigning an attribute of a
-    parametrization (``p.base = B``, ``p.method = "cayley"``) drops its cache by itself."""
-    if model is None:
-        scope = _SCOPE.get()
-        if scope is not None:
-            scope.close()
-        return
-    for p in _parametrizations(model):
-        slot: _Slot | None = p.__dict__.get(_SLOT_ATTR)
-        if slot is not None:
-            slot.clear()
-        p.forget()  # type: ignore[operator]

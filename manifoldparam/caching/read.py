@@ -13,14 +13,20 @@ step, so with ``T = 100`` that is most of what a cache costs.
 :meth:`Parametrization.forward` (and so to the cache) when the read is the plain case, and
 otherwise calls torch's own getter, so every behaviour of ``parametrize`` is kept:
 
-* the plain case: one parametrization (ours) on the attribute, one ``original`` tensor, no
-  forward/backward hooks on the ``ParametrizationList`` or on the parametrization (nor global
-  module hooks), no compiled ``__call__`` or instance ``forward`` on either, ``nn.Module.__call__``
+* the plain case: one ``original`` tensor, no forward/backward hooks on the
+  ``ParametrizationList`` or on the parametrizations (nor global module hooks but the
+  adoption hook below), no compiled ``__call__`` or instance ``forward``, ``nn.Module.__call__``
   not replaced (``torch.fx.symbolic_trace`` does so while tracing), and
   ``torch.nn.utils.parametrize.cached()`` not active (inside it, torch's getter and its cache
-  decide, as for any parametrization);
-* anything else (a chain added later with ``register_parametrization``, hooks added later,
-  ...) takes torch's path, checked at every read.
+  decide). One parametrization of ours goes straight to the cache; any other chain (torch's
+  own ``orthogonal``, a user's module, several parametrizations) is cached as a whole while
+  caching is on for it, and otherwise computed by torch;
+* anything else (hooks added later, ...) takes torch's path, checked at every read.
+
+:func:`adopt` installs the getter on every parametrized attribute below a module. Inside
+:func:`~manifoldparam.cached` blocks a global forward pre-hook adopts each module the first time
+it is called (then returns at once: one weak-set lookup per module call), so attributes
+registered with torch's own ``register_parametrization`` are cached too.
 
 The setter is torch's (``module.weight = W`` calls ``right_inverse``). The class object stays
 the same (no class swap) and nothing global is patched; ``remove_parametrizations`` deletes
@@ -29,6 +35,8 @@ the property as before.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -36,7 +44,7 @@ import torch.nn.modules.module as _module_globals
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["install"]
+__all__ = ["adopt", "adopting", "install"]
 
 #: ``nn.Module.__call__`` as torch defines it. torch.fx.symbolic_trace replaces it on the class
 #: while tracing (to record ``call_module`` nodes); a read then takes torch's path, so the graph
@@ -62,7 +70,7 @@ def _plain(plist: nn.Module, p: nn.Module) -> bool:
         or p._compiled_call_impl is not None
         or "forward" in a
         or "forward" in b
-        or g._global_forward_pre_hooks
+        or len(g._global_forward_pre_hooks) > _ADOPTION.hooks
         or g._global_forward_hooks
         or g._global_backward_pre_hooks
         or g._global_backward_hooks
@@ -71,10 +79,7 @@ def _plain(plist: nn.Module, p: nn.Module) -> bool:
 
 
 def _getter(name: str, torch_get: Callable[[nn.Module], Tensor]) -> Callable[[nn.Module], Tensor]:
-    from manifoldparam.caching.cache import evaluate
-    from manifoldparam.hard.base import Parametrization
-
-    plain_forward = Parametrization.forward
+    from manifoldparam.caching.cache import _SCOPE, _SLOT_ATTR, cached_forward, evaluate
 
     @torch.jit.unused
     def read(self: nn.Module) -> Tensor:
@@ -83,19 +88,23 @@ def _getter(name: str, torch_get: Callable[[nn.Module], Tensor]) -> Callable[[nn
         try:
             plist = self._modules["parametrizations"]._modules[name]  # type: ignore[union-attr]
             chain = plist._modules  # type: ignore[union-attr]
-            p = chain["0"]
             x = plist._parameters["original"]  # type: ignore[union-attr]
-            if (
-                x is None
-                or parametrize._cache_enabled
-                or len(chain) != 1
-                or type(p).forward is not plain_forward  # not ours, or forward overridden
-                or not _plain(plist, p)  # type: ignore[arg-type]
+            if x is None or parametrize._cache_enabled:
+                return torch_get(self)
+            if len(chain) == 1:
+                p = chain["0"]
+                if type(p).forward is cached_forward and _plain(plist, p):  # type: ignore[arg-type]
+                    return evaluate(p, x)  # p.forward(x)
+            # Not a single one of ours: cached as a whole while caching is on for it.
+            slot = plist.__dict__.get(_SLOT_ATTR)
+            if (_SCOPE.get() is None and not (slot is not None and slot.auto)) or not all(
+                _plain(plist, m)  # type: ignore[arg-type]
+                for m in chain.values()
             ):
                 return torch_get(self)
         except KeyError:  # a tensor list (several originals), or not set up as torch expects
             return torch_get(self)
-        return evaluate(p, x)  # p.forward(x)
+        return evaluate(plist, x)  # type: ignore[arg-type]
 
     def get(self: nn.Module) -> Tensor:
         # TorchScript compiles module properties: it gets this line and a stub for ``read``, so
@@ -108,12 +117,12 @@ def _getter(name: str, torch_get: Callable[[nn.Module], Tensor]) -> Callable[[nn
         return read(self)
 
     get.__name__ = get.__qualname__ = name
-    get.__doc__ = f"``{name}``, read through its manifoldparam parametrization (and cache)."
+    get.__doc__ = f"``{name}``, read through its parametrization (and manifoldparam's cache)."
     return get
 
 
 def install(module: nn.Module, name: str) -> None:
-    """Give ``module.<name>`` (just registered by a manifoldparam constructor) the fast getter.
+    """Give the parametrized attribute ``module.<name>`` the cache's getter.
 
     Does nothing if the attribute is not a parametrize property (or already has it).
     """
@@ -127,3 +136,51 @@ def install(module: nn.Module, name: str) -> None:
     setattr(cls, name, fast)
     # A marker on the getter: a property object takes no attributes.
     fast.fget._manifoldparam = True  # type: ignore[union-attr]
+
+
+class _Adoption:
+    """The modules whose parametrized attributes have the getter, and the global forward
+    pre-hook that adopts modules called inside :func:`~manifoldparam.cached` blocks (installed
+    while at least one block is open, in any thread)."""
+
+    def __init__(self) -> None:
+        self.done: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self.blocks = 0
+        self.hooks = 0  # global forward pre-hooks of ours (0 or 1): _plain allows them
+        self.handle: torch.utils.hooks.RemovableHandle | None = None
+        self.lock = threading.Lock()
+
+
+_ADOPTION = _Adoption()
+
+
+def adopt(root: nn.Module) -> None:
+    """Give every parametrized attribute of ``root`` and its submodules the cache's getter."""
+    done = _ADOPTION.done
+    for m in root.modules():
+        if m in done:
+            continue
+        plists = m.__dict__["_modules"].get("parametrizations")
+        if isinstance(plists, nn.ModuleDict):
+            for name in plists:
+                install(m, name)
+        done.add(m)
+
+
+def _adopt_on_call(module: nn.Module, args: object) -> None:
+    if module in _ADOPTION.done or torch.compiler.is_compiling():
+        return
+    adopt(module)
+
+
+def adopting(on: bool) -> None:
+    """Open (``True``) or close a block: the adoption hook lives while a block is open."""
+    a = _ADOPTION
+    with a.lock:
+        a.blocks += 1 if on else -1
+        if a.blocks > 0 and a.handle is None:
+            a.handle = _module_globals.register_module_forward_pre_hook(_adopt_on_call)
+            a.hooks = 1
+        elif a.blocks == 0 and a.handle is not None:
+            a.handle.remove()
+            a.handle, a.hooks = None, 0

@@ -41,7 +41,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from manifoldparam._device import autocast_off, value_readable
-from manifoldparam.caching.cache import evaluate, invalidate
+from manifoldparam.caching.api import invalidate
+from manifoldparam.caching.cache import cached_forward, note_change
 from manifoldparam.caching.read import install as install_read
 
 __all__ = [
@@ -206,6 +207,7 @@ class Parametrization(nn.Module, metaclass=abc.ABCMeta):
         # (Not before nn.Module.__init__, and not for ``training``: train()/eval() keep it.)
         if name != "training" and "_modules" in self.__dict__:
             invalidate(self)
+            note_change()  # (also the entries of a chain this parametrization is in)
 
     # ----------------------------------------------------------------- the hooks
     @abc.abstractmethod
@@ -357,9 +359,8 @@ class Parametrization(nn.Module, metaclass=abc.ABCMeta):
         return value
 
     # ----------------------------------------------------------------- public API
-    @torch.jit.unused
-    def forward(self, x: Tensor) -> Tensor:
-        return evaluate(self, x)
+    #: ``forward(x)``: the value through the cache (:func:`~manifoldparam.caching.cached_forward`).
+    forward = cached_forward
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> nn.Module:
         # .to() / .double() / .cuda(): the cached values are of the old tensors. Module._apply
@@ -537,7 +538,8 @@ def _refs_when_alone() -> int:
     """The reference count :func:`_reject_tied` sees for a Parameter nothing else holds,
     measured once through a call path of the same shape (checked_weight's local, then one
     argument), since the count differs across Python versions."""
-    probe = nn.Linear(1, 1)
+    probe = nn.Module()  # (not nn.Linear: its init would draw from the global RNG)
+    probe.weight = nn.Parameter(torch.empty(1))
     weight = probe.weight
     return _probe_refs(weight)
 
