@@ -39,6 +39,7 @@ __all__ = ["auto_cache", "cached", "cached_closure", "invalidate", "is_auto", "s
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
 class cached(contextlib.ContextDecorator):
     """Compute every constrained weight once inside the block, reuse it, never go stale.
 
