@@ -2,11 +2,16 @@
 
 Each :class:`Case` builds a plain module, constrains it, and brings an oracle for its set that
 does not use the library (geoopt for Stiefel and SPD, plus a strict Cholesky; direct
-comparisons for the box and the orthant), in the dtype the weight is stored in.
+comparisons for the box, the orthant and symmetry), in the dtype the weight is stored in.
+
+The last case is a user's own constraint: the ``Symmetric`` class of
+:class:`manifoldparam.Parametrization`'s docstring, executed from the docstring itself, so the
+documented example is what gets every test (a new constraint joins by adding one case).
 """
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,18 +44,22 @@ def _stiefel(w: Tensor, dtype: torch.dtype) -> None:
 
 def spd_oracle(floor: float) -> Callable[[Tensor, torch.dtype], None]:
     def oracle(w: Tensor, dtype: torch.dtype) -> None:
-        # Strict in every dtype: the stored matrix itself has a Cholesky factor above the floor.
+        # Strict in every dtype: the stored matrix itself has a Cholesky factor above the floor,
+        # and its eigenvalues are above it to the round-off of the dtype the map runs in.
         w = w.double()
         assert torch.equal(w, w.mT), "not symmetric"
         assert_spd(w, floor=floor)
-        assert float(torch.linalg.eigvalsh(w).min()) >= floor
+        eps = torch.finfo(torch.float32 if dtype in HALF else dtype).eps
+        slack = 16 * w.shape[-1] * eps * max(1.0, float(w.abs().max()))
+        assert float(torch.linalg.eigvalsh(w).min()) >= floor - slack
 
     return oracle
 
 
 def box(low: float, high: float) -> Callable[[Tensor, torch.dtype], None]:
     def oracle(w: Tensor, dtype: torch.dtype) -> None:
-        lo, hi = torch.tensor(low).to(dtype), torch.tensor(high).to(dtype)
+        # (the bounds as registration rounds them: from float64 to the weight's dtype)
+        lo, hi = (torch.tensor(b, dtype=torch.float64).to(dtype) for b in (low, high))
         assert bool(torch.isfinite(w).all())
         assert bool(((w >= lo) & (w <= hi)).all()), (float(w.min()), float(w.max()))
 
@@ -63,6 +72,26 @@ def _orthant(w: Tensor, dtype: torch.dtype) -> None:
 
 def _cayley(m: nn.Module) -> nn.Module:
     return mp.orthogonal(m, map="cayley")
+
+
+def documented_example() -> dict[str, object]:
+    """Run the code block of ``Parametrization``'s docstring; return its namespace."""
+    doc = mp.Parametrization.__doc__ or ""
+    block = doc.split("::\n", 1)[1].split("\n    Args:", 1)[0]
+    namespace: dict[str, object] = {"torch": torch, "nn": nn, "manifoldparam": mp}
+    exec(textwrap.dedent(block), namespace)  # the documented code, verbatim
+    return namespace
+
+
+Symmetric = documented_example()["Symmetric"]
+
+
+def _symmetric(w: Tensor, dtype: torch.dtype) -> None:
+    assert bool(torch.isfinite(w).all()) and torch.equal(w, w.mT), "not symmetric"
+
+
+def _user(m: nn.Module) -> nn.Module:
+    return mp.register(m, "weight", Symmetric)
 
 
 CASES = [
@@ -97,5 +126,6 @@ CASES = [
         box(-0.3, 0.7),
     ),
     Case("nonnegative", lambda: nn.Linear(6, 5), mp.nonnegative, (3, 6), _orthant),
+    Case("user-symmetric", lambda: nn.Linear(5, 5), _user, (3, 5), _symmetric),
 ]
 IDS = [c.name for c in CASES]
