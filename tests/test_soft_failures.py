@@ -425,3 +425,21 @@ def test_report_names_non_finite_tensors_behind_hard_constraints() -> None:
     assert "2.bias (1 of 3)" in rows["2.bias", "soft"].note
     assert math.isnan(report.worst)
     assert len(report.problems) == 4 and "note" in str(report).splitlines()[0]
+
+
+def test_the_kinds_share_one_constructor_with_mdmms_signatures() -> None:
+    """One __init__ for the six kinds (their bounds named by the class): mdmm's positional and
+    keyword forms both work, the signature shows them, and a missing bound is named."""
+    import inspect
+
+    assert str(inspect.signature(BoundConstraintHard)) == (
+        "(fn, min, max, scale=1.0, damping=1.0, *, shape=(), dtype=None)"
+    )
+    a = MaxConstraint(lambda: torch.zeros(()), 2.0, 0.5, 3.0)
+    b = MaxConstraint(lambda: torch.zeros(()), max=2.0, scale=0.5, damping=3.0)
+    assert [float(x) for x in (a.max, a.scale, a.damping)] == [2.0, 0.5, 3.0]
+    assert [float(x) for x in (b.max, b.scale, b.damping)] == [2.0, 0.5, 3.0]
+    with pytest.raises(TypeError, match="missing the bound value"):
+        EqConstraint(lambda: torch.zeros(()))
+    with pytest.raises(TypeError, match="unexpected or repeated argument 'max'"):
+        MaxConstraint(lambda: torch.zeros(()), 1.0, max=2.0)

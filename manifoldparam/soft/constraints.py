@@ -36,6 +36,7 @@ absolute value is the distance to feasibility (mdmm reports ``c - s²`` for the 
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -133,16 +134,52 @@ class Constraint(nn.Module):
     scale: Tensor
     damping: Tensor
 
+    #: The names of the kind's bound arguments, in order (``("value",)``, ``("max",)``,
+    #: ``("min", "max")``): each is a positional or keyword argument after ``fn``, before
+    #: ``scale`` and ``damping`` (mdmm's signatures), registered as a buffer of that name.
+    bounds: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # What help() and inspect show: fn, the bounds, scale, damping, shape, dtype.
+        P = inspect.Parameter
+        params = [P("fn", P.POSITIONAL_OR_KEYWORD)]
+        params += [P(b, P.POSITIONAL_OR_KEYWORD) for b in cls.bounds]
+        params += [
+            P("scale", P.POSITIONAL_OR_KEYWORD, default=1.0),
+            P("damping", P.POSITIONAL_OR_KEYWORD, default=1.0),
+            P("shape", P.KEYWORD_ONLY, default=()),
+            P("dtype", P.KEYWORD_ONLY, default=None),
+        ]
+        cls.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+
     def __init__(
         self,
         fn: Callable[..., Tensor],
-        scale: float = 1.0,
-        damping: float = 1.0,
-        *,
+        *args: float | Tensor,
         shape: Sequence[int] = (),
         dtype: torch.dtype | None = None,
+        **named: float | Tensor,
     ) -> None:
         super().__init__()
+        names = (*self.bounds, "scale", "damping")
+        if len(args) > len(names):
+            raise TypeError(
+                f"{type(self).__name__}() takes fn, {', '.join(names)}: {len(args) + 1} "
+                "positional arguments given"
+            )
+        given = dict(zip(names, args, strict=False))
+        for k, v in named.items():
+            if k not in names or k in given:
+                raise TypeError(
+                    f"{type(self).__name__}(): unexpected or repeated argument {k!r} (takes fn, "
+                    f"{', '.join(names)}, shape=, dtype=)"
+                )
+            given[k] = v
+        missing = [b for b in self.bounds if b not in given]
+        if missing:
+            raise TypeError(f"{type(self).__name__}(): missing the bound {', '.join(missing)}")
+        scale, damping = given.get("scale", 1.0), given.get("damping", 1.0)
         if not callable(fn):
             raise TypeError(
                 f"{type(self).__name__}: fn must be callable (a function returning a tensor), "
@@ -159,6 +196,12 @@ class Constraint(nn.Module):
         self.__dict__["_scale_damping"] = (float(self.scale), float(self.damping))
         self._check_overflow(dtype)
         self.lmbda = Multiplier(torch.zeros(tuple(shape), dtype=dtype))
+        for name in self.bounds:
+            self._register_bound(name, given[name], dtype)
+        if "min" in self.bounds and "max" in self.bounds and bool((self.min > self.max).any()):
+            raise ValueError(
+                f"{self.describe()}: min {_fmt(self.min)} > max {_fmt(self.max)}; swap them."
+            )
 
     # ------------------------------------------------------------------ validation
     def _number(self, what: str, value: float | Tensor, dtype: torch.dtype) -> Tensor:
@@ -362,21 +405,9 @@ class EqConstraint(Constraint):
     """
 
     relation = "=="
+    bounds = ("value",)
     always_active = True
     value: Tensor
-
-    def __init__(
-        self,
-        fn: Callable[..., Tensor],
-        value: float | Tensor,
-        scale: float = 1.0,
-        damping: float = 1.0,
-        *,
-        shape: Sequence[int] = (),
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(fn, scale, damping, shape=shape, dtype=dtype)
-        self._register_bound("value", value, dtype)
 
     def infeasibility(self, fn_value: Tensor) -> Tensor:
         return self.value - fn_value
@@ -415,20 +446,8 @@ class MaxConstraint(_Inequality):
     """
 
     relation = "<="
+    bounds = ("max",)
     max: Tensor
-
-    def __init__(
-        self,
-        fn: Callable[..., Tensor],
-        max: float | Tensor,
-        scale: float = 1.0,
-        damping: float = 1.0,
-        *,
-        shape: Sequence[int] = (),
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(fn, scale, damping, shape=shape, dtype=dtype)
-        self._register_bound("max", max, dtype)
 
     def infeasibility(self, fn_value: Tensor) -> Tensor:
         return self.max - fn_value
@@ -449,20 +468,8 @@ class MinConstraint(_Inequality):
     """
 
     relation = ">="
+    bounds = ("min",)
     min: Tensor
-
-    def __init__(
-        self,
-        fn: Callable[..., Tensor],
-        min: float | Tensor,
-        scale: float = 1.0,
-        damping: float = 1.0,
-        *,
-        shape: Sequence[int] = (),
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(fn, scale, damping, shape=shape, dtype=dtype)
-        self._register_bound("min", min, dtype)
 
     def infeasibility(self, fn_value: Tensor) -> Tensor:
         return fn_value - self.min
@@ -481,20 +488,8 @@ class MaxConstraintHard(Constraint):
     """
 
     relation = "<="
+    bounds = ("max",)
     max: Tensor
-
-    def __init__(
-        self,
-        fn: Callable[..., Tensor],
-        max: float | Tensor,
-        scale: float = 1.0,
-        damping: float = 1.0,
-        *,
-        shape: Sequence[int] = (),
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(fn, scale, damping, shape=shape, dtype=dtype)
-        self._register_bound("max", max, dtype)
 
     def infeasibility(self, fn_value: Tensor) -> Tensor:
         return fn_value.clamp(max=self.max) - fn_value
@@ -507,20 +502,8 @@ class MinConstraintHard(Constraint):
     """``fn >= min`` as mdmm's clamp: :math:`c = \\max(\\mathrm{fn}, \\min) - \\mathrm{fn}`."""
 
     relation = ">="
+    bounds = ("min",)
     min: Tensor
-
-    def __init__(
-        self,
-        fn: Callable[..., Tensor],
-        min: float | Tensor,
-        scale: float = 1.0,
-        damping: float = 1.0,
-        *,
-        shape: Sequence[int] = (),
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(fn, scale, damping, shape=shape, dtype=dtype)
-        self._register_bound("min", min, dtype)
 
     def infeasibility(self, fn_value: Tensor) -> Tensor:
         return fn_value.clamp(min=self.min) - fn_value
@@ -538,27 +521,9 @@ class BoundConstraintHard(Constraint):
     """
 
     relation = "in"
+    bounds = ("min", "max")
     min: Tensor
     max: Tensor
-
-    def __init__(
-        self,
-        fn: Callable[..., Tensor],
-        min: float | Tensor,
-        max: float | Tensor,
-        scale: float = 1.0,
-        damping: float = 1.0,
-        *,
-        shape: Sequence[int] = (),
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(fn, scale, damping, shape=shape, dtype=dtype)
-        self._register_bound("min", min, dtype)
-        self._register_bound("max", max, dtype)
-        if bool((self.min > self.max).any()):
-            raise ValueError(
-                f"{self.describe()}: min {_fmt(self.min)} > max {_fmt(self.max)}; swap them."
-            )
 
     def infeasibility(self, fn_value: Tensor) -> Tensor:
         return fn_value.clamp(self.min, self.max) - fn_value
