@@ -32,7 +32,7 @@ class Student(nn.Module):
 def violations(model: nn.Module) -> dict[str, float]:
     out = {}
     for mod_name, module in model.named_modules():
-        for p in mp.constraints_of(module, "weight"):
+        for p in mp.hard.constraints_of(module, "weight"):
             out[f"{mod_name}.weight ({type(p).__name__})"] = float(p.distance(module.weight))
     return out
 

@@ -146,4 +146,4 @@ def solve_lbfgs(mdmm: Any, params: list[torch.Tensor], f: Any, outer: int = 30) 
             return value
 
         opt.step(closure)
-        mp.dual_update(mdmm)
+        mp.soft.dual_update(mdmm)

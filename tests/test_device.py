@@ -689,14 +689,14 @@ def test_training_state_resumes_bit_for_bit_on_device(device) -> None:
     mp.rebase(net, opt)  # a base point that moved during training must be saved too
     train_net(net, opt, 2)  # and Adam state rebuilt for the rebased coordinates
     # map_location=device: the usual way to load on a GPU (the RNG states land there too)
-    state = via_bytes(mp.training_state(net, opt, step=6), map_location=device)
+    state = via_bytes(mp.interop.training_state(net, opt, step=6), map_location=device)
     if device.type == "cuda":
         assert "cuda" in state["rng"]  # dropout's generator
     assert all(on_device(t, device) for t in state["model"].values())
     reference = train_net(net, opt, 5)
 
     net2, opt2 = make_net(device, seed=1)  # a different start: everything comes from the state
-    assert mp.load_training_state(state, net2, opt2) == {"step": 6}
+    assert mp.interop.load_training_state(state, net2, opt2) == {"step": 6}
     resumed = train_net(net2, opt2, 5)
     assert resumed == reference
     for (k, a), b in zip(net.state_dict().items(), net2.state_dict().values(), strict=True):
@@ -707,7 +707,7 @@ def test_training_state_resumes_bit_for_bit_on_device(device) -> None:
 
     # Control: the same weights with a fresh optimizer do not resume (the state matters).
     net3, _ = make_net(device, seed=1)
-    mp.load_training_state(state, net3)
+    mp.interop.load_training_state(state, net3)
     opt3 = torch.optim.Adam(net3.parameters(), lr=0.05)
     assert train_net(net3, opt3, 5) != reference
 

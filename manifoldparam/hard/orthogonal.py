@@ -405,7 +405,7 @@ class Orthogonal(Parametrization):
                 f"{self.n}x{self.n}); loaded, the weight would be off the set. It was not saved "
                 "from this constraint (bases are set by registration, assignment and "
                 "manifoldparam.rebase): load the checkpoint it belongs to, or load the "
-                "weight's value instead (manifoldparam.load_plain_state_dict with the "
+                "weight's value instead (manifoldparam.interop.load_plain_state_dict with the "
                 f"'{self.owner.rsplit('.', 1)[-1]}' key projects it onto the set)."
             )
 

@@ -13,11 +13,11 @@
 Example::
 
     plain = torch.load("pretrained_linear.pt", weights_only=True)     # {"weight", "bias"}
-    report = manifoldparam.load_plain_state_dict(mp.orthogonal(nn.Linear(8, 8)), plain)
+    report = manifoldparam.interop.load_plain_state_dict(mp.orthogonal(nn.Linear(8, 8)), plain)
     print(report)                 # weight: moved 0.41 onto orthogonal (was 0.87 off the set)
 
-    torch.save(manifoldparam.training_state(model, optimizer, mdmm), "ckpt.pt")
-    manifoldparam.load_training_state(
+    torch.save(manifoldparam.interop.training_state(model, optimizer, mdmm), "ckpt.pt")
+    manifoldparam.interop.load_training_state(
         torch.load("ckpt.pt", weights_only=True), model, optimizer, mdmm
     )
 """
