@@ -11,7 +11,7 @@ What is timed, per size n (all float32, on an n×n weight; every method sees the
 A = tril(X, -1) - tril(X, -1)ᵀ with X ~ N(0, 1/n) entries, i.e. spectral radius ≈ 2: a generic
 rotation; ``--scale c`` multiplies A by c, e.g. to see the regime with squarings):
 
-* ``expm (bare)`` / ``matrix_exp (bare)``: ``manifoldparam.hard.expm.expm(A)`` vs
+* ``expm (bare)`` / ``matrix_exp (bare)``: ``manifoldparam.linalg.expm.expm(A)`` vs
   ``torch.linalg.matrix_exp(A)`` on the skew matrix itself (independent of any wiring).
 * ``map: expm`` / ``map: matrix_exp``: the torch-style orthogonal map from an n×n parameter P,
   ``A = tril(P, -1) - tril(P, -1)ᵀ; W = exp(A)``, with each exponential.
@@ -59,7 +59,8 @@ torch.set_num_threads(2)
 
 from _timing import now  # noqa: E402
 
-from manifoldparam.hard.expm import SYNC_FREE_SQUARINGS, _forward, expm  # noqa: E402
+from manifoldparam.linalg._scheme import _forward  # noqa: E402
+from manifoldparam.linalg.expm import SYNC_FREE_SQUARINGS, expm  # noqa: E402
 
 REF = "torch orthogonal(matrix_exp)"
 

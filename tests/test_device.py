@@ -28,7 +28,7 @@ from torch.autograd import gradcheck
 
 import manifoldparam as mp
 from manifoldparam.hard.base import Parametrization
-from manifoldparam.hard.expm import expm, expm_projected, expm_skew
+from manifoldparam.linalg.expm import expm, expm_projected, expm_skew
 from tests.cases import CASES
 from tests.cases import IDS as CASE_IDS
 from tests.conftest import (

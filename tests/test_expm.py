@@ -1,4 +1,4 @@
-"""Tests of manifoldparam.hard.expm: value, gradient (exact adjoint), higher derivatives,
+"""Tests of manifoldparam.linalg.expm: value, gradient (exact adjoint), higher derivatives,
 torch.func transforms, torch.compile, host syncs, and hypothesis property tests."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
-from manifoldparam.hard.expm import expm, expm_projected, expm_skew
+from manifoldparam.linalg.expm import expm, expm_projected, expm_skew
 
 F64 = torch.float64
 
@@ -266,7 +266,7 @@ def test_skew_matrices_are_scaled_by_their_spectral_radius(dtype, rho, bent_choi
     by a 1e-6 perturbation needs T8 with two (float64) or Padé 7 (float32); values and
     gradients as accurate as before (float64: against matrix_exp and scipy's Fréchet
     derivative; float32: no worse than torch's own matrix_exp against the float64 reference)."""
-    from manifoldparam.hard.expm import _forward
+    from manifoldparam.linalg._scheme import _forward
 
     a = _rotation_generator(64, rho, seed=3)
     assert torch.equal(a, -a.T)
@@ -297,7 +297,7 @@ def test_float32_taylor_takes_at_most_one_squaring(n, rho):
     squarings: a skew "star" matrix (‖A‖₁ = √(n-1)·ρ, ‖A²‖₁^½ ≈ ρ) whose bound allows T8 with
     two squarings takes Padé 7, within 1e-6 of the float64 exponential (T8 s=2: 1.2e-6 to
     6.7e-6, torch 4.6e-6 / 2.2e-6), and so does its gradient."""
-    from manifoldparam.hard.expm import _forward
+    from manifoldparam.linalg._scheme import _forward
 
     a = torch.zeros(n, n, dtype=F64)
     a[0, 1:], a[1:, 0] = 1.0, -1.0
@@ -413,7 +413,7 @@ def _count_host_reads():
 
 
 def test_taylor8_is_the_degree_8_taylor_polynomial():
-    from manifoldparam.hard.expm import _taylor8
+    from manifoldparam.linalg._scheme import _taylor8
 
     a = _rand((7, 7), 0.9, gen_seed=11)
     taylor = sum(torch.linalg.matrix_power(a, k) / math.factorial(k) for k in range(9))
@@ -426,7 +426,7 @@ def test_taylor8_is_the_degree_8_taylor_polynomial():
 def test_taylor_path_value_and_every_derivative(norm, squarings):
     """Small float64 norms take the Taylor path (m = 8) with 0, 1, 2 squarings: value, gradient,
     double backward, forward mode and vmap agree with matrix_exp / finite differences."""
-    from manifoldparam.hard.expm import _forward
+    from manifoldparam.linalg._scheme import _forward
 
     a = _rand((2, 5, 5), norm, gen_seed=12)
     a[1] *= 0.5  # the second matrix needs fewer squarings: masked
@@ -468,7 +468,7 @@ def test_sharper_d4_keeps_taylor_where_the_a2_bound_fails():
     """Skew A (float64, n = 32, ρ = 0.12): ‖A²‖₁^½ = 0.177 asks for 3 squarings of T_8 (more
     than the 2 allowed, hence Padé 13 before), ‖A⁴‖₁^¼ = 0.146 (also a bound on ρ) for 2:
     T_8 it is, after a second host read, with the value and gradient of matrix_exp."""
-    from manifoldparam.hard.expm import _forward
+    from manifoldparam.linalg._scheme import _forward
 
     gen = torch.Generator().manual_seed(5)
     low = torch.randn(32, 32, generator=gen, dtype=F64).tril(-1)
@@ -489,7 +489,8 @@ def test_frobenius_bound_keeps_taylor_without_a4(projected):
     RNN kernel's): ‖A²‖₁^½ > 0.88 would need two squarings of T_8 (float32 allows one), but
     ρ(A)² ≤ ‖A²‖_F gives 0.75: T_8 with one squaring, chosen after one host read (no A⁴), with
     matrix_exp's value and gradient (the projected variant: its skew part)."""
-    from manifoldparam.hard.expm import _forward, expm_projected
+    from manifoldparam.linalg._scheme import _forward
+    from manifoldparam.linalg.expm import expm_projected
 
     n = 64
     gen = torch.Generator().manual_seed(8)
@@ -520,7 +521,8 @@ def test_frobenius_bound_keeps_taylor_without_a4(projected):
 def test_projected_reads_the_one_norm_when_the_frobenius_bound_fails():
     """expm_projected reads ‖A²‖_F first; for a flat spectrum (a random skew A) ‖A²‖₁ is the
     sharper bound and is read second: T_8 with one squaring after two reads, no A⁴."""
-    from manifoldparam.hard.expm import _forward, expm_projected
+    from manifoldparam.linalg._scheme import _forward
+    from manifoldparam.linalg.expm import expm_projected
 
     gen = torch.Generator().manual_seed(9)
     low = torch.randn(96, 96, generator=gen).tril(-1)
@@ -541,7 +543,7 @@ def test_host_choice_is_the_device_formula(dtype):
     """The default mode chooses (m, s) on the host from the read norms; the sync-free mode
     evaluates the same formula on the device. Same s for every matrix of a batch spanning
     many orders of magnitude (m = 7 when every float64 matrix is below theta_7)."""
-    from manifoldparam.hard.expm import _THETA7, _choose
+    from manifoldparam.linalg._scheme import _THETA7, _choose
 
     torch.manual_seed(0)
     # Dense in scale, so that any change of a norm estimate moves some s across a power of 2.

@@ -15,7 +15,7 @@ from torch.autograd import gradcheck
 from torch.autograd.functional import jacobian
 
 import manifoldparam as mp
-from manifoldparam.hard.expm import expm
+from manifoldparam.linalg.expm import expm
 from tests.conftest import assert_on_stiefel
 
 MAPS = ["expm", "cayley"]

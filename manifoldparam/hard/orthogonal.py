@@ -65,7 +65,8 @@ from manifoldparam.hard.base import (
     max_abs,
     register,
 )
-from manifoldparam.hard.expm import _expm, _is_wrapped
+from manifoldparam.linalg._scheme import _is_wrapped
+from manifoldparam.linalg.expm import _expm
 
 __all__ = ["Orthogonal", "orthogonal"]
 
@@ -95,7 +96,7 @@ def _host_checked(t: Tensor) -> bool:
 
 def _exp(a: Tensor, max_squarings: int | None) -> tuple[Tensor, bool]:
     """``(exp(A), taylor)`` for A = L - Lᵀ (made by ``Orthogonal.skew``), through
-    :func:`~manifoldparam.hard.expm.expm_projected` (a backward at about 2 forwards);
+    :func:`~manifoldparam.linalg.expm.expm_projected` (a backward at about 2 forwards);
     ``taylor``: its round-off is already at the Newton--Schulz floor (see ``_expm``).
 
     In eager mode the degree and the number of squarings are chosen from norms read on the
@@ -263,7 +264,7 @@ class Orthogonal(Parametrization):
 
         ``L`` is a scatter (its backward a gather: ``index_copy`` and a gather-built ``A`` cost
         2-4x more in one direction), and the subtraction's backward applies
-        ``P(Ā) = Ā - Āᵀ``, which :func:`~manifoldparam.hard.expm.expm_projected` relies on.
+        ``P(Ā) = Ā - Āᵀ``, which :func:`~manifoldparam.linalg.expm.expm_projected` relies on.
         """
         n = self.n
         index = self.index.expand(*x.shape[:-1], -1)

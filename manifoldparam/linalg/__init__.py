@@ -1,0 +1,10 @@
+"""Linear-algebra kernels the constraints are built on, usable on their own.
+
+* :func:`expm` -- the matrix exponential with an exact Fréchet-adjoint backward (about two
+  forwards instead of ``torch.linalg.matrix_exp``'s ten), and its skew-matrix variants
+  :func:`expm_skew` and :func:`expm_projected` (:mod:`.expm`).
+"""
+
+from manifoldparam.linalg.expm import SYNC_FREE_SQUARINGS, expm, expm_projected, expm_skew
+
+__all__ = ["SYNC_FREE_SQUARINGS", "expm", "expm_projected", "expm_skew"]
