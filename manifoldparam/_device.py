@@ -20,7 +20,8 @@ import contextlib
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor
+
+from manifoldparam._torch import FakeTensor
 
 __all__ = ["autocast_off", "cuda_capturing", "may_read_on_host", "value_readable"]
 

@@ -90,6 +90,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import ParametrizationList
 
+from manifoldparam import _torch
 from manifoldparam._device import cuda_capturing
 
 __all__ = ["cached_forward", "evaluate", "note_change"]
@@ -356,14 +357,14 @@ def _state_tensors(p: nn.Module) -> tuple[Tensor | None, ...]:
     return tuple(p._buffers.values())
 
 
-_peek_transform = torch._C._functorch.peek_interpreter_stack
-_dispatch_depth = torch._C._len_torch_dispatch_stack
-_saved_tensor_hooks = torch._C._autograd._top_saved_tensors_default_hooks
-_is_tracing = torch._C._is_tracing
+_peek_transform = _torch.peek_transform
+_dispatch_depth = _torch.dispatch_depth
+_saved_tensor_hooks = _torch.saved_tensor_hooks
+_is_tracing = _torch.is_tracing
 _forward_ad = torch.autograd.forward_ad
 _grad_enabled = torch.is_grad_enabled
 _inference_mode = torch.is_inference_mode_enabled
-_any_autocast = torch._C._is_any_autocast_enabled
+_any_autocast = _torch.any_autocast
 _is_compiling = torch.compiler.is_compiling
 
 
@@ -371,9 +372,7 @@ def _tensor_bypass(x: Tensor) -> bool:
     """Whether ``x`` itself must not be cached (meta, functorch-wrapped, not a tensor). Checked
     only when an entry would be stored: a hit needs the very object an entry was stored for."""
     # Not a tensor: a torch.fx Proxy (symbolic_trace into the parametrization).
-    return (
-        not isinstance(x, Tensor) or x.is_meta or torch._C._functorch.is_functorch_wrapped_tensor(x)
-    )
+    return not isinstance(x, Tensor) or x.is_meta or _torch.is_functorch_wrapped(x)
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:

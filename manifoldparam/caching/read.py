@@ -40,42 +40,11 @@ import weakref
 from collections.abc import Callable
 
 import torch
-import torch.nn.modules.module as _module_globals
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+
+from manifoldparam._torch import only_forward, torch_cache_enabled
 
 __all__ = ["adopt", "adopting", "install"]
-
-#: ``nn.Module.__call__`` as torch defines it. torch.fx.symbolic_trace replaces it on the class
-#: while tracing (to record ``call_module`` nodes); a read then takes torch's path, so the graph
-#: calls the parametrization instead of baking the weight in as a constant.
-_CALL = nn.Module.__call__
-
-
-def _plain(plist: nn.Module, p: nn.Module) -> bool:
-    """Whether ``plist(x)`` and ``p(x)`` do nothing but their classes' ``forward``: no hooks (on
-    either, nor global module hooks), no compiled call, no ``forward`` set on an instance, and
-    ``nn.Module.__call__`` not replaced. One function (called on every read) of dict reads."""
-    a, b, g = plist.__dict__, p.__dict__, _module_globals
-    return not (
-        a["_forward_pre_hooks"]
-        or a["_forward_hooks"]
-        or a["_backward_pre_hooks"]
-        or a["_backward_hooks"]
-        or b["_forward_pre_hooks"]
-        or b["_forward_hooks"]
-        or b["_backward_pre_hooks"]
-        or b["_backward_hooks"]
-        or plist._compiled_call_impl is not None
-        or p._compiled_call_impl is not None
-        or "forward" in a
-        or "forward" in b
-        or len(g._global_forward_pre_hooks) > _ADOPTION.hooks
-        or g._global_forward_hooks
-        or g._global_backward_pre_hooks
-        or g._global_backward_hooks
-        or nn.Module.__call__ is not _CALL
-    )
 
 
 def _getter(name: str, torch_get: Callable[[nn.Module], Tensor]) -> Callable[[nn.Module], Tensor]:
@@ -89,16 +58,16 @@ def _getter(name: str, torch_get: Callable[[nn.Module], Tensor]) -> Callable[[nn
             plist = self._modules["parametrizations"]._modules[name]  # type: ignore[union-attr]
             chain = plist._modules  # type: ignore[union-attr]
             x = plist._parameters["original"]  # type: ignore[union-attr]
-            if x is None or parametrize._cache_enabled:
+            if x is None or torch_cache_enabled():
                 return torch_get(self)
             if len(chain) == 1:
                 p = chain["0"]
-                if type(p).forward is cached_forward and _plain(plist, p):  # type: ignore[arg-type]
+                if type(p).forward is cached_forward and only_forward(plist, p, _ADOPTION.hooks):  # type: ignore[arg-type]
                     return evaluate(p, x)  # p.forward(x)
             # Not a single one of ours: cached as a whole while caching is on for it.
             slot = plist.__dict__.get(_SLOT_ATTR)
             if (_SCOPE.get() is None and not (slot is not None and slot.auto)) or not all(
-                _plain(plist, m)  # type: ignore[arg-type]
+                only_forward(plist, m, _ADOPTION.hooks)  # type: ignore[arg-type]
                 for m in chain.values()
             ):
                 return torch_get(self)
@@ -179,7 +148,7 @@ def adopting(on: bool) -> None:
     with a.lock:
         a.blocks += 1 if on else -1
         if a.blocks > 0 and a.handle is None:
-            a.handle = _module_globals.register_module_forward_pre_hook(_adopt_on_call)
+            a.handle = nn.modules.module.register_module_forward_pre_hook(_adopt_on_call)
             a.hooks = 1
         elif a.blocks == 0 and a.handle is not None:
             a.handle.remove()

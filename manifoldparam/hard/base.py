@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from manifoldparam._device import autocast_off, value_readable
+from manifoldparam._torch import any_autocast, dispatch_depth, is_functorch_wrapped, is_tracing
 from manifoldparam.caching.api import invalidate
 from manifoldparam.caching.cache import cached_forward, note_change
 from manifoldparam.caching.read import install as install_read
@@ -90,9 +91,9 @@ def _eager_readable(t: object) -> bool:
         isinstance(t, Tensor)
         and t.is_cpu
         and not torch.compiler.is_compiling()
-        and not torch._C._is_tracing()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        and not is_tracing()
+        and dispatch_depth() == 0
+        and not is_functorch_wrapped(t)
         and value_readable(t)
     )
 
@@ -258,7 +259,7 @@ class Parametrization(nn.Module, metaclass=abc.ABCMeta):
         if not isinstance(x, Tensor):  # a torch.fx Proxy (symbolic_trace): record the map
             return self.map(x)
         low = x.dtype in LOW_PRECISION
-        if low or torch._C._is_any_autocast_enabled():
+        if low or any_autocast():
             with autocast_off(x):
                 y = self.map(x.float() if low else x)
             if low:

@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from manifoldparam._device import may_read_on_host
+from manifoldparam._torch import is_functorch_wrapped, is_tracing
 from manifoldparam.hard.base import (
     LOW_PRECISION,
     NonFiniteError,
@@ -65,7 +66,6 @@ from manifoldparam.hard.base import (
     max_abs,
     register,
 )
-from manifoldparam.linalg._scheme import _is_wrapped
 from manifoldparam.linalg.expm import _expm
 
 __all__ = ["Orthogonal", "orthogonal"]
@@ -89,8 +89,8 @@ def _host_checked(t: Tensor) -> bool:
     return (
         may_read_on_host(t)
         and not torch.compiler.is_compiling()
-        and not torch._C._is_tracing()
-        and not _is_wrapped(t)
+        and not is_tracing()
+        and not is_functorch_wrapped(t)
     )
 
 
@@ -111,7 +111,7 @@ def _exp(a: Tensor, max_squarings: int | None) -> tuple[Tensor, bool]:
     (Dynamo does not yet trace the custom autograd.Function inside a parametrization:
     "Placeholder node not found").
     """
-    if torch.compiler.is_compiling() or torch._C._is_tracing():
+    if torch.compiler.is_compiling() or is_tracing():
         return torch.linalg.matrix_exp(a), False
     return _expm(a, max_squarings, projected=True)
 
@@ -364,7 +364,7 @@ class Orthogonal(Parametrization):
         for a batched base under ``torch.func`` transforms and for inference tensors, which
         keep no version counter."""
         b = self.base
-        if _is_wrapped(b) or b.is_inference():
+        if is_functorch_wrapped(b) or b.is_inference():
             return False
         key = (id(b), b._version, b.data_ptr(), b.dtype, b.shape)
         memo = self.__dict__.get(_VERDICT)

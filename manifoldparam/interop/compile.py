@@ -22,20 +22,14 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from manifoldparam._torch import optimized_module_type
+
 __all__ = ["check_second_order", "compiled_submodules", "explain_double_backward_error"]
-
-
-def _optimized_module_type() -> type | None:
-    try:
-        from torch._dynamo.eval_frame import OptimizedModule
-    except Exception:  # pragma: no cover - dynamo unavailable on this platform
-        return None
-    return OptimizedModule
 
 
 def compiled_submodules(module: nn.Module | Iterable[nn.Module]) -> list[str]:
     """Names of the ``torch.compile``-d modules in ``module`` (``""`` for the module itself)."""
-    cls = _optimized_module_type()
+    cls = optimized_module_type()
     if cls is None:
         return []
     modules = [("", module)] if isinstance(module, nn.Module) else enumerate(module)

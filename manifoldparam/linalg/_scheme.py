@@ -9,6 +9,8 @@ import math
 import torch
 from torch import Tensor
 
+from manifoldparam._torch import is_functorch_wrapped
+
 # Padé [m/m] coefficients of exp (Higham 2005), normalised by b_0 (same r_m, O(1) numbers).
 _B7 = (17297280.0, 8648640.0, 1995840.0, 277200.0, 25200.0, 1512.0, 56.0, 1.0)
 _B13 = (
@@ -204,14 +206,11 @@ def _plus_identity(x: Tensor, c: float) -> Tensor:
     return x
 
 
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-
-
 def _add_product(c: Tensor, x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
     """``c + alpha·(x @ y)``, in place on ``c`` (a fresh temporary): for single matrices one
     GEMM that accumulates into ``c`` (an elementwise pass fewer). Not under ``torch.func``
     transforms, which have no batching rule for ``addmm_``."""
-    if c.dim() == 2 and x.dim() == 2 and y.dim() == 2 and not _is_wrapped(c):
+    if c.dim() == 2 and x.dim() == 2 and y.dim() == 2 and not is_functorch_wrapped(c):
         return c.addmm_(x, y, alpha=alpha)
     return c.add_(x @ y, alpha=alpha)
 

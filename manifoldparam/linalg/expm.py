@@ -111,8 +111,9 @@ import torch
 from torch import Tensor
 
 from manifoldparam._device import autocast_off, may_read_on_host
+from manifoldparam._torch import functorch_active, is_functorch_wrapped
 from manifoldparam.linalg._frechet import _adjoint, _recompute, _tangent
-from manifoldparam.linalg._scheme import _TAYLOR, _forward, _is_wrapped
+from manifoldparam.linalg._scheme import _TAYLOR, _forward
 
 __all__ = ["SYNC_FREE_SQUARINGS", "expm", "expm_projected", "expm_skew"]
 
@@ -218,13 +219,12 @@ def _scaled_input(a: Tensor, saved: Tensor) -> Tensor:
 #: ``inspect.signature`` (tens of µs per call, for a Function whose arguments are always all
 #: passed) and unwrapped dead functorch wrappers.
 _base_apply = super(torch.autograd.Function, _Expm).apply
-_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def _apply(a: Tensor, max_squarings: int | None, projected: bool = False) -> tuple:
     if torch.compiler.is_compiling():
         return _ExpmNoJvp.apply(a, max_squarings, projected)
-    if _functorch_active() or _is_wrapped(a):
+    if functorch_active() or is_functorch_wrapped(a):
         return _Expm.apply(a, max_squarings, projected)
     return _base_apply(a, max_squarings, projected)
 

@@ -1,0 +1,91 @@
+"""The private torch internals the library reads, in one file: a torch release that moves
+one of them breaks here, and nowhere else.
+
+Each is a fast query of the dispatcher's state, used on hot paths (the cache's read, the
+finiteness check, the exponential's dispatch) where the public spellings cost a Python frame
+or do not exist.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.modules.module as _module_globals
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "FakeTensor",
+    "any_autocast",
+    "dispatch_depth",
+    "functorch_active",
+    "is_functorch_wrapped",
+    "is_tracing",
+    "only_forward",
+    "optimized_module_type",
+    "peek_transform",
+    "saved_tensor_hooks",
+    "torch_cache_enabled",
+]
+
+#: Whether a tensor is a torch.func wrapper (grad/vmap/jvp level), not a plain tensor.
+is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+#: Whether any torch.func transform is active.
+functorch_active = torch._C._are_functorch_transforms_active
+#: The innermost torch.func interpreter (None outside transforms).
+peek_transform = torch._C._functorch.peek_interpreter_stack
+#: The depth of the TorchDispatchMode stack (fake tensors, FlopCounter, ...).
+dispatch_depth = torch._C._len_torch_dispatch_stack
+#: The innermost saved-tensor hooks (activation checkpointing, offloading).
+saved_tensor_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+#: Whether torch.jit.trace is recording.
+is_tracing = torch._C._is_tracing
+#: Whether autocast is on for any device.
+any_autocast = torch._C._is_any_autocast_enabled
+
+
+def torch_cache_enabled() -> bool:
+    """Whether torch's own ``parametrize.cached()`` block is open."""
+    return parametrize._cache_enabled
+
+
+def optimized_module_type() -> type | None:
+    """The class of ``torch.compile``-d modules (None where Dynamo is unavailable)."""
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except Exception:  # pragma: no cover - dynamo unavailable on this platform
+        return None
+    return OptimizedModule
+
+
+#: ``nn.Module.__call__`` as torch defines it. torch.fx.symbolic_trace replaces it on the class
+#: while tracing (to record ``call_module`` nodes); a read then takes torch's path, so the graph
+#: calls the parametrization instead of baking the weight in as a constant.
+_CALL = nn.Module.__call__
+
+
+def only_forward(plist: nn.Module, p: nn.Module, global_pre_hooks: int) -> bool:
+    """Whether ``plist(x)`` and ``p(x)`` do nothing but their classes' ``forward``: no hooks (on
+    either, nor global module hooks), no compiled call, no ``forward`` set on an instance, and
+    ``nn.Module.__call__`` not replaced (``global_pre_hooks``: how many global forward
+    pre-hooks are the caller's own). One function (called on every read) of dict reads."""
+    a, b, g = plist.__dict__, p.__dict__, _module_globals
+    return not (
+        a["_forward_pre_hooks"]
+        or a["_forward_hooks"]
+        or a["_backward_pre_hooks"]
+        or a["_backward_hooks"]
+        or b["_forward_pre_hooks"]
+        or b["_forward_hooks"]
+        or b["_backward_pre_hooks"]
+        or b["_backward_hooks"]
+        or plist._compiled_call_impl is not None
+        or p._compiled_call_impl is not None
+        or "forward" in a
+        or "forward" in b
+        or len(g._global_forward_pre_hooks) > global_pre_hooks
+        or g._global_forward_hooks
+        or g._global_backward_pre_hooks
+        or g._global_backward_hooks
+        or nn.Module.__call__ is not _CALL
+    )
