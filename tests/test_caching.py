@@ -29,7 +29,8 @@ from manifoldparam.caching import (
     is_auto,
     set_auto,
 )
-from manifoldparam.hard.base import Parametrization, register
+from manifoldparam.hard.base import Parametrization
+from manifoldparam.hard.registration import register
 from tests.conftest import RNN, TOL, assert_same, counting, grads, loss_of
 
 DT = torch.float64

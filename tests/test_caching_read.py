@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 import manifoldparam as mp
 from manifoldparam.caching import cached
-from manifoldparam.hard.base import register
+from manifoldparam.hard.registration import register
 
 DT = torch.float64
 TOL = {"atol": 1e-12, "rtol": 0.0}

@@ -246,9 +246,9 @@ def test_registration_draws_nothing_from_the_global_rng(case) -> None:
     """Two models built from one seed are equal whatever was registered before: registration
     must not draw random numbers (the tied-weight check's first call built an nn.Linear probe,
     whose init shifted every later draw, once per process)."""
-    import manifoldparam.hard.base as base
+    from manifoldparam.hard import registration
 
-    base._refs_when_alone.cache_clear()
+    registration._refs_when_alone.cache_clear()
     torch.manual_seed(0)
     case.constrain(case.build())
     after = torch.randn(3)

@@ -4,17 +4,11 @@ One file per set; each holds the parametrization class (usable directly with
 ``register_parametrization``) and the thin public constructor.
 """
 
-from manifoldparam.hard.base import (
-    NonFiniteError,
-    Parametrization,
-    constraints_of,
-    project,
-    rebase,
-    register,
-)
+from manifoldparam.hard.base import NonFiniteError, Parametrization
 from manifoldparam.hard.bounded import Bounded, bounded
 from manifoldparam.hard.nonnegative import Nonnegative, nonnegative
 from manifoldparam.hard.orthogonal import Orthogonal, orthogonal
+from manifoldparam.hard.registration import constraints_of, project, rebase, register
 from manifoldparam.hard.spd import SPD, spd
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""The shared base of every hard constraint, and the one way to register one.
+"""The shared base of every hard constraint (registered by :mod:`.registration`).
 
 A hard constraint is a *trivialization*: a smooth surjective map ``f: R^d -> M`` from
 unconstrained coordinates (the ``original`` tensor PyTorch stores) onto a set ``M`` (the
@@ -29,10 +29,7 @@ a weight stored in bfloat16/float16 lies on the set to that dtype's precision
 from __future__ import annotations
 
 import abc
-import functools
-import gc
 import math
-import sys
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -44,19 +41,8 @@ from manifoldparam._device import autocast_off, value_readable
 from manifoldparam._torch import any_autocast, dispatch_depth, is_functorch_wrapped, is_tracing
 from manifoldparam.caching.api import invalidate
 from manifoldparam.caching.cache import cached_forward, note_change
-from manifoldparam.caching.read import install as install_read
 
-__all__ = [
-    "LOW_PRECISION",
-    "NonFiniteError",
-    "Parametrization",
-    "checked_weight",
-    "constraints_of",
-    "owner_name",
-    "project",
-    "rebase",
-    "register",
-]
+__all__ = ["LOW_PRECISION", "NonFiniteError", "Parametrization", "check_finite", "owner_name"]
 
 
 def owner_name(module: nn.Module, name: str) -> str:
@@ -372,7 +358,7 @@ class Parametrization(nn.Module, metaclass=abc.ABCMeta):
         return super()._apply(fn, recurse)
 
     def right_inverse(self, w: Tensor) -> Tensor:
-        _check_finite(w, self.owner, "assigned value" if self._registered else "weight")
+        check_finite(w, self.owner, "assigned value" if self._registered else "weight")
         store = w.dtype
         # In the compute dtype with autocast off, as the map (the module docstring's policy);
         # the check's tolerance is the storage dtype's.
@@ -445,7 +431,9 @@ class Parametrization(nn.Module, metaclass=abc.ABCMeta):
         return f"shape={tuple(self.shape)}, owner={self.owner}"
 
 
-def _check_finite(w: Tensor, owner: str, what: str) -> None:
+def check_finite(w: Tensor, owner: str, what: str) -> None:
+    """Raise a ValueError naming ``owner`` if ``w`` (the registered weight or an assigned value)
+    holds NaN/Inf."""
     bad = ~torch.isfinite(w)
     if bool(bad.any()):
         raise ValueError(
@@ -456,286 +444,3 @@ def _check_finite(w: Tensor, owner: str, what: str) -> None:
                 else "the weight is unchanged."
             )
         )
-
-
-def checked_weight(module: nn.Module, name: str) -> Tensor:
-    """``module.<name>`` after the registration-time checks every constraint shares.
-
-    Raises, before anything is touched, on: a missing attribute, an attribute that is already
-    parametrized, a geoopt ``ManifoldParameter``, a non-floating or complex dtype, NaN/Inf.
-    """
-    owner = owner_name(module, name)
-    if parametrize.is_parametrized(module, name):
-        chain = [type(p).__name__ for p in module.parametrizations[name]]
-        raise ValueError(
-            f"{owner} is already parametrized ({' -> '.join(chain)}); remove it "
-            "first with torch.nn.utils.parametrize.remove_parametrizations(module, name)."
-        )
-    if name not in module._parameters and name not in module._buffers:
-        have = [n for n, _ in module.named_parameters(recurse=False)]
-        raise AttributeError(
-            f"{owner.rsplit('.', 1)[0]} has no parameter or buffer named {name!r} "
-            f"(its parameters: {have}); pass the attribute's name, e.g. name='weight'."
-        )
-    weight = getattr(module, name)
-    if weight is None:
-        raise AttributeError(f"{owner} is None; there is nothing to constrain.")
-    _reject_manifold_parameter(weight, owner)
-    if not weight.is_floating_point():
-        raise TypeError(
-            f"{owner} has dtype {weight.dtype}; constraints need a real floating tensor: "
-            "convert the module first, e.g. module.float() or module.double()."
-        )
-    if weight.numel() == 0:
-        raise ValueError(
-            f"{owner} has no entries (shape {tuple(weight.shape)}); there is nothing to "
-            "constrain. Check the layer's sizes, or skip the constraint for empty layers."
-        )
-    if not value_readable(weight):
-        raise ValueError(
-            f"{owner} is on the {weight.device} device (or fake), so it has no values to keep: "
-            "registration projects the current weight onto the set and builds the "
-            "constraint's buffers from it. Materialise the module first "
-            "(module.to_empty(device=...) and its initialisation), then register."
-        )
-    _check_finite(weight.detach(), owner, "weight")
-    _reject_tied(module, name, weight, owner)
-    return weight
-
-
-def _reject_tied(module: nn.Module, name: str, weight: Tensor, owner: str) -> None:
-    """Raise if another module holds the same Parameter (tied weights, ``dec.weight =
-    enc.weight``): registration turns that very tensor into the coordinates, which the other
-    module would then silently read as its weight."""
-    if _refcount(weight) <= _refs_when_alone():
-        return  # nothing else holds it (the usual case: no heap scan)
-    others = [
-        f"{key!r} of {'the same' if m is module else 'another'} {type(m).__name__}"
-        for m, key in _parameter_holders(weight)
-        if not (m is module and key == name)
-    ]
-    if others:
-        raise ValueError(
-            f"{owner}: this Parameter is also held as {', '.join(others)} (tied weights). "
-            "Registering a constraint turns that tensor into the constraint's coordinates, "
-            "which the other module would then read as its weight. Constrain one module and "
-            "let the other read its weight instead of holding the Parameter, e.g. a decoder "
-            "whose forward calls F.linear(h, encoder.weight.T); or untie them first "
-            "(other.weight = nn.Parameter(other.weight.detach().clone())) to constrain each "
-            "on its own."
-        )
-
-
-def _refcount(t: Tensor) -> int:
-    return sys.getrefcount(t)
-
-
-def _probe_refs(weight: Tensor) -> int:  # stands where _reject_tied stands
-    return _refcount(weight)
-
-
-@functools.cache
-def _refs_when_alone() -> int:
-    """The reference count :func:`_reject_tied` sees for a Parameter nothing else holds,
-    measured once through a call path of the same shape (checked_weight's local, then one
-    argument), since the count differs across Python versions."""
-    probe = nn.Module()  # (not nn.Linear: its init would draw from the global RNG)
-    probe.weight = nn.Parameter(torch.empty(1))
-    weight = probe.weight
-    return _probe_refs(weight)
-
-
-def _parameter_holders(t: Tensor) -> list[tuple[nn.Module, str]]:
-    """``(module, key)`` for every module whose ``_parameters[key]`` is ``t`` (a heap scan)."""
-    found: list[tuple[nn.Module, str]] = []
-    for d in gc.get_referrers(t):
-        if not isinstance(d, dict):
-            continue
-        keys = [k for k, v in d.items() if v is t and isinstance(k, str)]
-        if not keys:
-            continue
-        for owner in gc.get_referrers(d):
-            # A module's instance dict holds ``_parameters`` (or the module itself, where the
-            # interpreter inlines instance dicts).
-            if isinstance(owner, nn.Module) and owner.__dict__.get("_parameters") is d:
-                found.extend((owner, k) for k in keys)
-            elif isinstance(owner, dict) and owner.get("_parameters") is d:
-                for m in gc.get_referrers(owner):
-                    if isinstance(m, nn.Module) and m.__dict__ is owner:
-                        found.extend((m, k) for k in keys)
-    return found
-
-
-def register(
-    module: nn.Module,
-    name: str,
-    constraint: type[Parametrization] | Parametrization | nn.Module,
-    **options: Any,
-) -> nn.Module:
-    """Constrain ``module.<name>``: the one way every constraint is registered.
-
-    ``constraint`` is a :class:`Parametrization` subclass (built as
-    ``constraint(weight.shape, owner="Linear.weight", **options)``; the public constructors
-    such as :func:`manifoldparam.orthogonal` are this one call), an instance of one, or any
-    other ``nn.Module`` parametrization in torch's sense (``forward`` and ``right_inverse``,
-    registered through torch unchanged, ``options`` passed to
-    :func:`~torch.nn.utils.parametrize.register_parametrization`).
-
-    For a :class:`Parametrization`: checks the weight (:func:`checked_weight`) and
-    :meth:`Parametrization.validate` before touching the module, moves the weight to the
-    nearest point of the set (torch's first ``right_inverse``), checks that the coordinates
-    number :attr:`Parametrization.dim` (else the module is restored and a ``ValueError``
-    raised), and installs the checkpoint checks. Every attribute registered here gets the
-    cache's read path (:mod:`manifoldparam.caching.read`). Returns ``module``::
-
-        manifoldparam.register(layer, "weight", manifoldparam.Orthogonal, map="cayley")
-        manifoldparam.register(layer, "bias", MyConstraint((4,)))
-    """
-    if not isinstance(constraint, Parametrization) and not (
-        isinstance(constraint, type) and issubclass(constraint, Parametrization)
-    ):
-        if not isinstance(constraint, nn.Module):
-            raise TypeError(
-                f"{owner_name(module, name)}: register() takes a Parametrization subclass, an "
-                f"instance of one, or an nn.Module parametrization; got {type(constraint)!r}."
-            )
-        parametrize.register_parametrization(module, name, constraint, **options)
-        install_read(module, name)
-        return module
-    weight = checked_weight(module, name)
-    owner = owner_name(module, name)
-    if isinstance(constraint, Parametrization):
-        if options:
-            raise TypeError(f"{owner}: options {sorted(options)} go to the class, not an instance")
-        parametrization = constraint
-        if parametrization.owner.startswith("<"):
-            parametrization.owner = owner
-    else:
-        parametrization = constraint(weight.shape, owner=owner, **options)
-    parametrization.validate(weight)
-    parametrization.to(device=weight.device, dtype=weight.dtype)
-    saved = weight.detach().clone()  # torch writes the coordinates into the same tensor
-    parametrize.register_parametrization(module, name, parametrization)
-    plist = module.parametrizations[name]
-    count = plist.original.numel()
-    if count != parametrization.dim:
-        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
-        with torch.no_grad():
-            getattr(module, name).set_(saved)
-        raise ValueError(
-            f"{owner}: {type(parametrization).__name__}.inverse returned {count} coordinates "
-            f"but the set has dimension {parametrization.dim} (its dim); coordinates must be "
-            "minimal, one per direction of the set. The module is unchanged."
-        )
-    # load_state_dict writes ``original`` before it reaches the parametrization: check what it
-    # would load and drop the cache first (_before_load).
-    plist.register_load_state_dict_pre_hook(_before_load)
-    install_read(module, name)
-    return module
-
-
-def check_loaded_state(plist: nn.Module, state: MutableMapping[str, Any], prefix: str) -> None:
-    """Raise before a load changes anything of ``plist`` (an attribute's ParametrizationList,
-    its keys under ``prefix``) if ``state`` does not fit it: coordinates (``original``) of
-    another shape, not floating or not finite, and whatever a constraint's
-    :meth:`Parametrization.check_state` rejects (bounds other than the declared ones, a base
-    point off the set), with a :class:`RuntimeError` that names the key. Keys absent from
-    ``state`` are not checked. Accepted bounds are replaced in ``state`` by the declared ones
-    (see ``check_state``)."""
-    ours = [p for p in plist if isinstance(p, Parametrization)]
-    if not ours:
-        return
-    for name, own in plist._parameters.items():  # "original" ("original0", ... for tuples)
-        if own is not None:
-            ours[0]._loaded(state, prefix + name, own, "coordinates")
-    for index, p in plist._modules.items():
-        if isinstance(p, Parametrization):
-            p.check_state(state, f"{prefix}{index}.")
-
-
-def _before_load(
-    plist: nn.Module, state_dict: MutableMapping[str, Any], prefix: str, *_: Any
-) -> None:
-    # torch copies ``original``, then each constraint's buffers: check all of them first, so
-    # that a failing check leaves this attribute as it was. Then drop the cache (its graphs
-    # hold ``original``, and a swapping load refuses a tensor held elsewhere).
-    try:
-        check_loaded_state(plist, state_dict, prefix)
-    except RuntimeError as e:
-        owner = next((p.owner for p in plist if isinstance(p, Parametrization)), "it")
-        raise RuntimeError(f"{e} Nothing of {owner} was loaded.") from None
-    invalidate(plist)
-
-
-def _reject_manifold_parameter(weight: Tensor, owner: str) -> None:
-    try:
-        from geoopt import ManifoldParameter, ManifoldTensor
-    except ImportError:  # pragma: no cover - geoopt is a dependency
-        return
-    if isinstance(weight, ManifoldParameter | ManifoldTensor):
-        raise TypeError(
-            f"{owner} is a geoopt {type(weight).__name__} on {weight.manifold}; a Riemannian "
-            "optimizer would retract the unconstrained coordinates (NaN). Either keep geoopt's "
-            "parameter and its optimizer, or constrain a plain tensor: "
-            f"module.{owner.split('.')[-1]} = nn.Parameter(weight.detach().clone())."
-        )
-
-
-def constraints_of(module: nn.Module, name: str) -> list[Parametrization]:
-    """The manifoldparam parametrizations registered on ``module.<name>`` (possibly none)."""
-    if not parametrize.is_parametrized(module, name):
-        return []
-    return [p for p in module.parametrizations[name] if isinstance(p, Parametrization)]
-
-
-def project(module: nn.Module, name: str, value: Tensor) -> Tensor:
-    """The nearest point to ``value`` of the set ``module.<name>`` is constrained to.
-
-    Use it to assign a value that is off the set::
-
-        layer.weight = manifoldparam.project(layer, "weight", torch.randn(4, 4))
-    """
-    found = constraints_of(module, name)
-    if not found:
-        raise ValueError(
-            f"{type(module).__name__}.{name} has no manifoldparam constraint; register one "
-            "first (e.g. manifoldparam.orthogonal(module, name))."
-        )
-    with torch.no_grad(), autocast_off(value):
-        return found[-1].project(value.to(compute_dtype(value.dtype))).to(value.dtype)
-
-
-@torch.no_grad()
-def rebase(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Dynamic trivialization: move the base point of every constraint that has one
-    (``has_base_point``, e.g. :class:`~manifoldparam.Orthogonal`) to the current weight.
-
-    For each: ``x <- inverse(project(map(x)))``, so the base becomes the current weight
-    (re-projected, so float error does not compound) and the coordinates 0. The weight is
-    unchanged up to round-off and the map is again evaluated near its base, where it is best
-    conditioned. The optimizer's state of each rebased coordinate tensor (momentum, Adam
-    moments) refers to the old chart, so it is dropped when ``optimizer`` is given. Returns
-    the number of weights rebased::
-
-        if step % 100 == 0:
-            manifoldparam.rebase(model, optimizer)
-    """
-    rebased: list[Tensor] = []
-    for module in model.modules():
-        parametrizations = getattr(module, "parametrizations", None)
-        if not isinstance(parametrizations, nn.ModuleDict):
-            continue
-        for plist in parametrizations.values():
-            p = plist[0] if len(plist) == 1 else None
-            if not (isinstance(p, Parametrization) and p.has_base_point):
-                continue
-            original = plist.original
-            w = p.compute(original)
-            with autocast_off(w):
-                w = w.to(compute_dtype(w.dtype))
-                original.copy_(p.inverse(p.project(w)))
-            rebased.append(original)
-    if optimizer is not None:
-        for original in rebased:
-            optimizer.state.pop(original, None)
-    return len(rebased)

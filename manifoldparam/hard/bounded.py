@@ -34,8 +34,8 @@ from manifoldparam.hard.base import (
     LOW_PRECISION,
     Parametrization,
     max_abs,
-    register,
 )
+from manifoldparam.hard.registration import register
 
 __all__ = ["Bounded", "bounded"]
 

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from manifoldparam.hard.base import (
     Parametrization,
     max_abs,
-    register,
 )
+from manifoldparam.hard.registration import register
 from manifoldparam.hard.spd import softplus_inverse
 
 __all__ = ["Nonnegative", "nonnegative"]

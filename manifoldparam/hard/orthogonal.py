@@ -64,8 +64,8 @@ from manifoldparam.hard.base import (
     Parametrization,
     compute_dtype,
     max_abs,
-    register,
 )
+from manifoldparam.hard.registration import register
 from manifoldparam.linalg.expm import _expm
 
 __all__ = ["Orthogonal", "orthogonal"]

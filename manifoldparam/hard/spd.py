@@ -36,8 +36,8 @@ from manifoldparam.hard.base import (
     LOW_PRECISION,
     Parametrization,
     max_abs,
-    register,
 )
+from manifoldparam.hard.registration import register
 
 __all__ = ["SPD", "spd"]
 

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from manifoldparam._device import value_readable
-from manifoldparam.hard.base import check_loaded_state, constraints_of, owner_name
+from manifoldparam.hard.base import owner_name
+from manifoldparam.hard.registration import check_loaded_state, constraints_of
 
 __all__ = [
     "PlainLoadReport",
@@ -313,7 +314,7 @@ def _checked_module_state(
     Checks, in ``module.state_dict()``'s key order so the error names the first offending key:
     with ``strict``, the same keys; each entry a tensor of the module's shape; parameters
     finite, other floating tensors free of NaN; for every constrained attribute what its
-    constraints check (:func:`~manifoldparam.hard.base.check_loaded_state`: coordinates,
+    constraints check (:func:`~manifoldparam.hard.registration.check_loaded_state`: coordinates,
     bounds equal to the declared ones, base points on the set). Returns a shallow copy of
     ``sd`` (with its ``_metadata``) to load, in which accepted bounds are the declared ones.
     """
