@@ -1,16 +1,21 @@
 """manifoldparam: constrained training for PyTorch on ordinary module attributes.
 
-* :mod:`manifoldparam.hard` -- hard constraints by construction: :func:`orthogonal`,
-  :func:`spd`, :func:`bounded`, :func:`nonnegative`, registered through
-  ``torch.nn.utils.parametrize``;
+The everyday names are here; the rest lives in the layer it belongs to:
+
+* :mod:`manifoldparam.hard` -- hard constraints by construction (:func:`orthogonal`,
+  :func:`spd`, :func:`bounded`, :func:`nonnegative`, your own :class:`Parametrization`),
+  registered through ``torch.nn.utils.parametrize`` by :func:`register`;
 * :mod:`manifoldparam.caching` -- :func:`cached`, :func:`auto_cache`, :func:`invalidate`,
-  :func:`cached_closure`: a constrained weight computed once per step, never stale;
+  :func:`cached_closure`: a parametrized weight computed once per step, never stale;
 * :mod:`manifoldparam.soft` -- Lagrange multipliers (MDMM) for what no map expresses, with
-  mdmm's names (``import manifoldparam as mdmm`` runs mdmm's examples) and
-  :func:`constrain` on module attributes;
-* :mod:`manifoldparam.interop` -- optimizers, scipy, checkpoints, export, distributed.
+  mdmm's names (``import manifoldparam as mdmm`` runs mdmm's examples) and :func:`constrain`
+  on module attributes;
+* :mod:`manifoldparam.report` -- :func:`constraint_report`, every constraint of a model;
+* :mod:`manifoldparam.interop` -- scipy, checkpoints, export, ``torch.func``, distributed;
+* :mod:`manifoldparam.linalg` -- the matrix exponential the orthogonal map is built on.
 """
 
+from manifoldparam import caching, hard, interop, linalg, report, soft
 from manifoldparam.caching import auto_cache, cached, cached_closure, invalidate
 from manifoldparam.hard import (
     SPD,
@@ -20,7 +25,6 @@ from manifoldparam.hard import (
     Orthogonal,
     Parametrization,
     bounded,
-    constraints_of,
     nonnegative,
     orthogonal,
     project,
@@ -28,30 +32,12 @@ from manifoldparam.hard import (
     register,
     spd,
 )
-from manifoldparam.interop import (
-    FlatObjective,
-    PlainLoadReport,
-    ProjectedOnLoadWarning,
-    all_reduce_grads,
-    all_reduce_mean,
-    broadcast_module,
-    check_functional_keys,
-    check_second_order,
-    export,
-    functional_call,
-    global_closure,
-    load_plain_state_dict,
-    load_training_state,
-    per_sample_grads,
-    replica_divergence,
-    scipy_minimize,
-    training_state,
-)
+from manifoldparam.interop import export, scipy_minimize
+from manifoldparam.report import constraint_report
 from manifoldparam.soft import (
     MDMM,
     BoundConstraintHard,
     Constraint,
-    ConstraintReport,
     ConstraintReturn,
     EqConstraint,
     MaxConstraint,
@@ -59,17 +45,7 @@ from manifoldparam.soft import (
     MDMMReturn,
     MinConstraint,
     MinConstraintHard,
-    Multiplier,
-    ReportRow,
-    check_optimizer,
     constrain,
-    constraint_report,
-    dual_update,
-    mean_abs,
-    restore_feasibility,
-    rms,
-    row_norms,
-    soft_constraints,
 )
 
 __version__ = "0.1.0"
@@ -80,57 +56,37 @@ __all__ = [
     "BoundConstraintHard",
     "Bounded",
     "Constraint",
-    "ConstraintReport",
     "ConstraintReturn",
     "EqConstraint",
-    "FlatObjective",
     "MDMMReturn",
     "MaxConstraint",
     "MaxConstraintHard",
     "MinConstraint",
     "MinConstraintHard",
-    "Multiplier",
     "NonFiniteError",
     "Nonnegative",
     "Orthogonal",
     "Parametrization",
-    "PlainLoadReport",
-    "ProjectedOnLoadWarning",
-    "ReportRow",
     "__version__",
-    "all_reduce_grads",
-    "all_reduce_mean",
     "auto_cache",
     "bounded",
-    "broadcast_module",
     "cached",
     "cached_closure",
-    "check_functional_keys",
-    "check_optimizer",
-    "check_second_order",
+    "caching",
     "constrain",
     "constraint_report",
-    "constraints_of",
-    "dual_update",
     "export",
-    "functional_call",
-    "global_closure",
+    "hard",
+    "interop",
     "invalidate",
-    "load_plain_state_dict",
-    "load_training_state",
-    "mean_abs",
+    "linalg",
     "nonnegative",
     "orthogonal",
-    "per_sample_grads",
     "project",
     "rebase",
     "register",
-    "replica_divergence",
-    "restore_feasibility",
-    "rms",
-    "row_norms",
+    "report",
     "scipy_minimize",
-    "soft_constraints",
+    "soft",
     "spd",
-    "training_state",
 ]

@@ -117,7 +117,7 @@ def test_soft_constraints_become_native_scipy_constraints(method: str) -> None:
     mp.spd(m[2])
     constrain(m[0], "weight", row_norms, eq=0.5)  # vector-valued: one row per output unit
     constrain(m[0], "bias", torch.sum, max=-0.2)  # an inequality that starts violated
-    constrain(m[2], "bias", torch.sum, min=-0.1, max=0.1, hard=True)  # a two-sided bound
+    constrain(m[2], "bias", torch.sum, min=-0.1, max=0.1, clamp=True)  # a two-sided bound
     with torch.no_grad():
         m[0].bias.fill_(0.3)
     mdmm = MDMM(soft_constraints(m))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import manifoldparam as mp
 import manifoldparam.soft as soft
 from manifoldparam.soft import MDMM, EqConstraint, constrain, mean_abs, rms, row_norms
 
@@ -61,7 +62,6 @@ def test_hard_and_soft_on_the_same_attribute() -> None:
     multipliers. With the box inactive at the solution: W = (r / rms(T))·T and, from
     2(W - T) - λ W / (n·r) = 0, λ = 2n(r - rms(T)).
     """
-    mp = pytest.importorskip("manifoldparam.hard")
     torch.manual_seed(0)
     layer = nn.Linear(4, 4).double()
     mp.bounded(layer, "weight", low=-0.9, high=0.9)
@@ -89,7 +89,7 @@ def test_hard_and_soft_on_the_same_attribute() -> None:
     w = layer.weight.detach()
     assert torch.allclose(w, r / rms(target) * target, atol=1e-6, rtol=0)
     assert c.lmbda.item() == pytest.approx(2 * 16 * (r - rms(target).item()), abs=1e-5)
-    report = soft.constraint_report(layer)
+    report = mp.constraint_report(layer)
     assert [r.kind for r in report] == ["hard", "soft"]
     assert report.rows[0].violation <= 1e-12
     assert report.rows[1].violation == pytest.approx(abs(rms(w).item() - r), abs=1e-12)
@@ -100,7 +100,7 @@ def test_report_lists_every_constraint_with_paths() -> None:
     model, mdmm = model_with_constraints()
     w_free = nn.Parameter(torch.ones(2, dtype=DT))
     extra = EqConstraint(lambda: w_free.sum(), 1.0, dtype=DT)
-    report = soft.constraint_report(model, extra=[*mdmm, extra])
+    report = mp.constraint_report(model, extra=[*mdmm, extra])
     assert [r.attribute for r in report] == ["0.weight", "0.weight", "2.weight", "(fn)"]
     w0 = model[0].weight
     assert report.rows[0].violation == pytest.approx(abs(w0.abs().mean().item() - 1))
@@ -150,7 +150,6 @@ def test_restore_feasibility_does_not_sync(monkeypatch) -> None:
 
 
 def test_restore_through_a_hard_parametrization() -> None:
-    mp = pytest.importorskip("manifoldparam.hard")
     torch.manual_seed(0)
     layer = nn.Linear(6, 6).double()
     mp.bounded(layer, "weight", low=-1.0, high=1.0)
@@ -250,11 +249,11 @@ def test_constrain_errors_name_the_attribute() -> None:
         constrain(layer, "wieght", mean_abs, eq=1.0)
     with pytest.raises(ValueError, match="exactly one of eq="):
         constrain(layer, "weight", mean_abs)
-    with pytest.raises(ValueError, match="hard=True"):
+    with pytest.raises(ValueError, match="clamp=True"):
         constrain(layer, "weight", mean_abs, min=0.1, max=2.0)
     with pytest.raises(ValueError, match="not finite"):
         constrain(layer, "weight", lambda w: w.sum() / 0 * 0, eq=1.0)
     with pytest.raises(ValueError, match="damping > 0"):
         constrain(layer, "weight", rms, max=1.0, damping=0.0)
-    c = constrain(layer, "weight", mean_abs, min=0.1, max=2.0, hard=True)
+    c = constrain(layer, "weight", mean_abs, min=0.1, max=2.0, clamp=True)
     assert type(c).__name__ == "BoundConstraintHard"

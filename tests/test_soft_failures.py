@@ -26,6 +26,7 @@ from torch import nn
 import manifoldparam as mp
 import manifoldparam.soft as soft
 from manifoldparam.interop import scipy_minimize
+from manifoldparam.report import constraint_report
 from manifoldparam.soft import (
     MDMM,
     BoundConstraintHard,
@@ -36,7 +37,6 @@ from manifoldparam.soft import (
     MinConstraint,
     MinConstraintHard,
     constrain,
-    constraint_report,
     dual_update,
     mean_abs,
 )

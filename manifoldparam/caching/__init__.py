@@ -18,16 +18,16 @@ from manifoldparam.caching.api import (
     is_auto,
     set_auto,
 )
-from manifoldparam.caching.cache import cached_forward, evaluate, note_change
+from manifoldparam.caching.cache import cached_forward, note_change, value_of
 
 __all__ = [
     "auto_cache",
     "cached",
     "cached_closure",
     "cached_forward",
-    "evaluate",
     "invalidate",
     "is_auto",
     "note_change",
     "set_auto",
+    "value_of",
 ]

@@ -1,6 +1,6 @@
 r"""Caching of constrained weights that is never stale.
 
-Every constrained value ``module.weight`` is made by :func:`evaluate` (``Parametrization.forward``
+Every constrained value ``module.weight`` is made by :func:`value_of` (``Parametrization.forward``
 calls it). With caching off it is just ``p.compute(x)``. With caching on -- inside a
 :func:`cached` block, or for a parametrization put in automatic mode (:func:`auto_cache`) --
 the value is computed once and reused for as long as nothing it depends on has changed.
@@ -93,7 +93,7 @@ from torch.nn.utils.parametrize import ParametrizationList
 from manifoldparam import _torch
 from manifoldparam._device import cuda_capturing
 
-__all__ = ["cached_forward", "evaluate", "note_change"]
+__all__ = ["cached_forward", "note_change", "value_of"]
 
 #: Attribute of a parametrization that holds its cache slot.
 _SLOT_ATTR = "_manifoldparam_cache"
@@ -384,7 +384,7 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
 def cached_forward(self: nn.Module, x: Tensor) -> Tensor:
     """``forward`` of a manifoldparam parametrization: its value through the cache. The read
     path (:mod:`.read`) recognises the class by this very function."""
-    return evaluate(self, x)
+    return value_of(self, x)
 
 
 def _compute(p: nn.Module, x: Tensor) -> Tensor:
@@ -398,7 +398,7 @@ def _compute(p: nn.Module, x: Tensor) -> Tensor:
     return x
 
 
-def evaluate(p: nn.Module, x: Tensor) -> Tensor:
+def value_of(p: nn.Module, x: Tensor) -> Tensor:
     """``f(x)``, reused while nothing it depends on has changed (when caching is on).
 
     ``p`` is a manifoldparam parametrization (``f = p.compute``) or the

@@ -48,12 +48,12 @@ __all__ = ["adopt", "adopting", "install"]
 
 
 def _getter(name: str, torch_get: Callable[[nn.Module], Tensor]) -> Callable[[nn.Module], Tensor]:
-    from manifoldparam.caching.cache import _SCOPE, _SLOT_ATTR, cached_forward, evaluate
+    from manifoldparam.caching.cache import _SCOPE, _SLOT_ATTR, cached_forward, value_of
 
     @torch.jit.unused
     def read(self: nn.Module) -> Tensor:
         # Read at every time step of an RNN: one expression, cheapest tests first. Under
-        # torch.compile or jit tracing the fast path is also taken (evaluate steps aside there).
+        # torch.compile or jit tracing the fast path is also taken (value_of steps aside there).
         try:
             plist = self._modules["parametrizations"]._modules[name]  # type: ignore[union-attr]
             chain = plist._modules  # type: ignore[union-attr]
@@ -63,7 +63,7 @@ def _getter(name: str, torch_get: Callable[[nn.Module], Tensor]) -> Callable[[nn
             if len(chain) == 1:
                 p = chain["0"]
                 if type(p).forward is cached_forward and only_forward(plist, p, _ADOPTION.hooks):  # type: ignore[arg-type]
-                    return evaluate(p, x)  # p.forward(x)
+                    return value_of(p, x)  # p.forward(x)
             # Not a single one of ours: cached as a whole while caching is on for it.
             slot = plist.__dict__.get(_SLOT_ATTR)
             if (_SCOPE.get() is None and not (slot is not None and slot.auto)) or not all(
@@ -73,7 +73,7 @@ def _getter(name: str, torch_get: Callable[[nn.Module], Tensor]) -> Callable[[nn
                 return torch_get(self)
         except KeyError:  # a tensor list (several originals), or not set up as torch expects
             return torch_get(self)
-        return evaluate(plist, x)  # type: ignore[arg-type]
+        return value_of(plist, x)  # type: ignore[arg-type]
 
     def get(self: nn.Module) -> Tensor:
         # TorchScript compiles module properties: it gets this line and a stub for ``read``, so

@@ -9,15 +9,16 @@
   (:mod:`.restoration`);
 * :class:`InfeasibleWarning`: multipliers that grow while the violation does not fall
   (:mod:`.infeasible`);
-* :func:`constrain`, soft constraints declared on module attributes, and
-  :func:`constraint_report`, hard and soft constraints of a model (:mod:`.attribute`).
+* :func:`constrain`, soft constraints declared on module attributes (:mod:`.attribute`).
+
+The clamp-based kinds keep mdmm's names (``MaxConstraintHard``, ``MinConstraintHard``,
+``BoundConstraintHard``: ``constrain(..., clamp=True)``); "hard" constraints in the rest of
+the library are the maps of :mod:`manifoldparam.hard`. The report of every constraint, hard and
+soft, is :func:`manifoldparam.constraint_report`.
 """
 
 from manifoldparam.soft.attribute import (
-    ConstraintReport,
-    ReportRow,
     constrain,
-    constraint_report,
     mean_abs,
     rms,
     row_norms,
@@ -43,7 +44,6 @@ __all__ = [
     "MDMM",
     "BoundConstraintHard",
     "Constraint",
-    "ConstraintReport",
     "ConstraintReturn",
     "EqConstraint",
     "InfeasibleWarning",
@@ -53,10 +53,8 @@ __all__ = [
     "MinConstraint",
     "MinConstraintHard",
     "Multiplier",
-    "ReportRow",
     "check_optimizer",
     "constrain",
-    "constraint_report",
     "dual_update",
     "mean_abs",
     "restore_feasibility",
