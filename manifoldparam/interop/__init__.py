@@ -31,12 +31,13 @@ from manifoldparam.interop.distributed import (
     replica_divergence,
 )
 from manifoldparam.interop.export import export
+from manifoldparam.interop.flat import FlatObjective
 from manifoldparam.interop.functional import (
     check_functional_keys,
     functional_call,
     per_sample_grads,
 )
-from manifoldparam.interop.scipy_bridge import FlatObjective, scipy_minimize
+from manifoldparam.interop.scipy_bridge import scipy_minimize
 
 __all__ = [
     "FlatObjective",

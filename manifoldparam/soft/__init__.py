@@ -1,6 +1,7 @@
 """Soft constraints: MDMM multipliers that reach feasibility with any optimizer.
 
-* the constraint kinds (:mod:`.constraints`), mdmm's names and math without its slack saddle;
+* the constraint kinds (:mod:`.kinds`, on the base :mod:`.constraints`), mdmm's names and math
+  without its slack saddle;
 * :class:`MDMM`, the Lagrangian, and :meth:`MDMM.make_optimizer`, which ascends the
   multipliers through ``maximize=True`` (:mod:`.mdmm`);
 * :func:`dual_update`, the method of multipliers for LBFGS / BFGS / scipy
@@ -24,18 +25,16 @@ from manifoldparam.soft.attribute import (
     row_norms,
     soft_constraints,
 )
-from manifoldparam.soft.constraints import (
+from manifoldparam.soft.constraints import Constraint, ConstraintReturn, Multiplier
+from manifoldparam.soft.infeasible import InfeasibleWarning
+from manifoldparam.soft.kinds import (
     BoundConstraintHard,
-    Constraint,
-    ConstraintReturn,
     EqConstraint,
     MaxConstraint,
     MaxConstraintHard,
     MinConstraint,
     MinConstraintHard,
-    Multiplier,
 )
-from manifoldparam.soft.infeasible import InfeasibleWarning
 from manifoldparam.soft.mdmm import MDMM, MDMMReturn, check_optimizer
 from manifoldparam.soft.multipliers import dual_update
 from manifoldparam.soft.restoration import restore_feasibility

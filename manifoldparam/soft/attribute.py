@@ -28,9 +28,9 @@ from torch import Tensor, nn
 
 from manifoldparam._device import value_readable
 from manifoldparam.hard.base import owner_name
-from manifoldparam.soft.constraints import (
+from manifoldparam.soft.constraints import Constraint
+from manifoldparam.soft.kinds import (
     BoundConstraintHard,
-    Constraint,
     EqConstraint,
     MaxConstraint,
     MaxConstraintHard,
