@@ -8,6 +8,9 @@ or do not exist.
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import torch
 import torch.nn.modules.module as _module_globals
 from torch import nn
@@ -24,8 +27,10 @@ __all__ = [
     "only_forward",
     "optimized_module_type",
     "peek_transform",
+    "removing",
     "saved_tensor_hooks",
     "torch_cache_enabled",
+    "transferring",
 ]
 
 #: Whether a tensor is a torch.func wrapper (grad/vmap/jvp level), not a plain tensor.
@@ -89,3 +94,36 @@ def only_forward(plist: nn.Module, p: nn.Module, global_pre_hooks: int) -> bool:
         or g._global_backward_hooks
         or nn.Module.__call__ is not _CALL
     )
+
+
+def _frame_running(code: object, depth: int) -> Any:
+    """The nearest of the caller's ``depth`` enclosing frames that runs ``code``, or None."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        if frame.f_code is code:
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def transferring() -> bool:
+    """Whether ``parametrize.transfer_parametrizations_and_params`` (also reached from
+    ``torch.ao.quantization.prepare_qat``) is registering a parametrization it then gives the
+    source's ``original``: the ``right_inverse`` it calls on the shared instance must leave
+    the instance's buffers alone (its value is discarded)."""
+    return _frame_running(parametrize.transfer_parametrizations_and_params.__code__, 8) is not None
+
+
+def removing(param: object) -> tuple[nn.Module, bool] | None:
+    """``(parametrization_list, leave_parametrized)`` while
+    ``parametrize.remove_parametrizations`` registers ``param`` (its ``original``) back on the
+    module; None otherwise. Read from the frame of torch's function (no hook exists there)."""
+    frame = _frame_running(parametrize.remove_parametrizations.__code__, 6)
+    if frame is None:
+        return None
+    plist = frame.f_locals.get("parametrizations")
+    if plist is None or plist._parameters.get("original") is not param:
+        return None
+    return plist, bool(frame.f_locals.get("leave_parametrized", True))

@@ -38,7 +38,14 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from manifoldparam._device import autocast_off, value_readable
-from manifoldparam._torch import any_autocast, dispatch_depth, is_functorch_wrapped, is_tracing
+from manifoldparam._torch import (
+    any_autocast,
+    dispatch_depth,
+    is_functorch_wrapped,
+    is_tracing,
+    removing,
+    transferring,
+)
 from manifoldparam.caching.api import invalidate
 from manifoldparam.caching.cache import cached_forward, note_change
 
@@ -370,6 +377,12 @@ class Parametrization(nn.Module, metaclass=abc.ABCMeta):
         if not self._registered:
             w = self.project(w.to(compute_dtype(w.dtype)))
             self._registered = True
+            _keep_values_on_removal()
+        elif transferring():
+            # torch registers this very instance on a second module and then gives it the
+            # source's coordinates: nothing of ours may change (a base point would move the
+            # source's weight), and the coordinates returned here are discarded.
+            return self._without_side_effects(w)
         else:
             if w.shape != self.shape:
                 raise ValueError(
@@ -389,6 +402,18 @@ class Parametrization(nn.Module, metaclass=abc.ABCMeta):
                 )
             w = w.to(compute_dtype(w.dtype))
         return self.inverse(w)
+
+    def _without_side_effects(self, w: Tensor) -> Tensor:
+        """``inverse(project(w))`` with every buffer as it was before."""
+        objects = dict(self._buffers)
+        values = {n: b.clone() for n, b in objects.items() if b is not None}
+        x = self.inverse(self.project(w.to(compute_dtype(w.dtype))))
+        with torch.no_grad():
+            for n, b in objects.items():
+                if b is not None and not torch.equal(b, values[n]):
+                    b.copy_(values[n])
+        self._buffers.update(objects)
+        return x
 
     def tolerance(self, dtype: torch.dtype) -> float:
         return self.default_atol(dtype) if self.atol is None else float(self.atol)
@@ -444,3 +469,29 @@ def check_finite(w: Tensor, owner: str, what: str) -> None:
                 else "the weight is unchanged."
             )
         )
+
+
+def _value_for_removal(module: nn.Module, name: str, param: Tensor) -> None:
+    """A parameter-registration hook: when torch's ``remove_parametrizations(...,
+    leave_parametrized=False)`` puts one of our attributes' coordinates back as the attribute,
+    the same Parameter gets the attribute's current value instead. The coordinates are minimal
+    (a flat vector of another shape), so the "unparametrized" tensor torch would restore does
+    not exist, and a module holding the flat vector fails at its next use."""
+    found = removing(param)
+    if found is None:
+        return
+    plist, leave = found
+    if leave or not any(isinstance(p, Parametrization) for p in plist):
+        return
+    with torch.no_grad():
+        param.set_(plist().detach().clone())
+
+
+_REMOVAL_HOOK: list[object] = []
+
+
+def _keep_values_on_removal() -> None:
+    """Install :func:`_value_for_removal` (once, at the first registration of one of ours)."""
+    if not _REMOVAL_HOOK:
+        hook = nn.modules.module.register_module_parameter_registration_hook
+        _REMOVAL_HOOK.append(hook(_value_for_removal))

@@ -193,8 +193,13 @@ class Orthogonal(Parametrization):
         super().__init__(shape, atol=atol, owner=owner)
         if map not in _MAPS:
             raise ValueError(f"map must be one of {_MAPS}, got {map!r}")
-        if len(self.shape) == 0:
-            raise ValueError("orthogonal needs a tensor with at least one dimension")
+        if len(self.shape) < 2:
+            raise ValueError(
+                f"{self.owner}: orthogonal needs a matrix (a tensor of at least 2 dims); this one "
+                f"has shape {tuple(self.shape)}. A vector has no orthogonality to keep: for a "
+                "unit-norm vector, constrain its norm (manifoldparam.constrain(module, name, "
+                "torch.linalg.vector_norm, eq=1.0)), or register on a (1, n) matrix parameter."
+            )
         if batched and len(self.shape) < 3:
             raise ValueError(
                 "batched=True needs a weight with at least 3 dims (a batch of matrices)"
