@@ -129,17 +129,30 @@ def _hard_rows(path: str, module: nn.Module) -> Iterator[ReportRow]:
 def constraint_report(
     model: nn.Module, extra: list[Constraint] | tuple[Constraint, ...] = ()
 ) -> ConstraintReport:
-    """Every constraint on every attribute of ``model``, hard and soft, with its violation.
+    r"""Every constraint on every attribute of ``model``, hard and soft, with its violation.
 
     Hard constraints are the :class:`manifoldparam.Parametrization` entries of
-    ``module.parametrizations``; their violation is ``p.distance(module.<name>)`` (0 up to
-    rounding). Soft ones are those declared with :func:`constrain` (plus ``extra``, e.g. the
-    function-based constraints of an ``MDMM``); their violation is ``max |projection(fn) -
-    fn|``. This syncs with the host: call it for logging, not inside the step.
+    ``module.parametrizations``; their violation is :math:`d(W, M)` = ``p.distance(W)``
+    (0 up to rounding). Soft ones are those declared with
+    :func:`~manifoldparam.soft.constrain` (plus ``extra``, e.g. the function-based constraints
+    of an ``MDMM``); their violation is :math:`\max |\Pi(\mathrm{fn}) - \mathrm{fn}|`, the
+    distance of ``fn``'s value to its feasible set. This syncs with the host: call it for
+    logging, not inside the step.
 
-    Example::
+    Args:
+        model: the model to inspect (every submodule).
+        extra: constraints not declared on an attribute (mdmm-style closures) to include.
 
-        print(constraint_report(model, extra=list(mdmm)))
+    Returns:
+        A :class:`ConstraintReport`: ``print`` it for a table; its rows are
+        :class:`ReportRow` (attribute, kind, constraint, violation).
+
+    Example:
+        >>> model = nn.Sequential(mp.orthogonal(nn.Linear(3, 3)), nn.Linear(3, 1))
+        >>> c = mp.constrain(model[1], "weight", mp.soft.rms, max=1.0, damping=10)
+        >>> report = mp.constraint_report(model)
+        >>> [(row.attribute, row.kind) for row in report.rows]
+        [('0.weight', 'hard'), ('1.weight', 'soft')]
     """
     rows: list[ReportRow] = []
     seen: set[int] = set()

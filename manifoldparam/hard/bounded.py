@@ -214,9 +214,36 @@ def bounded(
     high: float | Tensor,
     atol: float | None = None,
 ) -> nn.Module:
-    """Constrain ``module.<name>`` elementwise to ``[low, high]`` through tanh. The current
-    weight is kept, clamped into the box. Returns ``module``::
+    r"""Constrain ``module.<name>`` elementwise to the box ``[low, high]``, through tanh.
 
-        manifoldparam.bounded(physics, "damping", low=0.0, high=2.0)
+    With :math:`m = (\mathrm{low} + \mathrm{high})/2` and
+    :math:`h = (\mathrm{high} - \mathrm{low})/2`, the weight is :math:`W = m + h \tanh(X)`
+    for unconstrained coordinates :math:`X` of the weight's shape. The current weight is kept,
+    clamped into the box.
+
+    Args:
+        module: the module that holds the attribute.
+        name: the attribute to constrain (a parameter or buffer of ``module``).
+        low: the lower bound, a finite number or a tensor broadcastable to the weight.
+        high: the upper bound, likewise, with ``low < high`` everywhere (also after rounding
+            to the weight's dtype).
+        atol: how far outside the box an assigned value may be; default 0.
+
+    Returns:
+        ``module``, whose ``module.<name>`` now lies in the box.
+
+    Raises:
+        ValueError: ``low >= high`` somewhere (or after rounding), infinite bounds, bounds
+            that do not broadcast to the weight, a NaN/Inf or empty weight, an attribute
+            already parametrized.
+        TypeError: a non-floating weight or non-real bounds.
+        AttributeError: ``module`` has no attribute ``name``.
+
+    Example:
+        >>> layer = mp.bounded(nn.Linear(3, 2), "bias", low=-0.5, high=0.5)
+        >>> bool(((layer.bias >= -0.5) & (layer.bias <= 0.5)).all())
+        True
+        >>> layer.parametrizations.bias.original.shape   # X: one coordinate per entry
+        torch.Size([2])
     """
     return register(module, name, Bounded, low=low, high=high, atol=atol)

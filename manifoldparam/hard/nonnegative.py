@@ -105,10 +105,34 @@ def nonnegative(
     map: PositiveMap = "softplus",
     atol: float | None = None,
 ) -> nn.Module:
-    """Constrain ``module.<name>`` to be elementwise ``>= 0`` (softplus by default; ``map``
-    picks ``"exp"`` or ``"square"``). The current weight is kept, clamped at 0. Returns
-    ``module``::
+    r"""Constrain ``module.<name>`` to be elementwise nonnegative, :math:`W = g(X) \ge 0`.
 
-        nmf_layer = manifoldparam.nonnegative(nn.Linear(64, 10, bias=False))
+    :math:`g` is :math:`\log(1 + e^x)` (``"softplus"``, the default), :math:`e^x` (``"exp"``,
+    multiplicative updates) or :math:`x^2` (``"square"``, reaches 0 exactly but its gradient
+    vanishes there), applied to coordinates :math:`X` of the weight's shape. The current
+    weight is kept, clamped at 0.
+
+    Args:
+        module: the module that holds the attribute.
+        name: the attribute to constrain.
+        map: ``"softplus"``, ``"exp"`` or ``"square"``.
+        atol: how negative an assigned entry may be; default 0.
+
+    Returns:
+        ``module``, whose ``module.<name>`` is now nonnegative.
+
+    Raises:
+        ValueError: an unknown ``map``, a NaN/Inf or empty weight, an attribute already
+            parametrized.
+        TypeError: a non-floating weight.
+        AttributeError: ``module`` has no attribute ``name``.
+
+    Example:
+        >>> nmf = mp.nonnegative(nn.Linear(64, 10, bias=False))
+        >>> bool((nmf.weight >= 0).all())
+        True
+        >>> nmf.weight = torch.rand(10, 64)          # a nonnegative value: accepted
+        >>> nmf.parametrizations.weight[0].method
+        'softplus'
     """
     return register(module, name, Nonnegative, map=map, atol=atol)

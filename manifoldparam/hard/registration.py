@@ -150,24 +150,47 @@ def register(
     constraint: type[Parametrization] | Parametrization | nn.Module,
     **options: Any,
 ) -> nn.Module:
-    """Constrain ``module.<name>``: the one way every constraint is registered.
+    r"""Constrain ``module.<name>``: the one way every constraint is registered.
 
-    ``constraint`` is a :class:`Parametrization` subclass (built as
-    ``constraint(weight.shape, owner="Linear.weight", **options)``; the public constructors
-    such as :func:`manifoldparam.orthogonal` are this one call), an instance of one, or any
-    other ``nn.Module`` parametrization in torch's sense (``forward`` and ``right_inverse``,
-    registered through torch unchanged, ``options`` passed to
-    :func:`~torch.nn.utils.parametrize.register_parametrization`).
+    After registration ``module.<name>`` reads :math:`f(x)`, the constraint's map applied to
+    trainable coordinates :math:`x` (``module.parametrizations.<name>.original``), which start
+    at :math:`x_0` with :math:`f(x_0) = \Pi_M(w)`, the nearest point of the set to the
+    current weight :math:`w`. For a :class:`Parametrization`: the weight is checked
+    (:func:`checked_weight`) and :meth:`Parametrization.validate` runs before the module is
+    touched; the coordinates must number :attr:`Parametrization.dim` (minimal coordinates);
+    checkpoint checks are installed. Every attribute registered here gets the cache's read
+    path (:mod:`manifoldparam.caching.read`).
 
-    For a :class:`Parametrization`: checks the weight (:func:`checked_weight`) and
-    :meth:`Parametrization.validate` before touching the module, moves the weight to the
-    nearest point of the set (torch's first ``right_inverse``), checks that the coordinates
-    number :attr:`Parametrization.dim` (else the module is restored and a ``ValueError``
-    raised), and installs the checkpoint checks. Every attribute registered here gets the
-    cache's read path (:mod:`manifoldparam.caching.read`). Returns ``module``::
+    Args:
+        module: the module that holds the attribute.
+        name: the attribute to constrain (a parameter or buffer of ``module``).
+        constraint: a :class:`Parametrization` subclass (built as
+            ``constraint(weight.shape, owner="Linear.weight", **options)``; the public
+            constructors such as :func:`manifoldparam.orthogonal` are this one call), an
+            instance of one, or any other ``nn.Module`` parametrization in torch's sense
+            (``forward`` and ``right_inverse``), registered through torch unchanged.
+        **options: keyword arguments of the subclass (``map="cayley"``), or of
+            :func:`~torch.nn.utils.parametrize.register_parametrization` for a plain module.
 
-        manifoldparam.register(layer, "weight", manifoldparam.Orthogonal, map="cayley")
-        manifoldparam.register(layer, "bias", MyConstraint((4,)))
+    Returns:
+        ``module``, with ``module.<name>`` constrained.
+
+    Raises:
+        ValueError: the attribute is already parametrized, empty, on the meta device, holds
+            NaN/Inf, is tied to another module's, fails the constraint's ``validate``, or
+            ``inverse`` returned more or fewer coordinates than ``dim`` (the module is then
+            restored).
+        TypeError: a non-floating weight, a geoopt ``ManifoldParameter``, options given with
+            an instance, or a ``constraint`` that is neither a parametrization nor a module.
+        AttributeError: ``module`` has no attribute ``name``.
+
+    Example:
+        >>> layer = mp.register(nn.Linear(4, 4), "weight", mp.Orthogonal, map="cayley")
+        >>> W = layer.weight
+        >>> bool(torch.allclose(W @ W.T, torch.eye(4), atol=1e-6))
+        True
+        >>> layer.parametrizations.weight.original.numel()   # n(n-1)/2
+        6
     """
     if not isinstance(constraint, Parametrization) and not (
         isinstance(constraint, type) and issubclass(constraint, Parametrization)
@@ -260,18 +283,53 @@ def _reject_manifold_parameter(weight: Tensor, owner: str) -> None:
 
 
 def constraints_of(module: nn.Module, name: str) -> list[Parametrization]:
-    """The manifoldparam parametrizations registered on ``module.<name>`` (possibly none)."""
+    """The manifoldparam parametrizations registered on ``module.<name>``.
+
+    Args:
+        module: the module that holds the attribute.
+        name: the attribute's name.
+
+    Returns:
+        The :class:`Parametrization` instances on the attribute, in registration order; an
+        empty list when it is not parametrized (or only by other modules).
+
+    Example:
+        >>> layer = mp.spd(nn.Linear(3, 3))
+        >>> [type(p).__name__ for p in mp.hard.constraints_of(layer, "weight")]
+        ['SPD']
+        >>> mp.hard.constraints_of(layer, "bias")
+        []
+    """
     if not parametrize.is_parametrized(module, name):
         return []
     return [p for p in module.parametrizations[name] if isinstance(p, Parametrization)]
 
 
 def project(module: nn.Module, name: str, value: Tensor) -> Tensor:
-    """The nearest point to ``value`` of the set ``module.<name>`` is constrained to.
+    r"""The nearest point to ``value`` of the set ``module.<name>`` is constrained to.
 
-    Use it to assign a value that is off the set::
+    :math:`\Pi_M(v) = \arg\min_{w \in M} d(w, v)` in the set's own metric: the polar factor
+    for orthogonal weights, the symmetric part with its eigenvalues lifted for SPD, a clamp
+    for boxes and the orthant. Use it to assign a value that is off the set (assignment
+    itself refuses one).
 
-        layer.weight = manifoldparam.project(layer, "weight", torch.randn(4, 4))
+    Args:
+        module: the module that holds the constrained attribute.
+        name: the attribute's name.
+        value: any tensor of the attribute's shape.
+
+    Returns:
+        A tensor of ``value``'s dtype on the set (no graph: computed under ``no_grad``).
+
+    Raises:
+        ValueError: ``module.<name>`` has no manifoldparam constraint.
+
+    Example:
+        >>> layer = mp.orthogonal(nn.Linear(4, 4))
+        >>> layer.weight = mp.project(layer, "weight", torch.randn(4, 4))
+        >>> W = layer.weight
+        >>> bool(torch.allclose(W @ W.T, torch.eye(4), atol=1e-5))
+        True
     """
     found = constraints_of(module, name)
     if not found:
@@ -285,18 +343,33 @@ def project(module: nn.Module, name: str, value: Tensor) -> Tensor:
 
 @torch.no_grad()
 def rebase(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Dynamic trivialization: move the base point of every constraint that has one
+    r"""Dynamic trivialization: move the base point of every constraint that has one
     (``has_base_point``, e.g. :class:`~manifoldparam.Orthogonal`) to the current weight.
 
-    For each: ``x <- inverse(project(map(x)))``, so the base becomes the current weight
-    (re-projected, so float error does not compound) and the coordinates 0. The weight is
-    unchanged up to round-off and the map is again evaluated near its base, where it is best
-    conditioned. The optimizer's state of each rebased coordinate tensor (momentum, Adam
-    moments) refers to the old chart, so it is dropped when ``optimizer`` is given. Returns
-    the number of weights rebased::
+    For each: :math:`x \leftarrow f^{-1}(\Pi_M(f(x)))`, so the base becomes the current
+    weight (re-projected, so float error does not compound) and the coordinates 0. The weight
+    is unchanged up to round-off and the map is again evaluated near its base, where it is
+    best conditioned (for ``W = B exp(A)``: a small ``A``, few squarings).
 
-        if step % 100 == 0:
-            manifoldparam.rebase(model, optimizer)
+    Args:
+        model: the model whose constraints are rebased (every submodule).
+        optimizer: if given, the state of each rebased coordinate tensor (momentum, Adam
+            moments) is dropped: it refers to the old chart.
+
+    Returns:
+        The number of weights rebased.
+
+    Example:
+        >>> model = nn.Sequential(mp.orthogonal(nn.Linear(4, 4)), nn.Linear(4, 1))
+        >>> opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        >>> model(torch.randn(8, 4)).sum().backward(); opt.step()
+        >>> before = model[0].weight.detach().clone()
+        >>> mp.rebase(model, opt)
+        1
+        >>> bool(torch.allclose(model[0].weight, before, atol=1e-6))
+        True
+        >>> float(model[0].parametrizations.weight.original.abs().max())
+        0.0
     """
     rebased: list[Tensor] = []
     for module in model.modules():

@@ -190,10 +190,38 @@ def spd(
     min_eigenvalue: float = 0.0,
     atol: float | None = None,
 ) -> nn.Module:
-    """Constrain ``module.<name>`` to be symmetric positive definite (eigenvalues above
-    ``min_eigenvalue``), through its Cholesky factor. The current weight is kept, moved to the
-    nearest SPD matrix. Returns ``module``::
+    r"""Constrain ``module.<name>`` to be symmetric positive definite, through a Cholesky
+    factor.
 
-        cov = manifoldparam.spd(nn.Linear(16, 16, bias=False), min_eigenvalue=1e-4)
+    :math:`W = L L^\top + \varepsilon I` with :math:`L` lower-triangular, its diagonal
+    :math:`\operatorname{softplus}` of the coordinates (:math:`n(n+1)/2` of them per matrix),
+    so every eigenvalue of :math:`W` exceeds :math:`\varepsilon` = ``min_eigenvalue``. The
+    current weight is kept, moved to the nearest SPD matrix (symmetrised, eigenvalues lifted
+    above the floor). A weight with more than two dims is a batch of matrices over its last
+    two.
+
+    Args:
+        module: the module that holds the attribute.
+        name: the attribute to constrain; its last two dims must be equal.
+        min_eigenvalue: the floor :math:`\varepsilon \ge 0` of the eigenvalues.
+        atol: how far from the set an assigned value may be; ``None`` derives it from the
+            dtype and size.
+
+    Returns:
+        ``module``, whose ``module.<name>`` is now symmetric positive definite.
+
+    Raises:
+        ValueError: a non-square weight, a negative ``min_eigenvalue``, a NaN/Inf or empty
+            weight, an attribute already parametrized.
+        TypeError: a non-floating weight.
+        AttributeError: ``module`` has no attribute ``name``.
+
+    Example:
+        >>> cov = mp.spd(nn.Linear(4, 4, bias=False), min_eigenvalue=1e-3)
+        >>> W = cov.weight
+        >>> bool(torch.equal(W, W.T)), bool(torch.linalg.eigvalsh(W).min() > 1e-3)
+        (True, True)
+        >>> cov.parametrizations.weight.original.numel()   # n(n+1)/2
+        10
     """
     return register(module, name, SPD, min_eigenvalue=min_eigenvalue, atol=atol)

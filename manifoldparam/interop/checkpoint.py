@@ -133,7 +133,7 @@ def load_plain_state_dict(
     strict: bool = True,
     warn: bool = True,
 ) -> PlainLoadReport:
-    """Load a checkpoint of the unconstrained model into the constrained ``model``.
+    r"""Load a checkpoint of the unconstrained model into the constrained ``model``.
 
     A key naming a constrained tensor (``fc.weight`` where ``fc.weight`` is parametrized) is
     assigned through the constraint, after moving the value to the nearest point of the set
@@ -148,14 +148,27 @@ def load_plain_state_dict(
         strict: raise (before anything is modified) on missing or unexpected keys, like torch.
         warn: issue a :class:`ProjectedOnLoadWarning` naming every value that was moved.
 
-    Returns a :class:`PlainLoadReport`: which values went through a constraint, how far each
-    was from its set and how much it changed.
+    Returns:
+        A :class:`PlainLoadReport`: which values went through a constraint, how far each was
+        from its set (:math:`d(w, M)`) and how much it changed
+        (:math:`\max|\Pi_M(w) - w|`).
 
-    Example::
+    Raises:
+        TypeError: ``state_dict`` is not a mapping.
+        RuntimeError: with ``strict``, missing or unexpected keys; a value that does not fit
+            (shape, NaN); nothing is modified.
 
-        model = mp.orthogonal(nn.Linear(8, 8))
-        report = load_plain_state_dict(model, nn.Linear(8, 8).state_dict())
-        report.moved[0].change        # how much the weight moved to become orthogonal
+    Example:
+        >>> import warnings
+        >>> model = mp.orthogonal(nn.Linear(3, 3))
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore", mp.interop.ProjectedOnLoadWarning)
+        ...     report = mp.interop.load_plain_state_dict(model, nn.Linear(3, 3).state_dict())
+        >>> [p.key for p in report.moved]           # moved onto the set: the polar factor
+        ['weight']
+        >>> W = model.weight
+        >>> bool(torch.allclose(W @ W.T, torch.eye(3), atol=1e-6))
+        True
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(
@@ -315,9 +328,30 @@ def training_state(
     points), ``"optimizer"``, ``"multipliers"`` (an ``MDMM``'s ``state_dict``), ``"rng"`` (the
     CPU generator's state, and CUDA's when initialised) and ``extra`` (e.g. ``step=``). Save
     it with :func:`torch.save`; it loads with ``torch.load(..., weights_only=True)``, a
-    torchzero optimizer's state included (its ``ChainMap`` groups are stored as dicts)::
+    torchzero optimizer's state included (its ``ChainMap`` groups are stored as dicts).
 
-        torch.save(training_state(model, opt, mdmm, step=step), "ckpt.pt")
+    Args:
+        model: the (constrained) model.
+        optimizer: its optimizer, if any.
+        mdmm: the ``MDMM`` holding the multipliers, if any.
+        rng: include the random generators' states.
+        **extra: anything else to restore with it (``step=``), as plain values or tensors.
+
+    Returns:
+        A dict of tensors and plain containers; :func:`load_training_state` restores it.
+
+    Example:
+        >>> import io
+        >>> model = mp.orthogonal(nn.Linear(3, 3))
+        >>> opt = torch.optim.Adam(model.parameters())
+        >>> buffer = io.BytesIO()
+        >>> torch.save(mp.interop.training_state(model, opt, step=7), buffer)
+        >>> _ = buffer.seek(0)
+        >>> state = torch.load(buffer, weights_only=True)
+        >>> sorted(state)
+        ['extra', 'model', 'optimizer', 'rng']
+        >>> mp.interop.load_training_state(state, model, opt)
+        {'step': 7}
     """
     state: dict[str, Any] = {"model": model.state_dict()}
     if optimizer is not None:
@@ -357,6 +391,22 @@ def load_training_state(
     tensors and would train copies) is put back as it was and the load raises. torchzero's
     optimizers, which carry the parameters in their state dict, are bound to the optimizer's
     current parameters first.
+
+    Args:
+        state: what :func:`training_state` returned (e.g. after ``torch.load(path,
+            weights_only=True)``).
+        model: the model, built with the same constraints as when saved.
+        optimizer: its optimizer, built as for a fresh run (if it was saved).
+        mdmm: the ``MDMM``, built as for a fresh run (if it was saved).
+        rng: restore the random generators' states.
+
+    Returns:
+        The ``extra`` dict given to :func:`training_state` (``{}`` if none).
+
+    Raises:
+        KeyError: a part asked for (optimizer, multipliers) is not in ``state``.
+        RuntimeError: something does not fit (the message names the first offending
+            entry); nothing was changed.
     """
     if not isinstance(state, Mapping):
         raise TypeError(

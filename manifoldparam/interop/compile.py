@@ -44,12 +44,27 @@ def compiled_submodules(module: nn.Module | Iterable[nn.Module]) -> list[str]:
 
 
 def check_second_order(module: nn.Module | Iterable[nn.Module], method: str) -> None:
-    """Raise a :class:`TypeError` if ``method`` (second-order) would meet a compiled module.
+    """Refuse a second-order ``method`` on a compiled module, with the fix.
 
-    Example::
+    A second-order method differentiates the gradient (a double backward), which a compiled
+    backward does not support; the uncompiled module (``compiled._orig_mod``) has the same
+    parameters.
 
-        check_second_order(torch.compile(model), "trust-ncg")   # TypeError with the fix
-        check_second_order(model, "trust-ncg")                  # fine
+    Args:
+        module: a module (or several) that may be or contain ``torch.compile`` output.
+        method: the method's name, for the message (``"trust-ncg"``, ``"newton-exact"``).
+
+    Raises:
+        TypeError: ``module`` is or contains a compiled module; the message names where and
+            the fix.
+
+    Example:
+        >>> model = nn.Linear(2, 2)
+        >>> mp.interop.check_second_order(model, "trust-ncg")          # fine: returns None
+        >>> mp.interop.check_second_order(torch.compile(model), "trust-ncg")
+        Traceback (most recent call last):
+        ...
+        TypeError: ...
     """
     found = compiled_submodules(module)
     if found:

@@ -53,7 +53,11 @@ def _unparametrize(module: nn.Module, requires_grad: bool | None) -> None:
 def export(
     model: nn.Module, *, requires_grad: bool | None = None, keep_soft: bool = False
 ) -> nn.Module:
-    """A deep copy of ``model`` with every parametrization replaced by its current value.
+    r"""A deep copy of ``model`` with every parametrization replaced by its current value.
+
+    Each constrained attribute becomes a plain parameter holding :math:`W = f(x)`, the value
+    its map gives for the current coordinates :math:`x`; the outputs of the copy equal the
+    source's.
 
     Args:
         model: any module, constrained or not. It is not modified.
@@ -63,12 +67,23 @@ def export(
         keep_soft: keep soft-constraint declarations (:func:`manifoldparam.soft.constrain`)
             on the copy (default: dropped, the export is for inference).
 
-    Returns a plain model: its modules have their own classes (``nn.Linear``, not
-    ``ParametrizedLinear``), ``state_dict`` keys are the plain ones (``fc.weight``), it pickles
-    with ``torch.save(model)``, and its outputs equal the source's. All parametrizations are
-    removed, manifoldparam's and any other (``torch.nn.utils.parametrizations``)::
+    Returns:
+        A plain model: its modules have their own classes (``nn.Linear``, not
+        ``ParametrizedLinear``), ``state_dict`` keys are the plain ones (``fc.weight``), it
+        pickles with ``torch.save(model)``. All parametrizations are removed, manifoldparam's
+        and any other (``torch.nn.utils.parametrizations``).
 
-        plain = export(model, requires_grad=False).eval()
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+
+    Example:
+        >>> model = nn.Sequential(mp.orthogonal(nn.Linear(3, 3)), nn.Linear(3, 1))
+        >>> plain = mp.export(model, requires_grad=False).eval()
+        >>> list(plain.state_dict())
+        ['0.bias', '0.weight', '1.weight', '1.bias']
+        >>> x = torch.randn(2, 3)
+        >>> bool(torch.equal(plain(x), model(x)))
+        True
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export: expected an nn.Module, got {type(model).__name__}")

@@ -74,17 +74,26 @@ def trainable(params: nn.Module | Iterable[Tensor]) -> list[Tensor]:
 
 
 class FlatObjective:
-    """A torch objective seen as a function of one flat float64 NumPy vector.
+    r"""A torch objective seen as a function of one flat float64 NumPy vector.
 
     ``x`` is the concatenation of ``params`` (flattened, in order). Each method first writes
     ``x`` into the tensors in place (under ``no_grad``, only when it changed, so version
     counters -- and with them caches -- see every change), then evaluates ``objective()``.
     Gradients use :func:`torch.autograd.grad`: the tensors' ``.grad`` is not touched.
 
-    Example::
+    Args:
+        objective: a zero-argument callable returning a scalar tensor computed from
+            ``params``.
+        params: the tensors :math:`x` is made of, in order.
 
-        f = FlatObjective(lambda: loss_fn(model(x), y), list(model.parameters()))
-        value, grad = f.fun_and_grad(f.x0())
+    Example (:math:`f(x) = \sum_i x_i^2`, :math:`\nabla f = 2x`, :math:`H v = 2v`):
+        >>> w = torch.tensor([1.0, -2.0], requires_grad=True)
+        >>> f = mp.interop.FlatObjective(lambda: (w**2).sum(), [w])
+        >>> value, grad = f.fun_and_grad(f.x0())
+        >>> value, grad.tolist()
+        (5.0, [2.0, -4.0])
+        >>> f.hessp(f.x0(), np.array([1.0, 0.0])).tolist()
+        [2.0, 0.0]
     """
 
     def __init__(self, objective: Callable[[], Tensor], params: Sequence[Tensor]) -> None:

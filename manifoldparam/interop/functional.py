@@ -48,13 +48,25 @@ def _constrained_keys(model: nn.Module) -> dict[str, str]:
 
 
 def check_functional_keys(model: nn.Module, keys: Any) -> None:
-    """Raise a :class:`KeyError` if ``keys`` name a constrained tensor (``"fc.weight"``)
-    instead of its coordinates, or a tensor ``model`` does not have.
+    """Check the keys of a ``torch.func.functional_call`` dict against ``model``.
 
-    Example::
+    Args:
+        model: the (constrained) model.
+        keys: the keys to check; the right ones are ``model.named_parameters()``'s (for a
+            constrained attribute, its coordinates ``fc.parametrizations.weight.original``).
 
-        check_functional_keys(model, ["fc.parametrizations.weight.original"])   # fine
-        check_functional_keys(model, ["fc.weight"])                             # KeyError
+    Raises:
+        KeyError: a key names a constrained tensor (``"fc.weight"``) instead of its
+            coordinates (the message gives the right key), or a tensor ``model`` does not
+            have.
+
+    Example:
+        >>> model = nn.Sequential(mp.orthogonal(nn.Linear(2, 2)))
+        >>> mp.interop.check_functional_keys(model, ["0.parametrizations.weight.original"])
+        >>> mp.interop.check_functional_keys(model, ["0.weight"])
+        Traceback (most recent call last):
+        ...
+        KeyError: "functional_call on Sequential: ['0.weight'] name constrained tensors; ...
     """
     constrained = _constrained_keys(model)
     bad = [k for k in keys if k in constrained]
@@ -82,13 +94,33 @@ def functional_call(
     kwargs: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> Any:
-    """:func:`torch.func.functional_call` after :func:`check_functional_keys`.
+    r""":func:`torch.func.functional_call` after :func:`check_functional_keys`.
 
-    ``params`` maps coordinate keys (``model.named_parameters()``'s) to tensors; the
-    constrained values are computed from them inside the call. ``options`` go to torch
-    (``tie_weights=``, ``strict=``)::
+    Computes ``model(*args, **kwargs)`` with the tensors of ``params`` in place of the
+    module's: a constrained attribute is :math:`f(x')` for the coordinates :math:`x'` passed,
+    so it is on its set for any values, and gradients are with respect to :math:`x'`.
 
-        out = functional_call(model, {k: v * 1.1 for k, v in model.named_parameters()}, (x,))
+    Args:
+        model: the (constrained) model; not modified.
+        params: coordinate keys (``model.named_parameters()``'s) to tensors.
+        args: positional arguments of the forward (a tuple, or one tensor).
+        kwargs: keyword arguments of the forward.
+        **options: passed to torch (``tie_weights=``, ``strict=``).
+
+    Returns:
+        What ``model``'s forward returns.
+
+    Raises:
+        KeyError: a key names a constrained tensor or a tensor ``model`` does not have.
+
+    Example:
+        >>> model = nn.Sequential(mp.orthogonal(nn.Linear(2, 2, bias=False)))
+        >>> params = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+        >>> base = model[0].parametrizations.weight[0].base     # W = B·exp(0) = B
+        >>> x = torch.randn(3, 2)
+        >>> out = mp.interop.functional_call(model, params, (x,))
+        >>> bool(torch.allclose(out, x @ base.T, atol=1e-6))
+        True
     """
     check_functional_keys(model, list(params))
     return torch.func.functional_call(model, dict(params), args, kwargs, **options)
@@ -101,19 +133,31 @@ def per_sample_grads(
     inputs: Tensor,
     targets: Tensor,
 ) -> dict[str, Tensor]:
-    """Per-sample gradients of ``loss_fn(model(x_i), y_i)`` w.r.t. ``params``, with ``vmap``.
+    r"""Per-sample gradients :math:`g_i = \nabla_x \ell(\mathrm{model}_x(x_i), y_i)` with
+    respect to the coordinates, with ``vmap(grad(...))``.
 
     Args:
         model: the (constrained) model; not modified.
         loss_fn: ``loss_fn(output, target)`` on one sample (no batch dimension).
         params: coordinate-keyed tensors (e.g. ``dict(model.named_parameters())``);
             gradients are returned for every entry.
-        inputs, targets: batches; the first dimension is the sample.
+        inputs: a batch of inputs; the first dimension is the sample.
+        targets: the batch of targets, likewise.
 
-    Returns ``{key: tensor of shape (batch, *params[key].shape)}``. Their mean over the batch
-    equals the gradient of the mean loss. Example::
+    Returns:
+        ``{key: tensor of shape (batch, *params[key].shape)}``. Their mean over the batch
+        equals the gradient of the mean loss.
 
-        grads = per_sample_grads(model, F.mse_loss, dict(model.named_parameters()), x, y)
+    Raises:
+        KeyError: a key names a constrained tensor or a tensor ``model`` does not have.
+
+    Example:
+        >>> model = nn.Sequential(mp.orthogonal(nn.Linear(3, 3)), nn.Linear(3, 1))
+        >>> params = dict(model.named_parameters())
+        >>> x, y = torch.randn(5, 3), torch.randn(5, 1)
+        >>> g = mp.interop.per_sample_grads(model, nn.functional.mse_loss, params, x, y)
+        >>> g["0.parametrizations.weight.original"].shape    # (batch, n(n-1)/2)
+        torch.Size([5, 3])
     """
     check_functional_keys(model, list(params))
     detached = {k: v.detach() for k, v in params.items()}

@@ -70,7 +70,7 @@ def scipy_minimize(
     constraints: Iterable[Any] = (),
     **kwargs: Any,
 ) -> Any:
-    """Minimise ``objective()`` over ``params`` with :func:`scipy.optimize.minimize`.
+    r"""Minimise ``objective()`` over ``params`` with :func:`scipy.optimize.minimize`.
 
     Args:
         objective: a zero-argument callable returning a scalar tensor computed from the
@@ -90,13 +90,20 @@ def scipy_minimize(
         **kwargs: passed to :func:`scipy.optimize.minimize` (``options=``, ``tol=``,
             ``bounds=``, ``callback=`` ...).
 
-    Returns scipy's ``OptimizeResult``; ``params`` hold ``result.x`` afterwards (float64
-    arithmetic in scipy, cast back to each tensor's dtype). ``result.nhev`` counts the
-    Hessian-vector products. A NaN/Inf objective, gradient, Hessian-vector product or soft
-    constraint value/Jacobian at any evaluation stops the run: ``success=False``, ``status=-1``,
-    ``result.nonfinite`` says what was not finite and ``message`` names it; ``result.x`` is
-    the best finite point evaluated (the last finite one when there are constraints) and the
-    multipliers are left unchanged.
+    Returns:
+        scipy's ``OptimizeResult``; ``params`` hold ``result.x`` afterwards (float64
+        arithmetic in scipy, cast back to each tensor's dtype). ``result.nhev`` counts the
+        Hessian-vector products. A NaN/Inf objective, gradient, Hessian-vector product or
+        soft constraint value/Jacobian at any evaluation stops the run: ``success=False``,
+        ``status=-1``, ``result.nonfinite`` says what was not finite and ``message`` names
+        it; ``result.x`` is the best finite point evaluated (the last finite one when there
+        are constraints) and the multipliers are left unchanged.
+
+    Raises:
+        ValueError: constraints given to a method that takes none (use the method of
+            multipliers), or ``params`` with no trainable tensor.
+        TypeError: a second-order method on a compiled module
+            (:func:`~manifoldparam.interop.check_second_order`).
 
     Multipliers, in the library's sign convention (the Lagrangian ``f + scale·λ·c`` with
     ``c = value - fn``, ``max - fn``, ``fn - min`` or ``clamp(fn) - fn``, stationary at the
@@ -105,9 +112,13 @@ def scipy_minimize(
     mdmm's signs (``MinConstraintHard``: ``λ > 0``). ``dual_update`` and
     ``mdmm(loss).value`` then continue from scipy's solution instead of from ``λ = 0``.
 
-    Example::
-
-        res = scipy_minimize(lambda: loss_fn(model(x), y), model, method="trust-ncg")
+    Example (:math:`\min x^2 + y^2` s.t. :math:`x + y = 1`: the solution
+    :math:`(1/2, 1/2)` with :math:`\lambda = 1`):
+        >>> p = torch.zeros(2, requires_grad=True)
+        >>> c = mp.EqConstraint(lambda: p.sum(), 1.0)
+        >>> res = mp.scipy_minimize(lambda: (p**2).sum(), [p], method="SLSQP", constraints=[c])
+        >>> [round(v, 4) for v in p.tolist()], round(float(c.lmbda), 4)
+        ([0.5, 0.5], 1.0)
     """
     from scipy.optimize import minimize
 

@@ -51,17 +51,54 @@ _REGISTRY = "_mp_soft"
 
 # ------------------------------------------------------------------ picklable functions
 def mean_abs(w: Tensor) -> Tensor:
-    """``mean(|w|)`` (mdmm's MNIST demo constrains it to 1 per layer)."""
+    r"""The mean absolute entry, :math:`\frac{1}{n}\sum_i |w_i|` (mdmm's MNIST demo
+    constrains it to 1 per layer).
+
+    Args:
+        w: any tensor.
+
+    Returns:
+        A 0-dim tensor.
+
+    Example:
+        >>> mp.soft.mean_abs(torch.tensor([[1.0, -3.0]]))
+        tensor(2.)
+    """
     return w.abs().mean()
 
 
 def rms(w: Tensor) -> Tensor:
-    """``‖w‖_F / √numel(w)``: the Frobenius norm, independent of the size."""
+    r"""The root mean square entry, :math:`\|w\|_F / \sqrt{n}`: a norm budget that does not
+    grow with the size.
+
+    Args:
+        w: any tensor (``n`` entries).
+
+    Returns:
+        A 0-dim tensor (0 for an empty ``w``).
+
+    Example:
+        >>> mp.soft.rms(torch.tensor([3.0, -4.0, 0.0, 0.0]))
+        tensor(2.5000)
+    """
     return torch.linalg.vector_norm(w) / math.sqrt(max(w.numel(), 1))
 
 
 def row_norms(w: Tensor) -> Tensor:
-    """The Euclidean norm of each row (vector-valued: one multiplier per output unit)."""
+    r"""The Euclidean norm of each row, :math:`r_i = \|w_{i,:}\|_2`: vector-valued, so a
+    constraint on it has one multiplier per output unit.
+
+    Args:
+        w: a tensor with at least one dim; dims after the first are flattened (a conv kernel's
+            rows are its output channels).
+
+    Returns:
+        A tensor of shape ``(w.shape[0],)``.
+
+    Example:
+        >>> mp.soft.row_norms(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
+        tensor([5., 1.])
+    """
     return torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1)
 
 
@@ -78,15 +115,52 @@ def constrain(
     scale: float = 1.0,
     damping: float = 1.0,
 ) -> Constraint:
-    """Declare the soft constraint ``fn(module.<name>) == eq`` (or ``<= max``, ``>= min``).
+    r"""Declare the soft constraint ``fn(module.<name>) == eq`` (or ``<= max``, ``>= min``).
 
-    Returns the constraint (an :class:`EqConstraint`, :class:`MaxConstraint`,
-    :class:`MinConstraint`, or with ``clamp=True`` the clamp-based kinds mdmm calls
-    ``...Hard``; both ``min`` and ``max`` need ``clamp=True``: :class:`BoundConstraintHard`).
-    Its multipliers have ``fn``'s output shape and the attribute's dtype and device (declare after
-    ``model.to(device)``, or move the constraints with ``mdmm.to(device)``). Collect the
-    declarations of a model with :func:`soft_constraints`. ``fn`` should be a named function
-    (or ``functools.partial``) so the model pickles.
+    The constraint adds :math:`s\,\psi(c, \lambda)` to the Lagrangian that
+    :class:`~manifoldparam.MDMM` builds, with :math:`c = \mathrm{eq} - \mathrm{fn}(W)` (or
+    :math:`\max - \mathrm{fn}(W) \ge 0`, :math:`\mathrm{fn}(W) - \min \ge 0`) and one
+    multiplier :math:`\lambda` per element of ``fn``'s value; ``fn`` receives the attribute's
+    current value, the constrained one when a hard constraint parametrizes the same attribute.
+    The declaration lives on the module (it pickles and deep-copies with it); collect a
+    model's with :func:`soft_constraints`.
+
+    Args:
+        module: the module that holds the attribute.
+        name: the attribute (any tensor attribute: a parameter, a buffer, a parametrized
+            weight).
+        fn: a differentiable function of the attribute's value returning a tensor; a named
+            function or ``functools.partial`` (not a lambda) so the model pickles.
+        eq: the value ``fn`` must equal (a number or a tensor of ``fn``'s shape).
+        min: the lower bound of ``fn``.
+        max: the upper bound of ``fn``; both ``min`` and ``max`` need ``clamp=True``.
+        clamp: use mdmm's clamp-based kinds (``MaxConstraintHard``, ``MinConstraintHard``,
+            ``BoundConstraintHard``) instead of the slack-free inequalities.
+        scale: multiplies the constraint's Lagrangian term.
+        damping: the quadratic damping :math:`d` (see :class:`~manifoldparam.Constraint`).
+
+    Returns:
+        The constraint: an :class:`EqConstraint`, :class:`MaxConstraint`,
+        :class:`MinConstraint`, or with ``clamp=True`` a clamp-based kind. Its multipliers
+        have ``fn``'s output shape and the attribute's dtype and device (declare after
+        ``model.to(device)``, or move them with ``mdmm.to(device)``).
+
+    Raises:
+        AttributeError: ``module`` has no tensor attribute ``name``.
+        ValueError: not exactly one of ``eq`` or ``min``/``max``; ``min`` and ``max`` without
+            ``clamp=True``; ``fn``'s value is not finite; a NaN bound or a bad
+            ``scale``/``damping``.
+        TypeError: ``fn`` does not return a tensor.
+
+    Example:
+        >>> layer = nn.Linear(4, 2)
+        >>> c = mp.constrain(layer, "weight", mp.soft.row_norms, max=1.0, damping=10)
+        >>> c
+        MaxConstraint(row_norms(Linear.weight) <= 1, scale=1, damping=10, shape=(2,))
+        >>> c.lmbda.shape                          # one multiplier per row
+        torch.Size([2])
+        >>> mp.soft.soft_constraints(layer) == [c]
+        True
     """
     owner = owner_name(module, name)
     value = getattr(module, name, None)
@@ -145,7 +219,19 @@ def declared(module: nn.Module) -> Iterator[tuple[str, Constraint]]:
 def soft_constraints(model: nn.Module) -> list[Constraint]:
     """Every soft constraint declared with :func:`constrain` on ``model`` or its submodules.
 
-    In ``model.named_modules()`` order, so ``MDMM(soft_constraints(model))`` has the same
-    ``state_dict`` keys for the same model.
+    Args:
+        model: the model to collect from.
+
+    Returns:
+        The constraints in ``model.named_modules()`` order, so
+        ``MDMM(soft_constraints(model))`` has the same ``state_dict`` keys for the same model.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+        >>> for layer in model:
+        ...     _ = mp.constrain(layer, "weight", mp.soft.mean_abs, eq=0.5)
+        >>> mdmm = mp.MDMM(mp.soft.soft_constraints(model))
+        >>> len(mdmm)
+        2
     """
     return [c for _, m in model.named_modules() for _, c in declared(m)]

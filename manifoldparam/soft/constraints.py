@@ -65,25 +65,55 @@ def _fn_name(fn: Callable[..., Any]) -> str:
 
 
 class Constraint(nn.Module):
-    """Base of the constraint kinds: a function, its multiplier(s), ``scale`` and ``damping``.
+    r"""Base of the constraint kinds: a function, its multiplier(s), ``scale`` and ``damping``.
+
+    A constraint adds :math:`s\,\psi(c(\theta), \lambda)` to the Lagrangian
+    :math:`f(\theta) + \sum_i s_i \psi_i`, minimised over the parameters :math:`\theta` and
+    maximised over the multiplier :math:`\lambda` (a :class:`Multiplier`, one per element of
+    ``fn``'s value); by default :math:`\psi(c, \lambda) = \lambda c + d c^2/2`. Calling the
+    constraint returns a :class:`ConstraintReturn`.
 
     Args:
         fn: a differentiable callable returning a tensor of shape ``shape``. Called with no
             argument (mdmm style), or, for a constraint declared on a module attribute with
             :func:`manifoldparam.soft.constrain`, with the attribute's current (parametrized)
             value.
-        scale: multiplies the constraint's whole Lagrangian term (mdmm's ``scale``).
-        damping: the quadratic damping / augmented-Lagrangian penalty :math:`d`. It damps
+        *args: the kind's bounds in order (:attr:`bounds`: ``value``, ``max``, ``min``), then
+            ``scale`` and ``damping`` (mdmm's positional signatures).
+        shape: shape of ``fn``'s value; one multiplier per element (default: a scalar).
+        dtype: the multipliers' and bounds' dtype (default: torch's default dtype).
+        **named: the same bounds, ``scale`` and ``damping`` by name.
+
+    Other Parameters:
+        scale (float): multiplies the constraint's whole Lagrangian term (mdmm's ``scale``).
+        damping (float): the quadratic damping / augmented-Lagrangian penalty :math:`d`. It damps
             the oscillation of ``fn`` and the multiplier around the solution: too little and
             the violation oscillates (forever at ``d = 0`` where ``f`` is flat along the
             constraint); too much and the Lagrangian gets stiff: convergence slows and plain
             SGD diverges once ``lr·scale·d·|∇fn|² > 2``. On min 0 s.t. x = 1 with SGD at
             lr 0.05, d = 2 settles in 323 steps, d = 0.1 still oscillates after 4000, d = 10
             takes 1824, d = 41 diverges.
-        shape: shape of ``fn``'s value; one multiplier per element (default: a scalar).
+
+    Raises:
+        TypeError: ``fn`` is not callable; too many, unknown, repeated or missing arguments.
+        ValueError: a NaN/infinite/negative ``scale`` or ``damping``, a NaN bound, or
+            ``min > max``.
 
     A subclass defines :meth:`infeasibility` and, if it is not of the
-    :math:`\\lambda c + d c^2/2` form, :meth:`term`.
+    :math:`\lambda c + d c^2/2` form, :meth:`term`.
+
+    Example (a new kind, ``|fn| <= max``, with the clamp as its projection):
+        >>> class AbsMax(mp.Constraint):
+        ...     relation = "<="
+        ...     bounds = ("max",)
+        ...     def infeasibility(self, fn_value):
+        ...         return fn_value.clamp(-self.max, self.max) - fn_value
+        ...     def bound_repr(self):
+        ...         return f"|.| <= {float(self.max):g}"
+        >>> w = torch.tensor([3.0], requires_grad=True)
+        >>> c = AbsMax(lambda: w.sum(), 1.0, damping=2.0)
+        >>> c().inf                     # Π(fn) − fn: clamp(3, −1, 1) − 3
+        tensor(-2., grad_fn=<SubBackward0>)
     """
 
     #: "==", "<=", ">=" or "in": how :meth:`describe` prints the kind.

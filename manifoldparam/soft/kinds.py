@@ -53,11 +53,31 @@ __all__ = [
 
 
 class EqConstraint(Constraint):
-    """``fn == value``: :math:`c = \\mathrm{value} - \\mathrm{fn}`.
+    """``fn == value``: :math:`c = \\mathrm{value} - \\mathrm{fn}`,
+    :math:`\\psi = \\lambda c + d c^2/2`.
 
-    Example (mdmm's)::
+    Args:
+        *args: ``fn``, ``value``, then ``scale`` and ``damping`` (mdmm's order; also by name).
+        **named: the same arguments by name, and ``shape``, ``dtype``.
 
-        c = EqConstraint(lambda: layer.weight.abs().mean(), 1.0, damping=10)
+    Other Parameters:
+        fn (Callable[..., Tensor]): the constrained function: no argument (mdmm style), or the
+            attribute's value when declared with :func:`~manifoldparam.soft.constrain`.
+        shape (Sequence[int]): shape of ``fn``'s value: one multiplier per element.
+        dtype (torch.dtype | None): dtype of the multipliers and bounds.
+        value (float | Tensor): the target of ``fn``.
+        scale (float): multiplies the Lagrangian term (default 1).
+        damping (float): the penalty :math:`d` (default 1).
+
+    Raises:
+        ValueError: a NaN ``value``, a bad ``scale`` or ``damping``.
+
+    Example (mdmm's):
+        >>> w = torch.tensor([0.5, -2.0], requires_grad=True)
+        >>> c = mp.EqConstraint(lambda: w.abs().mean(), 1.0, damping=10)
+        >>> out = c()
+        >>> out.fn_value, out.inf                  # c = 1 − 1.25
+        (tensor(1.2500, grad_fn=<MeanBackward0>), tensor(-0.2500, grad_fn=<SubBackward0>))
     """
 
     relation = "=="
@@ -77,8 +97,8 @@ class _Inequality(Constraint):
 
     nonpositive_multiplier = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, **named: Any) -> None:
+        super().__init__(*args, **named)
         if not bool(self.damping > 0):
             raise ValueError(
                 f"{self.describe()}: damping=0, but the slack-free inequality needs damping > 0 "
@@ -94,11 +114,30 @@ class _Inequality(Constraint):
 
 
 class MaxConstraint(_Inequality):
-    """``fn <= max`` without mdmm's slack saddle: :math:`c = \\max - \\mathrm{fn} \\ge 0`.
+    r"""``fn <= max`` without mdmm's slack saddle: :math:`c = \max - \mathrm{fn} \ge 0`,
+    :math:`\psi = (\min(\lambda + d c, 0)^2 - \lambda^2) / 2d`.
 
-    Example::
+    Args:
+        *args: ``fn``, ``max``, then ``scale`` and ``damping`` (mdmm's order; also by name).
+        **named: the same arguments by name, and ``shape``, ``dtype``.
 
-        c = MaxConstraint(lambda: layer.weight.norm(), 3.0, damping=10)
+    Other Parameters:
+        fn (Callable[..., Tensor]): the constrained function: no argument (mdmm style), or the
+            attribute's value when declared with :func:`~manifoldparam.soft.constrain`.
+        shape (Sequence[int]): shape of ``fn``'s value: one multiplier per element.
+        dtype (torch.dtype | None): dtype of the multipliers and bounds.
+        max (float | Tensor): the upper bound of ``fn``.
+        scale (float): multiplies the Lagrangian term (default 1).
+        damping (float): the penalty :math:`d` (must be > 0).
+
+    Raises:
+        ValueError: ``damping`` is not positive, a NaN ``max``, a bad ``scale``.
+
+    Example:
+        >>> w = torch.tensor([3.0, 4.0], requires_grad=True)
+        >>> c = mp.MaxConstraint(lambda: w.norm(), 3.0, damping=10)
+        >>> c().inf                                # Π(fn) − fn = 3 − 5
+        tensor(-2., grad_fn=<SubBackward0>)
     """
 
     relation = "<="
@@ -116,11 +155,30 @@ class MaxConstraint(_Inequality):
 
 
 class MinConstraint(_Inequality):
-    """``fn >= min`` without mdmm's slack saddle: :math:`c = \\mathrm{fn} - \\min \\ge 0`.
+    r"""``fn >= min`` without mdmm's slack saddle: :math:`c = \mathrm{fn} - \min \ge 0`,
+    :math:`\psi = (\min(\lambda + d c, 0)^2 - \lambda^2) / 2d`.
 
-    Example::
+    Args:
+        *args: ``fn``, ``min``, then ``scale`` and ``damping`` (mdmm's order; also by name).
+        **named: the same arguments by name, and ``shape``, ``dtype``.
 
-        c = MinConstraint(lambda: layer.weight.norm(), 1.0, damping=10)
+    Other Parameters:
+        fn (Callable[..., Tensor]): the constrained function: no argument (mdmm style), or the
+            attribute's value when declared with :func:`~manifoldparam.soft.constrain`.
+        shape (Sequence[int]): shape of ``fn``'s value: one multiplier per element.
+        dtype (torch.dtype | None): dtype of the multipliers and bounds.
+        min (float | Tensor): the lower bound of ``fn``.
+        scale (float): multiplies the Lagrangian term (default 1).
+        damping (float): the penalty :math:`d` (must be > 0).
+
+    Raises:
+        ValueError: ``damping`` is not positive, a NaN ``min``, a bad ``scale``.
+
+    Example:
+        >>> w = torch.tensor([0.3, 0.4], requires_grad=True)
+        >>> c = mp.MinConstraint(lambda: w.norm(), 1.0, damping=10)
+        >>> round(float(c().inf), 6)               # Π(fn) − fn = 1 − 0.5
+        0.5
     """
 
     relation = ">="
@@ -138,9 +196,30 @@ class MinConstraint(_Inequality):
 
 
 class MaxConstraintHard(Constraint):
-    """``fn <= max`` as mdmm's clamp: :math:`c = \\min(\\mathrm{fn}, \\max) - \\mathrm{fn}`.
+    r"""``fn <= max`` as mdmm's clamp: :math:`c = \min(\mathrm{fn}, \max) - \mathrm{fn}`,
+    :math:`\psi = \lambda c + d c^2/2`. No slack; the multiplier only grows while violated
+    (an exact-penalty flavour).
 
-    No slack; the multiplier only grows while violated (an exact-penalty flavour).
+    Args:
+        *args: ``fn``, ``max``, then ``scale`` and ``damping`` (mdmm's order; also by name).
+        **named: the same arguments by name, and ``shape``, ``dtype``.
+
+    Other Parameters:
+        fn (Callable[..., Tensor]): the constrained function: no argument (mdmm style), or the
+            attribute's value when declared with :func:`~manifoldparam.soft.constrain`.
+        shape (Sequence[int]): shape of ``fn``'s value: one multiplier per element.
+        dtype (torch.dtype | None): dtype of the multipliers and bounds.
+        max (float | Tensor): the upper bound of ``fn``.
+        scale (float): multiplies the Lagrangian term (default 1).
+        damping (float): the penalty :math:`d` (default 1).
+
+    Raises:
+        ValueError: a NaN ``max``, a bad ``scale`` or ``damping``.
+
+    Example:
+        >>> c = mp.MaxConstraintHard(lambda: torch.tensor(0.5), 1.0)
+        >>> c().inf                                # satisfied: exactly 0
+        tensor(0.)
     """
 
     relation = "<="
@@ -155,7 +234,30 @@ class MaxConstraintHard(Constraint):
 
 
 class MinConstraintHard(Constraint):
-    """``fn >= min`` as mdmm's clamp: :math:`c = \\max(\\mathrm{fn}, \\min) - \\mathrm{fn}`."""
+    r"""``fn >= min`` as mdmm's clamp: :math:`c = \max(\mathrm{fn}, \min) - \mathrm{fn}`,
+    :math:`\psi = \lambda c + d c^2/2`.
+
+    Args:
+        *args: ``fn``, ``min``, then ``scale`` and ``damping`` (mdmm's order; also by name).
+        **named: the same arguments by name, and ``shape``, ``dtype``.
+
+    Other Parameters:
+        fn (Callable[..., Tensor]): the constrained function: no argument (mdmm style), or the
+            attribute's value when declared with :func:`~manifoldparam.soft.constrain`.
+        shape (Sequence[int]): shape of ``fn``'s value: one multiplier per element.
+        dtype (torch.dtype | None): dtype of the multipliers and bounds.
+        min (float | Tensor): the lower bound of ``fn``.
+        scale (float): multiplies the Lagrangian term (default 1).
+        damping (float): the penalty :math:`d` (default 1).
+
+    Raises:
+        ValueError: a NaN ``min``, a bad ``scale`` or ``damping``.
+
+    Example:
+        >>> c = mp.MinConstraintHard(lambda: torch.tensor(0.25), 1.0)
+        >>> c().inf                                # max(0.25, 1) − 0.25
+        tensor(0.7500)
+    """
 
     relation = ">="
     bounds = ("min",)
@@ -169,11 +271,33 @@ class MinConstraintHard(Constraint):
 
 
 class BoundConstraintHard(Constraint):
-    """``min <= fn <= max`` as mdmm's clamp: :math:`c = \\mathrm{clamp}(fn, \\min, \\max) - fn`.
+    r"""``min <= fn <= max`` as mdmm's clamp:
+    :math:`c = \mathrm{clamp}(\mathrm{fn}, \min, \max) - \mathrm{fn}`,
+    :math:`\psi = \lambda c + d c^2/2`.
 
-    Example::
+    Args:
+        *args: ``fn``, ``min`` and ``max``, then ``scale`` and ``damping`` (mdmm's order;
+            also by name).
+        **named: the same arguments by name, and ``shape``, ``dtype``.
 
-        c = BoundConstraintHard(lambda: w.mean(), -0.1, 0.1)
+    Other Parameters:
+        fn (Callable[..., Tensor]): the constrained function: no argument (mdmm style), or the
+            attribute's value when declared with :func:`~manifoldparam.soft.constrain`.
+        shape (Sequence[int]): shape of ``fn``'s value: one multiplier per element.
+        dtype (torch.dtype | None): dtype of the multipliers and bounds.
+        min (float | Tensor): the lower bound of ``fn``.
+        max (float | Tensor): the upper bound, ``>= min``.
+        scale (float): multiplies the Lagrangian term (default 1).
+        damping (float): the penalty :math:`d` (default 1).
+
+    Raises:
+        ValueError: ``min > max``, a NaN bound, a bad ``scale`` or ``damping``.
+
+    Example:
+        >>> w = torch.tensor([0.5, 0.7])
+        >>> c = mp.BoundConstraintHard(lambda: w.mean(), -0.1, 0.1)
+        >>> c().inf                                # clamp(0.6, −0.1, 0.1) − 0.6
+        tensor(-0.5000)
     """
 
     relation = "in"

@@ -75,7 +75,7 @@ def restore_feasibility(
     levenberg: float = 1e-2,
     eps: float = 1e-12,
 ) -> Tensor:
-    """One Gauss–Newton step onto the constraints, in place; returns the prior violation.
+    r"""One Gauss–Newton step onto the constraints, in place; returns the prior violation.
 
     Args:
         constraints: an :class:`~manifoldparam.soft.MDMM` or any iterable of constraints.
@@ -88,8 +88,26 @@ def restore_feasibility(
             parallel is corrected over several steps instead of by one large jump.
         eps: Tikhonov term of the solve (m = number of constraint elements).
 
+    Returns:
+        The largest violation before the step, a 0-dim tensor (no host sync).
+
+    Raises:
+        ValueError: a constraint not declared on a module attribute and no ``params``.
+
     Nothing moves (bit for bit) when the largest violation is not below ``within`` (NaN
     included) or when the step would not be finite everywhere.
+
+    Example (:math:`\mathrm{mean}|W| = 1` on a layer: the step
+    :math:`\theta + J^\top (J J^\top + \mu I)^{-1} r` removes all of the violation but the
+    Levenberg share :math:`\mu / (JJ^\top + \mu)`, 1%):
+        >>> layer = nn.Linear(4, 4)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.fill_(0.98)
+        >>> mdmm = mp.MDMM([mp.constrain(layer, "weight", mp.soft.mean_abs, eq=1.0)])
+        >>> round(float(mp.soft.restore_feasibility(mdmm)), 6)     # the violation before
+        0.02
+        >>> round(1 - float(layer.weight.abs().mean()), 4)          # after: 1% of it
+        0.0002
     """
     constraints = list(constraints)
     if not constraints:
