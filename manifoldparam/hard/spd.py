@@ -195,7 +195,9 @@ def spd(
 
     :math:`W = L L^\top + \varepsilon I` with :math:`L` lower-triangular, its diagonal
     :math:`\operatorname{softplus}` of the coordinates (:math:`n(n+1)/2` of them per matrix),
-    so every eigenvalue of :math:`W` exceeds :math:`\varepsilon` = ``min_eigenvalue``. The
+    so every eigenvalue of :math:`W` exceeds :math:`\varepsilon` = ``min_eigenvalue`` (in
+    exact arithmetic: ``eigvalsh`` of a float32 ``W`` may read a few ulps of
+    :math:`\|W\|` below the floor, within the constraint's tolerance). The
     current weight is kept, moved to the nearest SPD matrix (symmetrised, eigenvalues lifted
     above the floor). A weight with more than two dims is a batch of matrices over its last
     two.
