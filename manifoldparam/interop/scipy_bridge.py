@@ -117,7 +117,7 @@ def scipy_minimize(
         >>> p = torch.zeros(2, requires_grad=True)
         >>> c = mp.EqConstraint(lambda: p.sum(), 1.0)
         >>> res = mp.scipy_minimize(lambda: (p**2).sum(), [p], method="SLSQP", constraints=[c])
-        >>> [round(v, 4) for v in p.tolist()], round(float(c.lmbda), 4)
+        >>> [round(v, 4) for v in p.tolist()], round(float(c.lmbda.detach()), 4)
         ([0.5, 0.5], 1.0)
     """
     from scipy.optimize import minimize
