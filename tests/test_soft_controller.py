@@ -216,3 +216,22 @@ def test_bad_options_and_closures_are_refused() -> None:
 
     with pytest.raises(ValueError, match="without a closure"):
         opt.step(closure)
+
+
+def test_an_infeasible_pair_is_reported_under_the_controller() -> None:
+    """x <= 0 and x >= 1: the controller's integral grows the multipliers for ever, and the
+    infeasibility check (which watches the multipliers, whatever moves them) names both."""
+    from manifoldparam.soft import InfeasibleWarning, MinConstraint
+
+    x = nn.Parameter(torch.tensor([0.3], dtype=DT))
+    cons = [MaxConstraint(lambda: x[0], 0.0, dtype=DT), MinConstraint(lambda: x[0], 1.0, dtype=DT)]
+    mdmm = MDMM(cons)
+    opt = mdmm.make_optimizer([x], optimizer=torch.optim.Adam, lr=5e-2, dual_lr=0.05, dual="pi")
+    with pytest.warns(InfeasibleWarning, match="infeasible together") as record:
+        for _ in range(1200):
+            out = mdmm((x**2).sum())
+            opt.zero_grad()
+            out.value.backward()
+            opt.step()
+    text = str(record[0].message)
+    assert cons[0].describe() in text and cons[1].describe() in text
