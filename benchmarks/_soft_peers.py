@@ -72,6 +72,12 @@ def _count(fn: Callable[[], Tensor] | None) -> int:
         return int(fn().numel())
 
 
+def _with(step: Step, multipliers: list[Tensor]) -> Step:
+    """``step`` with its method's multiplier tensors as ``step.multipliers`` (for overshoot)."""
+    step.multipliers = multipliers  # type: ignore[attr-defined]
+    return step
+
+
 def _loop(
     problem: Problem,
     opt: torch.optim.Optimizer,
@@ -115,7 +121,7 @@ def ours(dual: str, restore: bool = False) -> Callable[[Problem, Setting], Step]
             if restore:
                 soft.restore_feasibility(mdmm, params)
 
-        return _loop(problem, opt, lambda loss: mdmm(loss).value, after)
+        return _with(_loop(problem, opt, lambda loss: mdmm(loss).value, after), mdmm.multipliers())
 
     return build
 
@@ -131,7 +137,8 @@ def mdmm_peer(problem: Problem, s: Setting) -> Step:
         cs.append(mdmm.MaxConstraint(partial(_entry, problem.ineq, i), 0.0, damping=s.rho))
     module = mdmm.MDMM(cs)
     opt = module.make_optimizer(problem.model.parameters(), optimizer=torch.optim.Adam, lr=s.lr)
-    return _loop(problem, opt, lambda loss: module(loss).value)
+    lams = [c.lmbda for c in module]
+    return _with(_loop(problem, opt, lambda loss: module(loss).value), lams)
 
 
 def cooper_peer(pi: bool) -> Callable[[Problem, Setting], Step]:
@@ -194,7 +201,7 @@ def cooper_peer(pi: bool) -> Callable[[Problem, Setting], Step]:
         def step() -> Tensor:
             return opt.roll().cmp_state.loss.detach()
 
-        return step
+        return _with(step, list(cmp.dual_parameters()))
 
     return build
 
@@ -219,7 +226,7 @@ def hct_peer(problem: Problem, s: Setting) -> Step:
         opt.step()
         return loss.detach()
 
-    return step
+    return _with(step, [p for g in dual.param_groups for p in g["params"]])
 
 
 def unconstrained(problem: Problem, s: Setting) -> Step:
