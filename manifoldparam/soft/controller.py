@@ -10,39 +10,35 @@ ICML 2024) adds a proportional term on the change of the (smoothed) violation:
 
     e_t = \partial\mathcal{L}/\partial\lambda, \qquad
     \xi_t = \nu\,\xi_{t-1} + (1-\nu)\,e_t, \qquad
-    \lambda_{t+1} = \lambda_t + \eta\,\big(e_t + \kappa_p\,(\xi_t - \xi_{t-1})\big),
+    \lambda_{t+1} = \lambda_t + \eta\,e_t + k_p\,(\xi_t - \xi_{t-1}),
 
-with :math:`\xi_{-1} = e_0` (the first step is plain ascent, no kick). The error :math:`e` is
-the multiplier's gradient, ``scale·c`` for an equality (``c = value - fn``) and, for the
-slack-free inequalities, ``scale·(min(λ + d c, 0) - λ)/d``, which is continuous where the
-constraint turns inactive and pulls λ back to 0 there, so no projection is needed. Summed, the
-update reads :math:`\lambda_t = \lambda_0 + \eta\sum_{j<t} e_j + \eta\kappa_p(\xi_{t-1} -
-\xi_{-1})`: the multiplier is the integral of the violation *plus* ``η·κ_p`` times its current
-value, a penalty that acts at once and fades as the constraint is met, so the integral need not
-wind up to push the parameters.
+with :math:`\xi_{-1} = e_0` (the first step is plain ascent, no kick). ``η`` is the group's
+``lr``; ``kp`` is the paper's :math:`\eta K_P` (it does not move when ``η`` is scheduled or
+swept). The error :math:`e` is the multiplier's gradient, ``scale·c`` for an equality
+(``c = value - fn``) and, for the slack-free inequalities, ``scale·(min(λ + d c, 0) - λ)/d``,
+which is continuous where the constraint turns inactive and pulls λ back to 0 there, so no
+projection is needed. Summed, :math:`\lambda_t = \lambda_0 + \eta\sum_{j<t} e_j +
+k_p(\xi_{t-1} - \xi_{-1})`: the integral of the violation *plus* ``kp`` times its current
+value, a penalty that acts at once and fades as the constraint is met.
 
-Defaults (``kp``, ``nu``; derived in ``docs/soft-controller.md``): linearise the loop near the
-solution. One primal step changes the violation by :math:`-a\,\delta\lambda` and damps it by a
-fraction :math:`p` (the primal's own restoring force); one dual step adds :math:`b = \eta\cdot
-\mathrm{scale}` times the PI error. The violation then obeys, per step and for small
-:math:`k = ab`,
+Defaults (the derivation in ``docs/soft-controller.md``): linearised near a solution, with
+``a`` the change of the violation per unit of multiplier in one primal step (``lr·scale·|∇fn|²``
+for SGD) and ``h`` the loss's curvature across the constraint, the loop's roots
+:math:`z = 1 + \varepsilon` obey
 
 .. math::
 
-    \varepsilon^2 + (p + k\kappa_p)\,\varepsilon + k = 0 ,
+    \varepsilon^2 + a\,(h/\mathrm{scale} + d + \mathrm{scale}\,k_p)\,\varepsilon
+        + a\,\mathrm{scale}\,\eta = 0 :
 
-a damped oscillator of frequency :math:`\sqrt{k}` (plain ascent: :math:`\kappa_p = 0`, damped
-by :math:`p` alone: it rings when :math:`p < 2\sqrt{k}`). ``κ_p`` is a look-ahead in steps: the
-integral term sees :math:`e_t + \kappa_p\,\Delta e_t \approx e_{t+\kappa_p}`. For
-:math:`k\kappa_p^2 \ge 4` the loop is overdamped for every primal damping :math:`p \ge 0`,
-its slow mode decays by :math:`1/\kappa_p` of the violation per step and its fast mode by
-:math:`k\kappa_p`, stable while :math:`k\kappa_p < 2` (discrete time). ``KP`` below is the
-horizon that keeps both true over the widest range of loop gains :math:`k` (the geometric
-middle of :math:`4/\kappa_p^2 \le k < 2/\kappa_p`): ``kp = 100`` covers
-:math:`4\cdot10^{-4} \le k < 2\cdot10^{-2}`, and so a dual lr within ×50 of the one that makes
-the loop critical. ``nu = 0``: the smoothing delays the proportional term by
-:math:`\nu/(1-\nu)` steps, which costs phase margin; raise it only for constraints evaluated on
-minibatches, whose step-to-step noise the proportional term would amplify by ``κ_p``.
+``kp`` adds to the damping ``d`` exactly as the augmented Lagrangian's penalty does, through the
+multiplier (it does not stiffen the primal Hessian and fades with the violation). Critical at
+:math:`a(h/\mathrm{scale} + d + \mathrm{scale}\,k_p) = 2\sqrt{a\,\mathrm{scale}\,\eta}`, stable
+while that sum is below 2 (the damping's own limit). ``a`` belongs to the primal optimizer and
+the problem, so :data:`KP` is the middle of the band measured stable and no slower than plain
+ascent on five problems; ``nu = 0``: smoothing delays the proportional term by
+:math:`\nu/(1-\nu)` steps (phase margin); raise it only for constraints on minibatches, whose
+noise the proportional term passes on multiplied by ``kp``.
 
 The controller is a *dual update rule* of a parameter group: :meth:`MDMM.make_optimizer
 <manifoldparam.soft.MDMM.make_optimizer>` with ``dual="pi"`` marks the multipliers' group
@@ -65,8 +61,8 @@ from torch import Tensor
 
 __all__ = ["KP", "NU", "STATE_KEY", "pi_options", "pi_step"]
 
-#: The proportional gain: the horizon, in steps, over which the change of the violation is
-#: extrapolated (see the module docstring for the derivation).
+#: The proportional gain (the multiplier's change per unit change of the error; the module
+#: docstring and docs/soft-controller.md say why 3).
 KP = 3.0
 #: The smoothing of the error in the proportional term (0: none; full-batch constraints).
 NU = 0.0
