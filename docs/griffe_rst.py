@@ -50,7 +50,6 @@ EXTERNAL = {
 }
 #: Paths that some docstrings still use after the issue-18 reorganisation, and where the
 #: object is now. Remove an entry once its docstring is fixed.
-STALE = {"manifoldparam.soft.constraint_report": "manifoldparam.report.constraint_report"}
 MATH = re.compile(r":math:`(?P<tex>[^`]+)`")
 ARGS = {"Args:", "Arguments:", "Parameters:", "Params:", "Keyword Args:", "Other Parameters:"}
 SHARED = re.compile(
@@ -224,7 +223,7 @@ class RstToMarkdown(griffe.Extension):
             title = target.rsplit(".", 1)[-1]
         title = title.lstrip("~")
         code = f"<code>{html.escape(title)}</code>"
-        path = self.resolve(STALE.get(target, target), obj, m["role"])
+        path = self.resolve(target, obj, m["role"])
         root = target.split(".", 1)[0]
         if path is None and (root in EXTERNAL or hasattr(builtins, root)):
             return code  # another package's object or a builtin: shown, not linked

@@ -91,9 +91,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:  # pragma: no cover - s
         y = torch.randn(16, 4, dtype=dtype, generator=g)
         return model, ddp, mdmm, last, x, y
 
-    def build(sync: bool, broadcast_buffers: bool = True) -> dict[str, object]:
+    def build(sync: bool, broadcast_buffers: bool = True, dual: str = "gda") -> dict[str, object]:
         model, ddp, mdmm, last, x, y = setup(broadcast_buffers)
-        opt = mdmm.make_optimizer(ddp.parameters(), optimizer=torch.optim.Adam, lr=0.05)
+        opt = mdmm.make_optimizer(ddp.parameters(), optimizer=torch.optim.Adam, lr=0.05, dual=dual)
         start = end = 0.0
         for step in range(STEPS):
             out = ddp(x)
@@ -187,6 +187,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:  # pragma: no cover - s
         "synced": build(sync=True),
         "no_buffer_broadcast": build(sync=True, broadcast_buffers=False),
         "unsynced": build(sync=False),
+        "pi_synced": build(sync=True, dual="pi"),
+        "pi_unsynced": build(sync=False, dual="pi"),
         "mom_synced": multipliers_method(sync=True),
         "mom_unsynced": multipliers_method(sync=False),
     }
@@ -234,6 +236,13 @@ def test_ddp_two_cpu_ranks_keep_constrained_weights_and_multipliers_identical(
         assert quiet["orth"] < 1e-10
     assert reports[0]["synced"]["lambda"] == reports[1]["synced"]["lambda"]
     assert reports[0]["synced"]["lambda"][1] != 0.0
+    # the νPI controller reads the averaged gradients (its error) on every rank: identical
+    # multipliers and controller state; without the averaging they drift apart
+    for rep in reports:
+        assert rep["pi_synced"]["divergence"] == 0.0
+        assert rep["pi_unsynced"]["divergence"] > 1e-6
+    assert reports[0]["pi_synced"]["lambda"] == reports[1]["pi_synced"]["lambda"]
+    assert reports[0]["pi_synced"]["lambda"] != reports[0]["synced"]["lambda"]
     assert reports[0]["synced"]["end"] != reports[1]["synced"]["end"]  # different shards
 
     # method of multipliers: dual_update on all_reduce_mean(fn values) keeps weights and

@@ -443,3 +443,23 @@ def test_the_kinds_share_one_constructor_with_mdmms_signatures() -> None:
         EqConstraint(lambda: torch.zeros(()))
     with pytest.raises(TypeError, match="unexpected or repeated argument 'max'"):
         MaxConstraint(lambda: torch.zeros(()), 1.0, max=2.0)
+
+
+def test_a_stalled_constraint_warns_and_the_report_says_so() -> None:
+    """The multipliers left out of the optimizer (Adam on the model only): the damping alone
+    holds x at the penalty method's offset, 7/3 for min (x-3)² s.t. x = 1 (violation -4/3),
+    and nothing grows. Before: silence (the infeasible check needs growing multipliers)."""
+    x = nn.Parameter(torch.zeros(1, dtype=DT))
+    con = EqConstraint(lambda: x[0], 1.0, dtype=DT)
+    mdmm = MDMM([con])
+    opt = torch.optim.Adam([x], lr=5e-2)
+    with pytest.warns(soft.StalledWarning, match=r"(?s)stopped falling.*== 1") as record:
+        for _ in range(1200):
+            out = mdmm(((x - 3) ** 2).sum())
+            opt.zero_grad()
+            out.value.backward()
+            opt.step()
+    assert sum(issubclass(w.category, InfeasibleWarning) for w in record) == 1
+    assert abs(x.item() - 7 / 3) < 1e-3 and con.lmbda.item() == 0
+    (row,) = constraint_report(nn.Module(), extra=[con])
+    assert row.note.startswith("stalled? violation flat at 1.33")

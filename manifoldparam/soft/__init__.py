@@ -8,8 +8,9 @@
   (:mod:`.multipliers`);
 * :func:`restore_feasibility`, a Gauss–Newton step onto the constraints once near them
   (:mod:`.restoration`);
-* :class:`InfeasibleWarning`: multipliers that grow while the violation does not fall
-  (:mod:`.infeasible`);
+* :class:`InfeasibleWarning`: multipliers that grow while the violation does not fall, and
+  :class:`StalledWarning`: a violation that stops falling while still violated (:mod:`.infeasible`);
+* the νPI controller for the multipliers, ``make_optimizer(dual="pi")`` (:mod:`.controller`);
 * :func:`constrain`, soft constraints declared on module attributes (:mod:`.attribute`).
 
 The clamp-based kinds keep mdmm's names (``MaxConstraintHard``, ``MinConstraintHard``,
@@ -26,7 +27,7 @@ from manifoldparam.soft.attribute import (
     soft_constraints,
 )
 from manifoldparam.soft.constraints import Constraint, ConstraintReturn, Multiplier
-from manifoldparam.soft.infeasible import InfeasibleWarning
+from manifoldparam.soft.infeasible import InfeasibleWarning, StalledWarning
 from manifoldparam.soft.kinds import (
     BoundConstraintHard,
     EqConstraint,
@@ -52,6 +53,7 @@ __all__ = [
     "MinConstraint",
     "MinConstraintHard",
     "Multiplier",
+    "StalledWarning",
     "check_optimizer",
     "constrain",
     "dual_update",

@@ -42,6 +42,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from manifoldparam._device import value_readable
 from manifoldparam.soft.constraints import Constraint, Multiplier, _is_compiling
+from manifoldparam.soft.controller import DUAL_RULES, pi_options, pi_step
 from manifoldparam.soft.infeasible import observe
 
 __all__ = ["MDMM", "MDMMReturn", "check_optimizer"]
@@ -70,7 +71,7 @@ class MDMM(nn.ModuleList):
             :data:`~manifoldparam.soft.infeasible.WINDOWS` snapshots the multipliers grew
             steadily while the violation did not fall, warn once
             (:class:`~manifoldparam.soft.InfeasibleWarning`) naming the constraints, and flag
-            them in :func:`~manifoldparam.soft.constraint_report`. One host read per this
+            them in :func:`~manifoldparam.constraint_report`. One host read per this
             many calls; ``0`` turns it off. Skipped where ``check_finite`` is, and while
             ``torch.compile`` traces.
 
@@ -178,28 +179,69 @@ class MDMM(nn.ModuleList):
         optimizer: Callable[..., optim.Optimizer] = optim.Adamax,
         lr: float = 2e-3,
         dual_lr: float | None = None,
+        dual: str = "gda",
+        kp: float | None = None,
+        nu: float | None = None,
         **optimizer_kwargs: Any,
     ) -> optim.Optimizer:
-        """One optimizer: descent on ``params``, ascent (``maximize=True``) on the multipliers.
+        """One optimizer: descent on ``params``, ascent on the multipliers.
 
-        ``optimizer_kwargs`` (``weight_decay``, ``betas``, ...) apply to ``params`` only; the
-        multipliers' group gets ``lr=dual_lr`` (default ``lr``), ``maximize=True`` and
-        ``weight_decay=0``. ``optimizer`` must accept ``maximize`` (every first-order
-        ``torch.optim`` optimizer does); for LBFGS and other line-search or second-order
-        optimizers use the method of multipliers (:func:`manifoldparam.soft.dual_update`).
+        Args:
+            params: the model's parameters (or parameter groups).
+            optimizer: the optimizer class or factory (default Adamax, mdmm's).
+            lr: the parameters' learning rate (a group's own ``lr`` wins).
+            dual_lr: the multipliers' step; given, it is pinned (schedulers do not move it);
+                default ``lr``, scheduled with the parameters'.
+            dual: how the multipliers ascend. ``"gda"`` (default, mdmm's): ``optimizer``'s
+                own rule with ``maximize=True``, bit for bit mdmm's trajectory. ``"pi"``: the
+                νPI controller (:mod:`manifoldparam.soft.controller`), gradient ascent plus a
+                proportional term that damps the overshoot and the ringing of the violation;
+                its step is ``dual_lr`` (the integral gain) and ``optimizer`` need not accept
+                ``maximize``.
+            kp, nu: the νPI proportional gain and smoothing (``dual="pi"`` only; defaults
+                :data:`~manifoldparam.soft.controller.KP`,
+                :data:`~manifoldparam.soft.controller.NU`).
+            optimizer_kwargs: ``weight_decay``, ``betas``, ...: for ``params`` only.
+
+        Returns:
+            ``optimizer([*param_groups, multipliers_group])``; the multipliers' group has
+            ``maximize=True`` and ``weight_decay=0`` (and with ``dual="pi"`` the entries
+            ``"dual"``, ``"kp"``, ``"nu"``).
+
+        Raises:
+            ValueError: ``optimizer`` has no ``maximize=`` option with ``dual="gda"`` (LBFGS
+                and other line-search or second-order optimizers: use the method of
+                multipliers, :func:`manifoldparam.soft.dual_update`), an unknown ``dual``,
+                or ``kp``/``nu`` out of range.
+
+        Example::
+
+            opt = mdmm.make_optimizer(model.parameters(), lr=2e-3, dual="pi", dual_lr=1e-2)
         """
         name = getattr(optimizer, "__name__", None) or type(optimizer).__name__
+        if dual not in DUAL_RULES:
+            raise ValueError(
+                f"MDMM.make_optimizer(dual={dual!r}): choose one of {DUAL_RULES} ('gda': the "
+                "optimizer ascends the multipliers, mdmm's; 'pi': the νPI controller)."
+            )
+        if dual != "pi" and (kp is not None or nu is not None):
+            raise ValueError(
+                "MDMM.make_optimizer: kp= and nu= are the νPI controller's gains; pass "
+                "dual='pi' with them."
+            )
         try:
             accepted = inspect.signature(optimizer).parameters
         except (TypeError, ValueError):  # pragma: no cover - builtins without signature
             accepted = {}
-        if "maximize" not in accepted:
+        if dual == "gda" and "maximize" not in accepted:
             raise ValueError(
                 f"MDMM.make_optimizer(optimizer={name}): it has no maximize= option, so it "
                 "cannot ascend the multipliers (and line-search or quasi-Newton methods "
                 "diverge on a Lagrangian that is linear in them). Use the method of "
                 f"multipliers: {name} on the model's parameters alone, minimising "
-                "mdmm(loss).value, then manifoldparam.soft.dual_update(mdmm) after each solve."
+                "mdmm(loss).value, then manifoldparam.soft.dual_update(mdmm) after each solve. "
+                "(A first-order optimizer without maximize=, such as geoopt's, works with "
+                "dual='pi'.)"
             )
         params = list(params)
         if params and isinstance(params[0], dict):
@@ -208,16 +250,18 @@ class MDMM(nn.ModuleList):
             groups = [{"params": params, **optimizer_kwargs}]
         for g in groups:
             g.setdefault("lr", lr)
-        dual: dict[str, Any] = {
+        group: dict[str, Any] = {
             "params": self.multipliers(),
             "lr": lr if dual_lr is None else dual_lr,
             "maximize": True,
         }
         if dual_lr is not None:
-            dual["pinned_lr"] = float(dual_lr)
+            group["pinned_lr"] = float(dual_lr)
         if "weight_decay" in accepted:
-            dual["weight_decay"] = 0.0
-        return optimizer([*groups, dual])
+            group["weight_decay"] = 0.0
+        if dual == "pi":
+            group.update(pi_options(kp, nu))
+        return optimizer([*groups, group])
 
 
 def _damping_advice(c: Constraint | None) -> str:
@@ -298,6 +342,20 @@ def check_optimizer(optimizer: optim.Optimizer) -> None:
 
 def _step_pre_hook(optimizer: optim.Optimizer, args: Any, kwargs: Any) -> None:
     check_optimizer(optimizer)
+    groups = optimizer.param_groups
+    closure = args[1] if len(args) > 1 else kwargs.get("closure")  # (args[0] is optimizer)
+    for i in _MULTIPLIER_GROUPS[optimizer][1]:
+        if groups[i].get("dual") == "pi":
+            if closure is not None:
+                raise ValueError(
+                    f"{type(optimizer).__name__}.step(closure) with dual='pi': the νPI "
+                    "controller updates the multipliers before the step from their gradients, "
+                    "which a closure computes only inside it. Call backward() and then step() "
+                    "without a closure (or use dual='gda')."
+                )
+            # The rule of the multipliers' group; it clears their gradients, so the
+            # optimizer's own rule (which skips a parameter without one) leaves them alone.
+            pi_step(groups[i], optimizer.state)
 
 
 _HOOK = register_optimizer_step_pre_hook(_step_pre_hook)

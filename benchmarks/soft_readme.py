@@ -1,0 +1,87 @@
+"""mdmm's README example: mdmm itself against the νPI controller, in one run.
+
+The problem (mdmm's README usage verbatim; model and data as in
+``tests/test_soft_mdmm_compat.readme_model``): a 4→8→1 tanh MLP fit by MSE to 32 random
+points, ``EqConstraint(mean|W| of each layer, 1)`` (damping 1, mdmm's default), Adamax at
+lr 2e-3 (mdmm's default) on the model. Methods: mdmm 0.1.3's ``make_optimizer`` (Adamax
+ascends the multipliers), ours with ``dual="pi"`` (dual lr ``--dual-lr``, default gain), and
+ours with ``dual="pi"`` plus :func:`manifoldparam.soft.restore_feasibility` after each step.
+Reported: the loss and the violation ``max |mean|W| - 1|`` at steps 1000/2000/3000, the
+largest violation from step 1000 on, and the first step from which it stays <= 1e-3.
+
+    python benchmarks/soft_readme.py            # 3000 steps
+    python benchmarks/soft_readme.py --quick    # 300 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's manifoldparam and tests
+
+import manifoldparam as mp  # noqa: E402
+from tests.test_soft_mdmm_compat import readme_model  # noqa: E402
+
+
+def mean_abs(layer: nn.Linear) -> torch.Tensor:
+    return layer.weight.abs().mean()
+
+
+def run(method: str, steps: int, dual_lr: float) -> list[tuple[float, float]]:
+    model, inputs, targets = readme_model()
+    layers = [m for m in model if hasattr(m, "weight")]
+    if method == "mdmm":
+        import mdmm as lib
+
+        module = lib.MDMM([lib.EqConstraint(partial(mean_abs, m), 1) for m in layers])
+        opt = module.make_optimizer(model.parameters(), lr=2e-3)
+    else:
+        module = mp.MDMM([mp.EqConstraint(partial(mean_abs, m), 1) for m in layers])
+        opt = module.make_optimizer(model.parameters(), lr=2e-3, dual="pi", dual_lr=dual_lr)
+    weights = [m.weight for m in layers]
+    out = []
+    for _ in range(steps):
+        loss = nn.MSELoss()(model(inputs), targets)
+        ret = module(loss)
+        opt.zero_grad()
+        ret.value.backward()
+        opt.step()
+        if method.endswith("restoration"):
+            mp.soft.restore_feasibility(module, weights)
+        with torch.no_grad():
+            v = max(float((mean_abs(m) - 1).abs()) for m in layers)
+        out.append((float(loss.detach()), v))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--dual-lr", type=float, default=1e-2)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    steps = 300 if args.quick else args.steps
+    marks = [s for s in (1000, 2000, 3000) if s <= steps] or [steps]
+    from_step = min(1000, steps // 3)
+    torch.set_num_threads(1)
+    head = " | ".join(f"loss / violation at {s}" for s in marks)
+    print(f"| method | {head} | max violation from {from_step} | stays <= 1e-3 from |")
+    print("|---" * (len(marks) + 3) + "|")
+    for method in ("mdmm", "ours PI", "ours PI + restoration"):
+        hist = run(method, steps, args.dual_lr)
+        cells = " | ".join(f"{hist[s - 1][0]:.4f} / {hist[s - 1][1]:.1e}" for s in marks)
+        worst = max(v for _, v in hist[from_step - 1 :])
+        above = [t for t, (_, v) in enumerate(hist) if v > 1e-3]
+        stays = "never" if above and above[-1] == steps - 1 else (above[-1] + 2 if above else 1)
+        print(f"| {method} | {cells} | {worst:.1e} | {stays} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
