@@ -22,10 +22,11 @@ from manifoldparam.hard.base import Parametrization, compute_dtype, max_abs
 from manifoldparam.linalg.stiefel import householder_frame, orthonormalize, stiefel_map
 
 #: The automatic switch (``tall=None``): the tall path when ``n >= TALL_RATIO * k`` and
-#: ``n >= TALL_MIN_N`` (see BENCHMARKS.md, "Tall Stiefel": below, the square map's one
-#: exponential costs about the same as the tall path's several small products).
-TALL_RATIO = 2
-TALL_MIN_N = 32
+#: ``n >= TALL_MIN_N``. Measured (BENCHMARKS.md, "Tall and wide Stiefel"): below, the square
+#: map is as fast or faster (one skew exponential, its Taylor path without the correction step,
+#: against a non-normal 2k×2k exponential and the n×k products).
+TALL_RATIO = 3
+TALL_MIN_N = 256
 
 
 def use_tall(n: int, k: int, tall: bool | None) -> bool:

@@ -32,7 +32,7 @@ and :math:`0.8\cdot10^{-6}` with it (the gap grows slowly with n: 1.6e-6 against
 n = 2048) (:math:`\|W^\top W - I\|_F` 4.8e-6 / 2.7e-6 at n = 256;
 ``torch.linalg.matrix_exp``: 4.8e-6 max, 1.9e-5 Frobenius).
 
-For :math:`n \ge 2k, n \ge 32` the same map runs in :math:`O(nk^2 + k^3)`, :math:`B` kept as
+For :math:`n \ge 3k, n \ge 256` the same map runs in :math:`O(nk^2 + k^3)`, :math:`B` kept as
 :math:`n\times k` columns and the Householder factors of their complement (``tall=``).
 
 Assignment ``module.weight = Q`` (``Q`` orthogonal within tolerance) sets :math:`B` to ``Q``
@@ -177,7 +177,7 @@ class Orthogonal(Parametrization):
             ``None`` (default) reads the norms on the host in eager mode (one sync per
             evaluation on a GPU) and a fixed number while a CUDA graph is being captured.
         tall: ``None`` (default): the tall path (the same map in :math:`O(nk^2 + k^3)`, an ``n×k``
-            base) when ``n >= 2k`` and ``n >= 32``; ``True`` / ``False`` force it / the ``n×n`` one.
+            base) when ``n >= 3k`` and ``n >= 256``; ``True`` / ``False`` force either.
         atol: assignment/check tolerance on ``max|WᵀW - I|``; default ``16·n·eps(dtype)``.
     """
 
