@@ -46,8 +46,9 @@ def setup(p: Parametrization, tall: bool | None) -> bool:
     n, k, batch = p.n, p.k, p.batch_shape
     ii, jj = torch.tril_indices(k, k, offset=-1)
     p.register_buffer("index", (ii * k + jj).contiguous(), persistent=False)
-    p.register_buffer("base", torch.eye(n, k).expand(*batch, n, k).clone())
-    p.register_buffer("reflectors", torch.eye(n, k).expand(*batch, n, k).clone())
+    eye = torch.eye(n, k)
+    p.register_buffer("base", eye.expand(*batch, n, k).clone() if batch else eye)
+    p.register_buffer("reflectors", eye.expand(*batch, n, k).clone() if batch else eye.clone())
     p.register_buffer("wy", torch.zeros(*batch, k, k))
     return True
 
