@@ -150,6 +150,16 @@ def stiefel_map(
     Returns:
         The :math:`n\times k` point :math:`W = U F_1 + U_\perp(C F_2)` of the Stiefel manifold
         (to round-off), differentiable (to every order) in ``s`` and ``c``.
+
+    Example:
+        >>> from manifoldparam.linalg import householder_frame, polar, stiefel_map
+        >>> u = polar(torch.randn(1000, 8, dtype=torch.float64))   # a base point
+        >>> v, t = householder_frame(u)                             # its complement, implicit
+        >>> s = torch.zeros(8, 8, dtype=torch.float64)
+        >>> c = 0.1 * torch.randn(992, 8, dtype=torch.float64)
+        >>> w = stiefel_map(s, c, u, v, t)
+        >>> bool((w.mT @ w - torch.eye(8, dtype=torch.float64)).abs().max() < 1e-13)
+        True
     """
     k = s.shape[-1]
     gram = c.mT @ c
