@@ -257,3 +257,35 @@ def test_polar_of_a_rank_deficient_matrix_is_orthonormal():
     good = torch.randn(50, 4, dtype=DT)  # the Gram route
     u, _, vh = torch.linalg.svd(good, full_matrices=False)
     torch.testing.assert_close(polar(good), u @ vh, atol=1e-13, rtol=0)
+
+
+def _loss_and_grad(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    loss = (m(x) ** 3).sum()
+    (g,) = torch.autograd.grad(loss, m.parametrizations.weight.original)
+    return loss.detach(), g
+
+
+def test_compile_torch_func_and_cache_give_the_eager_values():
+    torch.manual_seed(0)
+    m = tall_layer(5, 40, 2)  # wide
+    with torch.no_grad():
+        m.parametrizations.weight.original.normal_(0, 0.3)
+    x = torch.randn(7, 40, dtype=DT)
+    loss, grad = _loss_and_grad(m, x)
+    compiled = torch.compile(lambda: _loss_and_grad(m, x), backend="aot_eager")
+    c_loss, c_grad = compiled()  # (the exponential is torch.linalg.matrix_exp there)
+    torch.testing.assert_close(c_loss, loss, atol=1e-10, rtol=0)
+    torch.testing.assert_close(c_grad, grad, atol=1e-10, rtol=0)
+    coords = m.parametrizations.weight.original.detach()
+    key = "parametrizations.weight.original"
+
+    def f(c: torch.Tensor) -> torch.Tensor:
+        return (torch.func.functional_call(m, {key: c}, (x,)) ** 3).sum()
+
+    torch.testing.assert_close(torch.func.grad(f)(coords), grad, atol=1e-10, rtol=0)
+    p = param(m)
+    batch = torch.stack([coords, 0.5 * coords])
+    torch.testing.assert_close(torch.func.vmap(p.map)(batch)[1], p.map(0.5 * coords))
+    with mp.cached():
+        torch.testing.assert_close(m.weight, m.weight)
+        torch.testing.assert_close(m(x), torch.func.functional_call(m, {key: coords}, (x,)))
