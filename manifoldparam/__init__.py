@@ -24,6 +24,7 @@ from manifoldparam.hard import (
     Nonnegative,
     Orthogonal,
     Parametrization,
+    Sphere,
     bounded,
     nonnegative,
     orthogonal,
@@ -31,6 +32,7 @@ from manifoldparam.hard import (
     rebase,
     register,
     spd,
+    sphere,
 )
 from manifoldparam.interop import export, scipy_minimize
 from manifoldparam.report import constraint_report
@@ -67,6 +69,7 @@ __all__ = [
     "Nonnegative",
     "Orthogonal",
     "Parametrization",
+    "Sphere",
     "__version__",
     "auto_cache",
     "bounded",
@@ -89,4 +92,5 @@ __all__ = [
     "scipy_minimize",
     "soft",
     "spd",
+    "sphere",
 ]

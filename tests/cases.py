@@ -15,6 +15,7 @@ import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import geoopt
 import torch
 from torch import Tensor, nn
 
@@ -68,6 +69,22 @@ def box(low: float, high: float) -> Callable[[Tensor, torch.dtype], None]:
 
 def _orthant(w: Tensor, dtype: torch.dtype) -> None:
     assert bool(torch.isfinite(w).all()) and bool((w >= 0).all())
+
+
+def sphere_oracle(radius: float, dim: int | None) -> Callable[[Tensor, torch.dtype], None]:
+    """geoopt's unit sphere on each vector (the flattened tensor, or each slice along dim)."""
+
+    def oracle(w: Tensor, dtype: torch.dtype) -> None:
+        w = w.detach().double()
+        rows = w.reshape(1, -1) if dim is None else w.movedim(dim, -1)
+        n = rows.shape[-1]
+        atol = 4 * torch.finfo(dtype).eps if dtype in HALF else 5 * n * torch.finfo(dtype).eps
+        ok, why = geoopt.Sphere().check_point_on_manifold(
+            rows / radius, atol=atol, rtol=0, explain=True
+        )
+        assert ok, why
+
+    return oracle
 
 
 def _cayley(m: nn.Module) -> nn.Module:
@@ -124,6 +141,20 @@ CASES = [
         lambda m: mp.bounded(m, low=-0.3, high=0.7),
         (3, 6),
         box(-0.3, 0.7),
+    ),
+    Case(
+        "sphere",
+        lambda: nn.Linear(6, 5),
+        lambda m: mp.sphere(m, radius=2.0),
+        (3, 6),
+        sphere_oracle(2.0, None),
+    ),
+    Case(
+        "sphere-rows",
+        lambda: nn.Linear(6, 5),
+        lambda m: mp.sphere(m, dim=-1),
+        (3, 6),
+        sphere_oracle(1.0, -1),
     ),
     Case("nonnegative", lambda: nn.Linear(6, 5), mp.nonnegative, (3, 6), _orthant),
     Case("user-symmetric", lambda: nn.Linear(5, 5), _user, (3, 5), _symmetric),

@@ -10,6 +10,7 @@ from manifoldparam.hard.nonnegative import Nonnegative, nonnegative
 from manifoldparam.hard.orthogonal import Orthogonal, orthogonal
 from manifoldparam.hard.registration import constraints_of, project, rebase, register
 from manifoldparam.hard.spd import SPD, spd
+from manifoldparam.hard.sphere import Sphere, sphere
 
 __all__ = [
     "SPD",
@@ -18,6 +19,7 @@ __all__ = [
     "Nonnegative",
     "Orthogonal",
     "Parametrization",
+    "Sphere",
     "bounded",
     "constraints_of",
     "nonnegative",
@@ -26,4 +28,5 @@ __all__ = [
     "rebase",
     "register",
     "spd",
+    "sphere",
 ]
