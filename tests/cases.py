@@ -107,6 +107,11 @@ def _symmetric(w: Tensor, dtype: torch.dtype) -> None:
     assert bool(torch.isfinite(w).all()) and torch.equal(w, w.mT), "not symmetric"
 
 
+def _skew(w: Tensor, dtype: torch.dtype) -> None:
+    assert bool(torch.isfinite(w).all()) and torch.equal(w, -w.mT), "not skew-symmetric"
+    assert not bool(w.diagonal(dim1=-2, dim2=-1).any()), "nonzero diagonal"
+
+
 def _user(m: nn.Module) -> nn.Module:
     return mp.register(m, "weight", Symmetric)
 
@@ -156,6 +161,8 @@ CASES = [
         (3, 6),
         sphere_oracle(1.0, -1),
     ),
+    Case("symmetric", lambda: nn.Linear(5, 5), mp.symmetric, (3, 5), _symmetric),
+    Case("skew", lambda: nn.Linear(5, 5), mp.skew, (3, 5), _skew),
     Case("nonnegative", lambda: nn.Linear(6, 5), mp.nonnegative, (3, 6), _orthant),
     Case("user-symmetric", lambda: nn.Linear(5, 5), _user, (3, 5), _symmetric),
 ]

@@ -9,8 +9,10 @@ from manifoldparam.hard.bounded import Bounded, bounded
 from manifoldparam.hard.nonnegative import Nonnegative, nonnegative
 from manifoldparam.hard.orthogonal import Orthogonal, orthogonal
 from manifoldparam.hard.registration import constraints_of, project, rebase, register
+from manifoldparam.hard.skew import Skew, skew
 from manifoldparam.hard.spd import SPD, spd
 from manifoldparam.hard.sphere import Sphere, sphere
+from manifoldparam.hard.symmetric import Symmetric, symmetric
 
 __all__ = [
     "SPD",
@@ -19,7 +21,9 @@ __all__ = [
     "Nonnegative",
     "Orthogonal",
     "Parametrization",
+    "Skew",
     "Sphere",
+    "Symmetric",
     "bounded",
     "constraints_of",
     "nonnegative",
@@ -27,6 +31,8 @@ __all__ = [
     "project",
     "rebase",
     "register",
+    "skew",
     "spd",
     "sphere",
+    "symmetric",
 ]
