@@ -112,6 +112,18 @@ def _skew(w: Tensor, dtype: torch.dtype) -> None:
     assert not bool(w.diagonal(dim1=-2, dim2=-1).any()), "nonzero diagonal"
 
 
+def simplex_oracle(dim: int) -> Callable[[Tensor, torch.dtype], None]:
+    def oracle(w: Tensor, dtype: torch.dtype) -> None:
+        w = w.detach().double()
+        n = w.shape[dim]
+        tol = 4 * torch.finfo(dtype).eps if dtype in HALF else 4 * n * torch.finfo(dtype).eps
+        assert bool(torch.isfinite(w).all()) and bool((w >= 0).all()), float(w.min())
+        err = float((w.sum(dim) - 1).abs().max())
+        assert err <= tol, err
+
+    return oracle
+
+
 def _user(m: nn.Module) -> nn.Module:
     return mp.register(m, "weight", Symmetric)
 
@@ -163,6 +175,14 @@ CASES = [
     ),
     Case("symmetric", lambda: nn.Linear(5, 5), mp.symmetric, (3, 5), _symmetric),
     Case("skew", lambda: nn.Linear(5, 5), mp.skew, (3, 5), _skew),
+    Case("simplex", lambda: nn.Linear(6, 5), mp.simplex, (3, 6), simplex_oracle(-1)),
+    Case(
+        "simplex-cols",
+        lambda: nn.Linear(6, 5),
+        lambda m: mp.simplex(m, dim=0),
+        (3, 6),
+        simplex_oracle(0),
+    ),
     Case("nonnegative", lambda: nn.Linear(6, 5), mp.nonnegative, (3, 6), _orthant),
     Case("user-symmetric", lambda: nn.Linear(5, 5), _user, (3, 5), _symmetric),
 ]

@@ -9,6 +9,7 @@ from manifoldparam.hard.bounded import Bounded, bounded
 from manifoldparam.hard.nonnegative import Nonnegative, nonnegative
 from manifoldparam.hard.orthogonal import Orthogonal, orthogonal
 from manifoldparam.hard.registration import constraints_of, project, rebase, register
+from manifoldparam.hard.simplex import Simplex, simplex
 from manifoldparam.hard.skew import Skew, skew
 from manifoldparam.hard.spd import SPD, spd
 from manifoldparam.hard.sphere import Sphere, sphere
@@ -21,6 +22,7 @@ __all__ = [
     "Nonnegative",
     "Orthogonal",
     "Parametrization",
+    "Simplex",
     "Skew",
     "Sphere",
     "Symmetric",
@@ -31,6 +33,7 @@ __all__ = [
     "project",
     "rebase",
     "register",
+    "simplex",
     "skew",
     "spd",
     "sphere",
