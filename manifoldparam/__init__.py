@@ -18,6 +18,7 @@ The everyday names are here; the rest lives in the layer it belongs to:
 from manifoldparam import caching, hard, interop, linalg, report, soft
 from manifoldparam.caching import auto_cache, cached, cached_closure, invalidate
 from manifoldparam.hard import (
+    PSD,
     SPD,
     Bounded,
     NonFiniteError,
@@ -32,6 +33,7 @@ from manifoldparam.hard import (
     nonnegative,
     orthogonal,
     project,
+    psd,
     rebase,
     register,
     simplex,
@@ -60,6 +62,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MDMM",
+    "PSD",
     "SPD",
     "BoundConstraintHard",
     "Bounded",
@@ -95,6 +98,7 @@ __all__ = [
     "nonnegative",
     "orthogonal",
     "project",
+    "psd",
     "rebase",
     "register",
     "report",

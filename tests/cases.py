@@ -124,6 +124,22 @@ def simplex_oracle(dim: int) -> Callable[[Tensor, torch.dtype], None]:
     return oracle
 
 
+def psd_oracle(rank: int | None) -> Callable[[Tensor, torch.dtype], None]:
+    def oracle(w: Tensor, dtype: torch.dtype) -> None:
+        # symmetric to the bit; eigenvalues (float64 eigvalsh of the stored matrix) >= -slack;
+        # at most `rank` of them above the slack
+        w = w.detach().double()
+        assert bool(torch.isfinite(w).all()) and torch.equal(w, w.mT), "not symmetric"
+        n = w.shape[-1]
+        slack = 16 * n * torch.finfo(dtype).eps * max(1.0, float(w.abs().max()))
+        lam = torch.linalg.eigvalsh(w)
+        assert float(lam.min()) >= -slack, float(lam.min())
+        if rank is not None:
+            assert int((lam > slack).sum(-1).max()) <= rank, lam
+
+    return oracle
+
+
 def _user(m: nn.Module) -> nn.Module:
     return mp.register(m, "weight", Symmetric)
 
@@ -151,6 +167,14 @@ CASES = [
         lambda m: mp.spd(m, min_eigenvalue=1e-2),
         (3, 6),
         spd_oracle(1e-2),
+    ),
+    Case("psd", lambda: nn.Linear(6, 6, bias=False), mp.psd, (3, 6), psd_oracle(None)),
+    Case(
+        "psd-rank2",
+        lambda: nn.Linear(6, 6, bias=False),
+        lambda m: mp.psd(m, rank=2),
+        (3, 6),
+        psd_oracle(2),
     ),
     Case(
         "bounded",

@@ -8,6 +8,7 @@ from manifoldparam.hard.base import NonFiniteError, Parametrization
 from manifoldparam.hard.bounded import Bounded, bounded
 from manifoldparam.hard.nonnegative import Nonnegative, nonnegative
 from manifoldparam.hard.orthogonal import Orthogonal, orthogonal
+from manifoldparam.hard.psd import PSD, psd
 from manifoldparam.hard.registration import constraints_of, project, rebase, register
 from manifoldparam.hard.simplex import Simplex, simplex
 from manifoldparam.hard.skew import Skew, skew
@@ -16,6 +17,7 @@ from manifoldparam.hard.sphere import Sphere, sphere
 from manifoldparam.hard.symmetric import Symmetric, symmetric
 
 __all__ = [
+    "PSD",
     "SPD",
     "Bounded",
     "NonFiniteError",
@@ -31,6 +33,7 @@ __all__ = [
     "nonnegative",
     "orthogonal",
     "project",
+    "psd",
     "rebase",
     "register",
     "simplex",
