@@ -140,6 +140,22 @@ def psd_oracle(rank: int | None) -> Callable[[Tensor, torch.dtype], None]:
     return oracle
 
 
+def rank_oracle(rank: int, exact: bool) -> Callable[[Tensor, torch.dtype], None]:
+    """Singular values (float64 svdvals of the stored matrix): at most `rank` above the
+    dtype's resolution of ‖W‖; with `exact`, the `rank`-th above it too."""
+
+    def oracle(w: Tensor, dtype: torch.dtype) -> None:
+        w = w.detach().double().reshape(w.shape[0], -1)
+        assert bool(torch.isfinite(w).all())
+        slack = 16 * max(w.shape) * torch.finfo(dtype).eps * max(1.0, float(w.abs().max()))
+        s = torch.linalg.svdvals(w)
+        assert int((s > slack).sum()) <= rank, s
+        if exact:
+            assert float(s[rank - 1]) > 0.0, s
+
+    return oracle
+
+
 def _user(m: nn.Module) -> nn.Module:
     return mp.register(m, "weight", Symmetric)
 
@@ -175,6 +191,20 @@ CASES = [
         lambda m: mp.psd(m, rank=2),
         (3, 6),
         psd_oracle(2),
+    ),
+    Case(
+        "low-rank",
+        lambda: nn.Linear(7, 5),
+        lambda m: mp.low_rank(m, rank=2),
+        (3, 7),
+        rank_oracle(2, exact=False),
+    ),
+    Case(
+        "fixed-rank",
+        lambda: nn.Linear(5, 6),
+        lambda m: mp.fixed_rank(m, rank=3),
+        (3, 5),
+        rank_oracle(3, exact=True),
     ),
     Case(
         "bounded",

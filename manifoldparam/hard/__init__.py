@@ -6,6 +6,8 @@ One file per set; each holds the parametrization class (usable directly with
 
 from manifoldparam.hard.base import NonFiniteError, Parametrization
 from manifoldparam.hard.bounded import Bounded, bounded
+from manifoldparam.hard.fixed_rank import FixedRank, fixed_rank
+from manifoldparam.hard.low_rank import LowRank, low_rank
 from manifoldparam.hard.nonnegative import Nonnegative, nonnegative
 from manifoldparam.hard.orthogonal import Orthogonal, orthogonal
 from manifoldparam.hard.psd import PSD, psd
@@ -20,6 +22,8 @@ __all__ = [
     "PSD",
     "SPD",
     "Bounded",
+    "FixedRank",
+    "LowRank",
     "NonFiniteError",
     "Nonnegative",
     "Orthogonal",
@@ -30,6 +34,8 @@ __all__ = [
     "Symmetric",
     "bounded",
     "constraints_of",
+    "fixed_rank",
+    "low_rank",
     "nonnegative",
     "orthogonal",
     "project",
