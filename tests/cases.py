@@ -15,6 +15,7 @@ import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import geoopt
 import torch
 from torch import Tensor, nn
 
@@ -70,6 +71,22 @@ def _orthant(w: Tensor, dtype: torch.dtype) -> None:
     assert bool(torch.isfinite(w).all()) and bool((w >= 0).all())
 
 
+def sphere_oracle(radius: float, dim: int | None) -> Callable[[Tensor, torch.dtype], None]:
+    """geoopt's unit sphere on each vector (the flattened tensor, or each slice along dim)."""
+
+    def oracle(w: Tensor, dtype: torch.dtype) -> None:
+        w = w.detach().double()
+        rows = w.reshape(1, -1) if dim is None else w.movedim(dim, -1)
+        n = rows.shape[-1]
+        atol = 4 * torch.finfo(dtype).eps if dtype in HALF else 5 * n * torch.finfo(dtype).eps
+        ok, why = geoopt.Sphere().check_point_on_manifold(
+            rows / radius, atol=atol, rtol=0, explain=True
+        )
+        assert ok, why
+
+    return oracle
+
+
 def _cayley(m: nn.Module) -> nn.Module:
     return mp.orthogonal(m, map="cayley")
 
@@ -88,6 +105,55 @@ Symmetric = documented_example()["Symmetric"]
 
 def _symmetric(w: Tensor, dtype: torch.dtype) -> None:
     assert bool(torch.isfinite(w).all()) and torch.equal(w, w.mT), "not symmetric"
+
+
+def _skew(w: Tensor, dtype: torch.dtype) -> None:
+    assert bool(torch.isfinite(w).all()) and torch.equal(w, -w.mT), "not skew-symmetric"
+    assert not bool(w.diagonal(dim1=-2, dim2=-1).any()), "nonzero diagonal"
+
+
+def simplex_oracle(dim: int) -> Callable[[Tensor, torch.dtype], None]:
+    def oracle(w: Tensor, dtype: torch.dtype) -> None:
+        w = w.detach().double()
+        n = w.shape[dim]
+        tol = 4 * torch.finfo(dtype).eps if dtype in HALF else 4 * n * torch.finfo(dtype).eps
+        assert bool(torch.isfinite(w).all()) and bool((w >= 0).all()), float(w.min())
+        err = float((w.sum(dim) - 1).abs().max())
+        assert err <= tol, err
+
+    return oracle
+
+
+def psd_oracle(rank: int | None) -> Callable[[Tensor, torch.dtype], None]:
+    def oracle(w: Tensor, dtype: torch.dtype) -> None:
+        # symmetric to the bit; eigenvalues (float64 eigvalsh of the stored matrix) >= -slack;
+        # at most `rank` of them above the slack
+        w = w.detach().double()
+        assert bool(torch.isfinite(w).all()) and torch.equal(w, w.mT), "not symmetric"
+        n = w.shape[-1]
+        slack = 16 * n * torch.finfo(dtype).eps * max(1.0, float(w.abs().max()))
+        lam = torch.linalg.eigvalsh(w)
+        assert float(lam.min()) >= -slack, float(lam.min())
+        if rank is not None:
+            assert int((lam > slack).sum(-1).max()) <= rank, lam
+
+    return oracle
+
+
+def rank_oracle(rank: int, exact: bool) -> Callable[[Tensor, torch.dtype], None]:
+    """Singular values (float64 svdvals of the stored matrix): at most `rank` above the
+    dtype's resolution of ‖W‖; with `exact`, the `rank`-th above it too."""
+
+    def oracle(w: Tensor, dtype: torch.dtype) -> None:
+        w = w.detach().double().reshape(w.shape[0], -1)
+        assert bool(torch.isfinite(w).all())
+        slack = 16 * max(w.shape) * torch.finfo(dtype).eps * max(1.0, float(w.abs().max()))
+        s = torch.linalg.svdvals(w)
+        assert int((s > slack).sum()) <= rank, s
+        if exact:
+            assert float(s[rank - 1]) > 0.0, s
+
+    return oracle
 
 
 def _user(m: nn.Module) -> nn.Module:
@@ -118,12 +184,58 @@ CASES = [
         (3, 6),
         spd_oracle(1e-2),
     ),
+    Case("psd", lambda: nn.Linear(6, 6, bias=False), mp.psd, (3, 6), psd_oracle(None)),
+    Case(
+        "psd-rank2",
+        lambda: nn.Linear(6, 6, bias=False),
+        lambda m: mp.psd(m, rank=2),
+        (3, 6),
+        psd_oracle(2),
+    ),
+    Case(
+        "low-rank",
+        lambda: nn.Linear(7, 5),
+        lambda m: mp.low_rank(m, rank=2),
+        (3, 7),
+        rank_oracle(2, exact=False),
+    ),
+    Case(
+        "fixed-rank",
+        lambda: nn.Linear(5, 6),
+        lambda m: mp.fixed_rank(m, rank=3),
+        (3, 5),
+        rank_oracle(3, exact=True),
+    ),
     Case(
         "bounded",
         lambda: nn.Linear(6, 5),
         lambda m: mp.bounded(m, low=-0.3, high=0.7),
         (3, 6),
         box(-0.3, 0.7),
+    ),
+    Case(
+        "sphere",
+        lambda: nn.Linear(6, 5),
+        lambda m: mp.sphere(m, radius=2.0),
+        (3, 6),
+        sphere_oracle(2.0, None),
+    ),
+    Case(
+        "sphere-rows",
+        lambda: nn.Linear(6, 5),
+        lambda m: mp.sphere(m, dim=-1),
+        (3, 6),
+        sphere_oracle(1.0, -1),
+    ),
+    Case("symmetric", lambda: nn.Linear(5, 5), mp.symmetric, (3, 5), _symmetric),
+    Case("skew", lambda: nn.Linear(5, 5), mp.skew, (3, 5), _skew),
+    Case("simplex", lambda: nn.Linear(6, 5), mp.simplex, (3, 6), simplex_oracle(-1)),
+    Case(
+        "simplex-cols",
+        lambda: nn.Linear(6, 5),
+        lambda m: mp.simplex(m, dim=0),
+        (3, 6),
+        simplex_oracle(0),
     ),
     Case("nonnegative", lambda: nn.Linear(6, 5), mp.nonnegative, (3, 6), _orthant),
     Case("user-symmetric", lambda: nn.Linear(5, 5), _user, (3, 5), _symmetric),

@@ -6,24 +6,45 @@ One file per set; each holds the parametrization class (usable directly with
 
 from manifoldparam.hard.base import NonFiniteError, Parametrization
 from manifoldparam.hard.bounded import Bounded, bounded
+from manifoldparam.hard.fixed_rank import FixedRank, fixed_rank
+from manifoldparam.hard.low_rank import LowRank, low_rank
 from manifoldparam.hard.nonnegative import Nonnegative, nonnegative
 from manifoldparam.hard.orthogonal import Orthogonal, orthogonal
+from manifoldparam.hard.psd import PSD, psd
 from manifoldparam.hard.registration import constraints_of, project, rebase, register
+from manifoldparam.hard.simplex import Simplex, simplex
+from manifoldparam.hard.skew import Skew, skew
 from manifoldparam.hard.spd import SPD, spd
+from manifoldparam.hard.sphere import Sphere, sphere
+from manifoldparam.hard.symmetric import Symmetric, symmetric
 
 __all__ = [
+    "PSD",
     "SPD",
     "Bounded",
+    "FixedRank",
+    "LowRank",
     "NonFiniteError",
     "Nonnegative",
     "Orthogonal",
     "Parametrization",
+    "Simplex",
+    "Skew",
+    "Sphere",
+    "Symmetric",
     "bounded",
     "constraints_of",
+    "fixed_rank",
+    "low_rank",
     "nonnegative",
     "orthogonal",
     "project",
+    "psd",
     "rebase",
     "register",
+    "simplex",
+    "skew",
     "spd",
+    "sphere",
+    "symmetric",
 ]

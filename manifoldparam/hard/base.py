@@ -404,15 +404,17 @@ class Parametrization(nn.Module, metaclass=abc.ABCMeta):
         return self.inverse(w)
 
     def _without_side_effects(self, w: Tensor) -> Tensor:
-        """``inverse(project(w))`` with every buffer as it was before."""
-        objects = dict(self._buffers)
-        values = {n: b.clone() for n, b in objects.items() if b is not None}
+        """``inverse(project(w))`` with every buffer as it was before (the submodules' too: a
+        set built from others, such as LowRank's orthogonal factors)."""
+        objects = {(m, n): b for m in self.modules() for n, b in m._buffers.items()}
+        values = {k: b.clone() for k, b in objects.items() if b is not None}
         x = self.inverse(self.project(w.to(compute_dtype(w.dtype))))
         with torch.no_grad():
-            for n, b in objects.items():
-                if b is not None and not torch.equal(b, values[n]):
-                    b.copy_(values[n])
-        self._buffers.update(objects)
+            for k, b in objects.items():
+                if b is not None and not torch.equal(b, values[k]):
+                    b.copy_(values[k])
+        for (m, n), b in objects.items():
+            m._buffers[n] = b
         return x
 
     def tolerance(self, dtype: torch.dtype) -> float:
