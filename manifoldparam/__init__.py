@@ -18,18 +18,21 @@ The everyday names are here; the rest lives in the layer it belongs to:
 from manifoldparam import caching, hard, interop, linalg, report, soft
 from manifoldparam.caching import auto_cache, cached, cached_closure, invalidate
 from manifoldparam.hard import (
+    SO3,
     SPD,
     Bounded,
     NonFiniteError,
     Nonnegative,
     Orthogonal,
     Parametrization,
+    Rotation,
     bounded,
     nonnegative,
     orthogonal,
     project,
     rebase,
     register,
+    rotation,
     spd,
 )
 from manifoldparam.interop import export, scipy_minimize
@@ -52,6 +55,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MDMM",
+    "SO3",
     "SPD",
     "BoundConstraintHard",
     "Bounded",
@@ -67,6 +71,7 @@ __all__ = [
     "Nonnegative",
     "Orthogonal",
     "Parametrization",
+    "Rotation",
     "__version__",
     "auto_cache",
     "bounded",
@@ -86,6 +91,7 @@ __all__ = [
     "rebase",
     "register",
     "report",
+    "rotation",
     "scipy_minimize",
     "soft",
     "spd",

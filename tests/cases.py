@@ -70,6 +70,25 @@ def _orthant(w: Tensor, dtype: torch.dtype) -> None:
     assert bool(torch.isfinite(w).all()) and bool((w >= 0).all())
 
 
+class MatrixBatch(nn.Module):
+    """A module holding a batch of square matrices (poses, per-head mixing), applied to x."""
+
+    def __init__(self, batch: int, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(batch, n, n))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The first row only: a loss of all of Wx would not depend on a rotation (|Rx| = |x|).
+        return torch.einsum("bj,nj->nb", self.weight[:, 0], x)
+
+
+def _rotation(w: Tensor, dtype: torch.dtype) -> None:
+    # Orthogonal (geoopt's Stiefel check; then det = ±1) and det > 0 (in float64).
+    _stiefel(w, dtype)
+    det = torch.linalg.det(w.double())
+    assert bool((det > 0.5).all()), det
+
+
 def _cayley(m: nn.Module) -> nn.Module:
     return mp.orthogonal(m, map="cayley")
 
@@ -126,6 +145,9 @@ CASES = [
         box(-0.3, 0.7),
     ),
     Case("nonnegative", lambda: nn.Linear(6, 5), mp.nonnegative, (3, 6), _orthant),
+    Case("rotation", lambda: nn.Linear(3, 3), mp.rotation, (4, 3), _rotation),
+    Case("rotation-batched", lambda: MatrixBatch(4, 3), mp.rotation, (2, 3), _rotation),
+    Case("rotation-n", lambda: nn.Linear(5, 5), mp.rotation, (3, 5), _rotation),
     Case("user-symmetric", lambda: nn.Linear(5, 5), _user, (3, 5), _symmetric),
 ]
 IDS = [c.name for c in CASES]

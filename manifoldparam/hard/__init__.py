@@ -9,15 +9,18 @@ from manifoldparam.hard.bounded import Bounded, bounded
 from manifoldparam.hard.nonnegative import Nonnegative, nonnegative
 from manifoldparam.hard.orthogonal import Orthogonal, orthogonal
 from manifoldparam.hard.registration import constraints_of, project, rebase, register
+from manifoldparam.hard.rotation import SO3, Rotation, rotation, so3_exp, so3_log
 from manifoldparam.hard.spd import SPD, spd
 
 __all__ = [
+    "SO3",
     "SPD",
     "Bounded",
     "NonFiniteError",
     "Nonnegative",
     "Orthogonal",
     "Parametrization",
+    "Rotation",
     "bounded",
     "constraints_of",
     "nonnegative",
@@ -25,5 +28,8 @@ __all__ = [
     "project",
     "rebase",
     "register",
+    "rotation",
+    "so3_exp",
+    "so3_log",
     "spd",
 ]
