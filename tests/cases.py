@@ -89,6 +89,14 @@ def _rotation(w: Tensor, dtype: torch.dtype) -> None:
     assert bool((det > 0.5).all()), det
 
 
+def _correlation(w: Tensor, dtype: torch.dtype) -> None:
+    # Symmetric and unit diagonal exactly, positive definite (a float64 Cholesky of the stored
+    # matrix itself) and geoopt's SPD check.
+    assert bool(torch.isfinite(w).all()) and torch.equal(w, w.mT), "not symmetric"
+    assert torch.equal(w.diagonal(dim1=-2, dim2=-1), torch.ones_like(w[..., 0])), "diagonal"
+    assert_spd(w.double(), atol=1e-12)
+
+
 def _cayley(m: nn.Module) -> nn.Module:
     return mp.orthogonal(m, map="cayley")
 
@@ -145,6 +153,8 @@ CASES = [
         box(-0.3, 0.7),
     ),
     Case("nonnegative", lambda: nn.Linear(6, 5), mp.nonnegative, (3, 6), _orthant),
+    Case("correlation", lambda: nn.Linear(5, 5), mp.correlation, (3, 5), _correlation),
+    Case("correlation-batched", lambda: MatrixBatch(3, 4), mp.correlation, (2, 4), _correlation),
     Case("rotation", lambda: nn.Linear(3, 3), mp.rotation, (4, 3), _rotation),
     Case("rotation-batched", lambda: MatrixBatch(4, 3), mp.rotation, (2, 3), _rotation),
     Case("rotation-n", lambda: nn.Linear(5, 5), mp.rotation, (3, 5), _rotation),

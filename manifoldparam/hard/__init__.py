@@ -6,6 +6,7 @@ One file per set; each holds the parametrization class (usable directly with
 
 from manifoldparam.hard.base import NonFiniteError, Parametrization
 from manifoldparam.hard.bounded import Bounded, bounded
+from manifoldparam.hard.correlation import Correlation, correlation
 from manifoldparam.hard.nonnegative import Nonnegative, nonnegative
 from manifoldparam.hard.orthogonal import Orthogonal, orthogonal
 from manifoldparam.hard.registration import constraints_of, project, rebase, register
@@ -16,6 +17,7 @@ __all__ = [
     "SO3",
     "SPD",
     "Bounded",
+    "Correlation",
     "NonFiniteError",
     "Nonnegative",
     "Orthogonal",
@@ -23,6 +25,7 @@ __all__ = [
     "Rotation",
     "bounded",
     "constraints_of",
+    "correlation",
     "nonnegative",
     "orthogonal",
     "project",

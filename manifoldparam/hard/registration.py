@@ -33,7 +33,13 @@ __all__ = [
     "register",
 ]
 
-from manifoldparam.hard.base import Parametrization, check_finite, compute_dtype, owner_name
+from manifoldparam.hard.base import (
+    LOW_PRECISION,
+    Parametrization,
+    check_finite,
+    compute_dtype,
+    owner_name,
+)
 
 
 def checked_weight(module: nn.Module, name: str) -> Tensor:
@@ -337,8 +343,11 @@ def project(module: nn.Module, name: str, value: Tensor) -> Tensor:
             f"{type(module).__name__}.{name} has no manifoldparam constraint; register one "
             "first (e.g. manifoldparam.orthogonal(module, name))."
         )
+    p = found[-1]
     with torch.no_grad(), autocast_off(value):
-        return found[-1].project(value.to(compute_dtype(value.dtype))).to(value.dtype)
+        y = p.project(value.to(compute_dtype(value.dtype)))
+        # (half precision: rounded as the map's values are, so that it stays on the set)
+        return p.to_storage(y, value.dtype) if value.dtype in LOW_PRECISION else y.to(value.dtype)
 
 
 @torch.no_grad()
