@@ -155,6 +155,8 @@ CASES = [
     Case("nonnegative", lambda: nn.Linear(6, 5), mp.nonnegative, (3, 6), _orthant),
     Case("correlation", lambda: nn.Linear(5, 5), mp.correlation, (3, 5), _correlation),
     Case("correlation-batched", lambda: MatrixBatch(3, 4), mp.correlation, (2, 4), _correlation),
+    Case("grassmannian", lambda: nn.Linear(3, 7), mp.grassmannian, (2, 3), _stiefel),
+    Case("grassmannian-wide", lambda: nn.Linear(6, 2), mp.grassmannian, (2, 6), _stiefel),
     Case("rotation", lambda: nn.Linear(3, 3), mp.rotation, (4, 3), _rotation),
     Case("rotation-batched", lambda: MatrixBatch(4, 3), mp.rotation, (2, 3), _rotation),
     Case("rotation-n", lambda: nn.Linear(5, 5), mp.rotation, (3, 5), _rotation),

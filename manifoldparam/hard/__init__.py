@@ -7,6 +7,7 @@ One file per set; each holds the parametrization class (usable directly with
 from manifoldparam.hard.base import NonFiniteError, Parametrization
 from manifoldparam.hard.bounded import Bounded, bounded
 from manifoldparam.hard.correlation import Correlation, correlation
+from manifoldparam.hard.grassmannian import Grassmannian, grassmannian, subspace_distance
 from manifoldparam.hard.nonnegative import Nonnegative, nonnegative
 from manifoldparam.hard.orthogonal import Orthogonal, orthogonal
 from manifoldparam.hard.registration import constraints_of, project, rebase, register
@@ -18,6 +19,7 @@ __all__ = [
     "SPD",
     "Bounded",
     "Correlation",
+    "Grassmannian",
     "NonFiniteError",
     "Nonnegative",
     "Orthogonal",
@@ -26,6 +28,7 @@ __all__ = [
     "bounded",
     "constraints_of",
     "correlation",
+    "grassmannian",
     "nonnegative",
     "orthogonal",
     "project",
@@ -35,4 +38,5 @@ __all__ = [
     "so3_exp",
     "so3_log",
     "spd",
+    "subspace_distance",
 ]
