@@ -28,6 +28,7 @@ from manifoldparam.hard import (
     Orthogonal,
     Parametrization,
     Rotation,
+    Unitary,
     bounded,
     correlation,
     grassmannian,
@@ -38,6 +39,7 @@ from manifoldparam.hard import (
     register,
     rotation,
     spd,
+    unitary,
 )
 from manifoldparam.interop import export, scipy_minimize
 from manifoldparam.report import constraint_report
@@ -78,6 +80,7 @@ __all__ = [
     "Orthogonal",
     "Parametrization",
     "Rotation",
+    "Unitary",
     "__version__",
     "auto_cache",
     "bounded",
@@ -103,4 +106,5 @@ __all__ = [
     "scipy_minimize",
     "soft",
     "spd",
+    "unitary",
 ]

@@ -13,6 +13,7 @@ from manifoldparam.hard.orthogonal import Orthogonal, orthogonal
 from manifoldparam.hard.registration import constraints_of, project, rebase, register
 from manifoldparam.hard.rotation import SO3, Rotation, rotation, so3_exp, so3_log
 from manifoldparam.hard.spd import SPD, spd
+from manifoldparam.hard.unitary import Unitary, unitary
 
 __all__ = [
     "SO3",
@@ -25,6 +26,7 @@ __all__ = [
     "Orthogonal",
     "Parametrization",
     "Rotation",
+    "Unitary",
     "bounded",
     "constraints_of",
     "correlation",
@@ -39,4 +41,5 @@ __all__ = [
     "so3_log",
     "spd",
     "subspace_distance",
+    "unitary",
 ]
