@@ -12,10 +12,11 @@ documented example is what gets every test (a new constraint joins by adding one
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import geoopt
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -34,6 +35,31 @@ class Case:
     constrain: Callable[[nn.Module], nn.Module]
     inputs: tuple[int, ...]  # the shape of a batch for the module
     oracle: Callable[[Tensor, torch.dtype], None]  # raises if the weight is off the set
+    #: A set of complex matrices (complex64/128 weights, complex coordinates): the generic
+    #: tests draw complex values, and skip what has no complex counterpart (half precision,
+    #: autocast, scipy's real vectors) with the reason.
+    complex: bool = False
+
+    def dtype(self, real: torch.dtype) -> torch.dtype:
+        """The weight's dtype for a test written for ``real``: its complex counterpart
+        (complex64/complex128) for a complex set."""
+        return _COMPLEX.get(real, real) if self.complex else real
+
+    def randn(self, shape: Sequence[int], real: torch.dtype = torch.float32, **kw) -> Tensor:
+        """Random values of ``self.dtype(real)`` (inputs, values to project)."""
+        return torch.randn(*shape, dtype=self.dtype(real), **kw)
+
+    def skip_if_complex(self, why: str) -> None:
+        if self.complex:
+            pytest.skip(f"{self.name}: {why}")
+
+
+_COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def square(y: Tensor) -> Tensor:
+    """``|y|²`` (a real loss for a complex output; ``y²`` itself for a real one)."""
+    return y.abs().square() if y.is_complex() else y.square()
 
 
 def _stiefel(w: Tensor, dtype: torch.dtype) -> None:
@@ -85,6 +111,43 @@ def sphere_oracle(radius: float, dim: int | None) -> Callable[[Tensor, torch.dty
         assert ok, why
 
     return oracle
+
+
+class MatrixBatch(nn.Module):
+    """A module holding a batch of square matrices (poses, per-head mixing), applied to x."""
+
+    def __init__(self, batch: int, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(batch, n, n))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The first row only: a loss of all of Wx would not depend on a rotation (|Rx| = |x|).
+        return torch.einsum("bj,nj->nb", self.weight[:, 0], x)
+
+
+def _rotation(w: Tensor, dtype: torch.dtype) -> None:
+    # Orthogonal (geoopt's Stiefel check; then det = ±1) and det > 0 (in float64).
+    _stiefel(w, dtype)
+    det = torch.linalg.det(w.double())
+    assert bool((det > 0.5).all()), det
+
+
+def _correlation(w: Tensor, dtype: torch.dtype) -> None:
+    # Symmetric and unit diagonal exactly, positive definite (a float64 Cholesky of the stored
+    # matrix itself) and geoopt's SPD check.
+    assert bool(torch.isfinite(w).all()) and torch.equal(w, w.mT), "not symmetric"
+    assert torch.equal(w.diagonal(dim1=-2, dim2=-1), torch.ones_like(w[..., 0])), "diagonal"
+    assert_spd(w.double(), atol=1e-12)
+
+
+def _unitary(w: Tensor, dtype: torch.dtype) -> None:
+    # geoopt's Stiefel is real only: WᴴW = I checked directly, in complex128.
+    assert w.is_complex() and bool(torch.isfinite(w).all())
+    t = w.to(torch.complex128)
+    t = t if t.shape[-2] >= t.shape[-1] else t.mT
+    eye = torch.eye(t.shape[-1], dtype=t.dtype)
+    err = float((t.mH @ t - eye).abs().max())
+    assert err <= 5 * t.shape[-2] * torch.finfo(w.real.dtype).eps, err
 
 
 def _cayley(m: nn.Module) -> nn.Module:
@@ -238,6 +301,29 @@ CASES = [
         simplex_oracle(0),
     ),
     Case("nonnegative", lambda: nn.Linear(6, 5), mp.nonnegative, (3, 6), _orthant),
+    Case("correlation", lambda: nn.Linear(5, 5), mp.correlation, (3, 5), _correlation),
+    Case("correlation-batched", lambda: MatrixBatch(3, 4), mp.correlation, (2, 4), _correlation),
+    Case("grassmannian", lambda: nn.Linear(3, 7), mp.grassmannian, (2, 3), _stiefel),
+    Case("grassmannian-wide", lambda: nn.Linear(6, 2), mp.grassmannian, (2, 6), _stiefel),
+    Case("rotation", lambda: nn.Linear(3, 3), mp.rotation, (4, 3), _rotation),
+    Case("rotation-batched", lambda: MatrixBatch(4, 3), mp.rotation, (2, 3), _rotation),
+    Case("rotation-n", lambda: nn.Linear(5, 5), mp.rotation, (3, 5), _rotation),
+    Case(
+        "unitary",
+        lambda: nn.Linear(5, 5).to(torch.complex64),
+        mp.unitary,
+        (3, 5),
+        _unitary,
+        complex=True,
+    ),
+    Case(
+        "unitary-wide",
+        lambda: nn.Linear(6, 2, bias=False).to(torch.complex64),
+        mp.unitary,
+        (3, 6),
+        _unitary,
+        complex=True,
+    ),
     Case("user-symmetric", lambda: nn.Linear(5, 5), _user, (3, 5), _symmetric),
 ]
 IDS = [c.name for c in CASES]
