@@ -226,6 +226,13 @@ def _user(m: nn.Module) -> nn.Module:
 CASES = [
     Case("orthogonal", lambda: nn.Linear(12, 12), mp.orthogonal, (3, 12), _stiefel),
     Case("orthogonal-wide", lambda: nn.Linear(12, 5), mp.orthogonal, (3, 12), _stiefel),
+    Case(  # the O(nk²) tall path, forced at a small size (a wide weight: its transpose is tall)
+        "orthogonal-tall",
+        lambda: nn.Linear(40, 6),
+        lambda m: mp.orthogonal(m, tall=True),
+        (3, 40),
+        _stiefel,
+    ),
     Case(
         "cayley",
         lambda: nn.Linear(8, 8),

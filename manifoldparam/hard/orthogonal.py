@@ -32,6 +32,9 @@ and :math:`0.8\cdot10^{-6}` with it (the gap grows slowly with n: 1.6e-6 against
 n = 2048) (:math:`\|W^\top W - I\|_F` 4.8e-6 / 2.7e-6 at n = 256;
 ``torch.linalg.matrix_exp``: 4.8e-6 max, 1.9e-5 Frobenius).
 
+For :math:`n \ge 3k, n \ge 256` the same map runs in :math:`O(nk^2 + k^3)`, :math:`B` kept as
+:math:`n\times k` columns and the Householder factors of their complement (``tall=``).
+
 Assignment ``module.weight = Q`` (``Q`` orthogonal within tolerance) sets :math:`B` to ``Q``
 completed to an orthogonal matrix (and made orthogonal to working precision: two
 Newton--Schulz steps in float64, :math:`O(\delta^4)` from :math:`\max|Q^\top Q - I| = \delta`)
@@ -58,6 +61,7 @@ from torch import Tensor, nn
 
 from manifoldparam._device import may_read_on_host
 from manifoldparam._torch import is_functorch_wrapped, is_tracing
+from manifoldparam.hard import _stiefel_tall as tall_path
 from manifoldparam.hard.base import (
     LOW_PRECISION,
     NonFiniteError,
@@ -67,6 +71,7 @@ from manifoldparam.hard.base import (
 )
 from manifoldparam.hard.registration import register
 from manifoldparam.linalg.expm import _expm
+from manifoldparam.linalg.stiefel import polar
 
 __all__ = ["Orthogonal", "orthogonal"]
 
@@ -171,6 +176,8 @@ class Orthogonal(Parametrization):
             norms: no device sync, for CUDA graphs and ``torch.compile(fullgraph=True)``);
             ``None`` (default) reads the norms on the host in eager mode (one sync per
             evaluation on a GPU) and a fixed number while a CUDA graph is being captured.
+        tall: ``None`` (default): the tall path (the same map in :math:`O(nk^2 + k^3)`, an ``n×k``
+            base) when ``n >= 3k`` and ``n >= 256``; ``True`` / ``False`` force either.
         atol: assignment/check tolerance on ``max|WᵀW - I|``; default ``16·n·eps(dtype)``.
     """
 
@@ -187,6 +194,7 @@ class Orthogonal(Parametrization):
         batched: bool = False,
         newton_schulz: int | None = None,
         max_squarings: int | None = None,
+        tall: bool | None = None,
         atol: float | None = None,
         owner: str | None = None,
     ) -> None:
@@ -221,6 +229,8 @@ class Orthogonal(Parametrization):
         self.transposed = rows < cols
         self.n, self.k = max(rows, cols), min(rows, cols)
         n, k = self.n, self.k
+        if tall_path.setup(self, tall):  # (the tall path's buffers)
+            return
         # Flat indices (i*n + j) of the free entries of A: i > j and j < k.
         ii, jj = torch.tril_indices(n, n, offset=-1)
         keep = jj < k
@@ -278,15 +288,17 @@ class Orthogonal(Parametrization):
 
     # ------------------------------------------------------------ the map
     def map(self, x: Tensor) -> Tensor:
-        a = self.skew(x)
         clean = False  # round-off already at the floor one Newton--Schulz step reaches
-        if self.method == "expm":
-            e, clean = _exp(a, self.max_squarings)
-            if self.k < self.n:  # (a full slice would still cost a copy in the backward)
-                e = e[..., : self.k]
+        if self.tall:  # the same map in O(nk²): the base is n×k (_stiefel_tall)
+            t = tall_path.tall_map(self, x)
         else:
-            e = _cayley(a, self.k)
-        t = self.base.to(e.dtype) @ e  # (a half-precision base: computed in float32)
+            if self.method == "expm":
+                e, clean = _exp(self.skew(x), self.max_squarings)
+                if self.k < self.n:  # (a full slice would still cost a copy in the backward)
+                    e = e[..., : self.k]
+            else:
+                e = _cayley(self.skew(x), self.k)
+            t = self.base.to(e.dtype) @ e  # (a half-precision base: computed in float32)
         steps = self.newton_schulz
         if steps is None:
             if clean and self._exact_base():
@@ -376,7 +388,7 @@ class Orthogonal(Parametrization):
         if memo is not None and memo[0] == key:
             return memo[1]
         d = b.detach().to(torch.float64)
-        eye = torch.eye(self.n, dtype=d.dtype, device=d.device)
+        eye = torch.eye(d.shape[-1], dtype=d.dtype, device=d.device)
         # (in the dtype the map runs in: a half-precision base is never exact in float32)
         eps = torch.finfo(compute_dtype(b.dtype)).eps
         tol = 2 * eps + math.sqrt(self.n) * torch.finfo(torch.float64).eps
@@ -396,11 +408,12 @@ class Orthogonal(Parametrization):
         round-off after ``module.double()`` (see :meth:`_exact_base`), and it is still a base
         of this set. A base off the set would put the weight off it (by up to ‖B‖²)."""
         key = prefix + "base"
+        tall_path.check_shape(self, state, key)
         b = self._loaded(state, key, self.base, "base point")
         if b is None:
             return
         d = b.detach().to(torch.float64)
-        eye = torch.eye(self.n, dtype=d.dtype, device=d.device)
+        eye = torch.eye(d.shape[-1], dtype=d.dtype, device=d.device)
         error = float(max_abs(d.mT @ d - eye))
         coarse = max(b.dtype, self.base.dtype, torch.float32, key=lambda t: torch.finfo(t).eps)
         tol = max(self.tolerance(coarse), self.default_atol(coarse))
@@ -408,15 +421,19 @@ class Orthogonal(Parametrization):
             raise RuntimeError(
                 f"{self.owner}: the checkpoint's base point {key!r} is not orthogonal: "
                 f"max|BᵀB - I| = {error:.3e} > tolerance {tol:.3e} ({b.dtype}, "
-                f"{self.n}x{self.n}); loaded, the weight would be off the set. It was not saved "
-                "from this constraint (bases are set by registration, assignment and "
+                f"{d.shape[-2]}x{d.shape[-1]}); loaded, the weight would be off the set. It was "
+                "not saved from this constraint (bases are set by registration, assignment and "
                 "manifoldparam.rebase): load the checkpoint it belongs to, or load the "
                 "weight's value instead (manifoldparam.interop.load_plain_state_dict with the "
                 f"'{self.owner.rsplit('.', 1)[-1]}' key projects it onto the set)."
             )
+        tall_path.check_frame(self, state, prefix, tol)
 
     def inverse(self, w: Tensor) -> Tensor:
         t = self._to_tall(w)
+        if self.tall:  # base n×k and its complement's Householder factors, O(nk²)
+            tall_path.set_frame(self, t)
+            return w.new_zeros(*self.batch_shape, self.matrix_dim)
         if self.k < self.n:
             q, _ = torch.linalg.qr(t, mode="complete")
             t = torch.cat([t, q[..., self.k :]], dim=-1)
@@ -425,6 +442,8 @@ class Orthogonal(Parametrization):
 
     def project(self, w: Tensor) -> Tensor:
         """The polar factor ``U Vᵀ`` of (each matrix of) ``w``: the nearest orthogonal one."""
+        if self.tall:  # (through a thin QR: O(nk²), the SVD of the n×k matrix is slower)
+            return self._from_tall(polar(self._to_tall(w)))
         u, _, vh = torch.linalg.svd(self._to_tall(w), full_matrices=False)
         return self._from_tall(u @ vh)
 
@@ -444,6 +463,7 @@ class Orthogonal(Parametrization):
         return (
             f"{super().extra_repr()}, map={self.method}, matrix={self.n}x{self.k}"
             f"{' (transposed)' if self.transposed else ''}, batched={self.batched}"
+            f"{', tall' if self.tall else ''}"
         )
 
 
@@ -455,6 +475,7 @@ def orthogonal(
     batched: bool = False,
     newton_schulz: int | None = None,
     max_squarings: int | None = None,
+    tall: bool | None = None,
     atol: float | None = None,
 ) -> nn.Module:
     """Constrain ``module.<name>`` to be orthogonal (square) or to have orthonormal columns
@@ -473,5 +494,6 @@ def orthogonal(
         batched=batched,
         newton_schulz=newton_schulz,
         max_squarings=max_squarings,
+        tall=tall,
         atol=atol,
     )

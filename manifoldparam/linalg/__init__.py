@@ -6,5 +6,15 @@
 """
 
 from manifoldparam.linalg.expm import SYNC_FREE_SQUARINGS, expm, expm_projected, expm_skew
+from manifoldparam.linalg.stiefel import complement, householder_frame, polar, stiefel_map
 
-__all__ = ["SYNC_FREE_SQUARINGS", "expm", "expm_projected", "expm_skew"]
+__all__ = [
+    "SYNC_FREE_SQUARINGS",
+    "complement",
+    "expm",
+    "expm_projected",
+    "expm_skew",
+    "householder_frame",
+    "polar",
+    "stiefel_map",
+]
