@@ -24,6 +24,7 @@ __all__ = [
     "dtensor_of",
     "fsdp_shard_versions",
     "functorch_active",
+    "initializing_optimizer_state",
     "is_functorch_wrapped",
     "is_tracing",
     "only_forward",
@@ -165,3 +166,12 @@ def fsdp_shard_versions(module: nn.Module) -> tuple[int, ...] | None:
             local = getattr(t, "_local_tensor", t)
             out += (t._version, local._version, local.data_ptr())
     return tuple(out)
+
+
+def initializing_optimizer_state() -> bool:
+    """Whether ``torch.distributed.checkpoint``'s ``get_state_dict`` / ``set_state_dict`` is
+    making a fresh optimizer's state: one ``step()`` with zero gradients and every ``lr`` set
+    to 0, which moves nothing (read from the frame of torch's function; no hook exists there)."""
+    mod = sys.modules.get("torch.distributed.checkpoint.state_dict")
+    init = getattr(mod, "_init_optim_state", None)
+    return init is not None and _frame_running(init.__code__, 8) is not None
