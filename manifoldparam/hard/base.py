@@ -41,6 +41,7 @@ from manifoldparam._device import autocast_off, value_readable
 from manifoldparam._torch import (
     any_autocast,
     dispatch_depth,
+    dtensor_of,
     is_functorch_wrapped,
     is_tracing,
     removing,
@@ -251,9 +252,11 @@ class Parametrization(nn.Module, metaclass=abc.ABCMeta):
         """``f(x)`` under the precision policy (module docstring): autocast off, computed in
         float32 for half-precision coordinates, returned in ``x``'s dtype; a non-finite result
         raises :class:`NonFiniteError` on the CPU (a free read there). The cache stores what
-        this returns."""
+        this returns. Sharded coordinates (a DTensor) are gathered first: the whole weight."""
         if not isinstance(x, Tensor):  # a torch.fx Proxy (symbolic_trace): record the map
             return self.map(x)
+        if dtensor_of(x) is not None:  # sharded (fully_shard outside forward): the map needs
+            x = x.full_tensor()  # all coordinates; a collective every rank must make
         low = x.dtype in LOW_PRECISION
         if low or any_autocast():
             with autocast_off(x):

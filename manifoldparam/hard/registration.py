@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from manifoldparam._device import autocast_off, value_readable
+from manifoldparam._torch import dtensor_of, shard_like
 from manifoldparam.caching.api import invalidate
 from manifoldparam.caching.read import install as install_read
 
@@ -369,7 +370,9 @@ def rebase(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> 
     For each: :math:`x \leftarrow f^{-1}(\Pi_M(f(x)))`, so the base becomes the current
     weight (re-projected, so float error does not compound) and the coordinates 0. The weight
     is unchanged up to round-off and the map is again evaluated near its base, where it is
-    best conditioned (for ``W = B exp(A)``: a small ``A``, few squarings).
+    best conditioned (for ``W = B exp(A)``: a small ``A``, few squarings). Under FSDP2
+    (``fully_shard``) call it on every rank outside forward/backward (after ``step()``): it
+    gathers the sharded coordinates (a collective) and each rank keeps its shard of the new ones.
 
     Args:
         model: the model whose constraints are rebased (every submodule).
@@ -401,10 +404,13 @@ def rebase(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> 
             if not (isinstance(p, Parametrization) and p.has_base_point):
                 continue
             original = plist.original
-            w = p.compute(original)
+            w = p.compute(original)  # gathered on every rank if the coordinates are sharded
             with autocast_off(w):
                 w = w.to(compute_dtype(w.dtype))
-                original.copy_(p.inverse(p.project(w)))
+                x = p.inverse(p.project(w))
+                # sharded coordinates (fully_shard): each rank keeps its own piece of the new
+                # ones, which every rank computed alike from the same gathered weight
+                original.copy_(shard_like(x, original) if dtensor_of(original) is not None else x)
             rebased.append(original)
     if optimizer is not None:
         for original in rebased:

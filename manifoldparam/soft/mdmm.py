@@ -41,6 +41,7 @@ from torch import Tensor, nn, optim
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from manifoldparam._device import value_readable
+from manifoldparam._torch import initializing_optimizer_state
 from manifoldparam.soft.constraints import Constraint, Multiplier, _is_compiling
 from manifoldparam.soft.controller import DUAL_RULES, pi_options, pi_step
 from manifoldparam.soft.infeasible import observe
@@ -347,7 +348,7 @@ def check_optimizer(optimizer: optim.Optimizer) -> None:
         if "pinned_lr" in g:  # make_optimizer(dual_lr=...): schedulers do not move it
             g["lr"] = g["pinned_lr"]
         lr = g["lr"]
-        if not isinstance(lr, Tensor) and lr <= 0:
+        if not isinstance(lr, Tensor) and lr <= 0 and not initializing_optimizer_state():
             raise ValueError(
                 f"{kind} param group {i} holds Lagrange multipliers with lr={lr}: they ascend "
                 "through maximize=True and need a positive lr. A learning-rate scheduler that "
