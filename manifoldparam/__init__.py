@@ -3,7 +3,8 @@
 The everyday names are here; the rest lives in the layer it belongs to:
 
 * :mod:`manifoldparam.hard` -- hard constraints by construction (:func:`orthogonal`,
-  :func:`spd`, :func:`bounded`, :func:`nonnegative`, your own :class:`Parametrization`),
+  :func:`orthogonal_adapter`, :func:`spd`, :func:`bounded`, :func:`nonnegative`, your own
+  :class:`Parametrization`),
   registered through ``torch.nn.utils.parametrize`` by :func:`register`;
 * :mod:`manifoldparam.caching` -- :func:`cached`, :func:`auto_cache`, :func:`invalidate`,
   :func:`cached_closure`: a parametrized weight computed once per step, never stale;
@@ -23,10 +24,12 @@ from manifoldparam.hard import (
     NonFiniteError,
     Nonnegative,
     Orthogonal,
+    OrthogonalAdapter,
     Parametrization,
     bounded,
     nonnegative,
     orthogonal,
+    orthogonal_adapter,
     project,
     rebase,
     register,
@@ -66,6 +69,7 @@ __all__ = [
     "NonFiniteError",
     "Nonnegative",
     "Orthogonal",
+    "OrthogonalAdapter",
     "Parametrization",
     "__version__",
     "auto_cache",
@@ -82,6 +86,7 @@ __all__ = [
     "linalg",
     "nonnegative",
     "orthogonal",
+    "orthogonal_adapter",
     "project",
     "rebase",
     "register",

@@ -4,6 +4,7 @@ One file per set; each holds the parametrization class (usable directly with
 ``register_parametrization``) and the thin public constructor.
 """
 
+from manifoldparam.hard.adapter import OrthogonalAdapter, orthogonal_adapter
 from manifoldparam.hard.base import NonFiniteError, Parametrization
 from manifoldparam.hard.bounded import Bounded, bounded
 from manifoldparam.hard.nonnegative import Nonnegative, nonnegative
@@ -17,11 +18,13 @@ __all__ = [
     "NonFiniteError",
     "Nonnegative",
     "Orthogonal",
+    "OrthogonalAdapter",
     "Parametrization",
     "bounded",
     "constraints_of",
     "nonnegative",
     "orthogonal",
+    "orthogonal_adapter",
     "project",
     "rebase",
     "register",
