@@ -67,6 +67,7 @@ from manifoldparam.hard.base import (
 )
 from manifoldparam.hard.registration import register
 from manifoldparam.linalg.expm import _expm
+from manifoldparam.linalg.op import expm_op
 
 __all__ = ["Orthogonal", "orthogonal"]
 
@@ -106,12 +107,15 @@ def _exp(a: Tensor, max_squarings: int | None) -> tuple[Tensor, bool]:
     whenever ``max_squarings`` is given, a fixed, masked number of squarings is used instead
     (``expm.SYNC_FREE_SQUARINGS`` while capturing), so nothing syncs; it costs that many
     products in the forward and twice as many in the backward, used or not. Under
-    ``torch.compile`` (and ``torch.jit.trace``, which cannot record a Function with non-tensor
-    outputs) the exponential is ``torch.linalg.matrix_exp``, which inductor lowers natively
-    (Dynamo does not yet trace the custom autograd.Function inside a parametrization:
-    "Placeholder node not found").
+    ``torch.compile`` the exponential is the custom op ``manifoldparam::expm_v1``
+    (:mod:`manifoldparam.linalg.op`: the same scheme and Fréchet backward, opaque to the
+    compiler; Dynamo does not trace the autograd.Function inside a parametrization,
+    "Placeholder node not found"); under ``torch.jit.trace``, which cannot record a Function
+    with non-tensor outputs, ``torch.linalg.matrix_exp``.
     """
-    if torch.compiler.is_compiling() or is_tracing():
+    if torch.compiler.is_compiling():
+        return expm_op(a, max_squarings, projected=True), False
+    if is_tracing():
         return torch.linalg.matrix_exp(a), False
     return _expm(a, max_squarings, projected=True)
 
