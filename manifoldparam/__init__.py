@@ -3,7 +3,8 @@
 The everyday names are here; the rest lives in the layer it belongs to:
 
 * :mod:`manifoldparam.hard` -- hard constraints by construction (:func:`orthogonal`,
-  :func:`spd`, :func:`bounded`, :func:`nonnegative`, your own :class:`Parametrization`),
+  :func:`orthogonal_adapter`, :func:`spd`, :func:`bounded`, :func:`nonnegative`, your own
+  :class:`Parametrization`),
   registered through ``torch.nn.utils.parametrize`` by :func:`register`;
 * :mod:`manifoldparam.caching` -- :func:`cached`, :func:`auto_cache`, :func:`invalidate`,
   :func:`cached_closure`: a parametrized weight computed once per step, never stale;
@@ -29,6 +30,7 @@ from manifoldparam.hard import (
     NonFiniteError,
     Nonnegative,
     Orthogonal,
+    OrthogonalAdapter,
     Parametrization,
     Rotation,
     Simplex,
@@ -43,6 +45,7 @@ from manifoldparam.hard import (
     low_rank,
     nonnegative,
     orthogonal,
+    orthogonal_adapter,
     project,
     psd,
     rebase,
@@ -95,6 +98,7 @@ __all__ = [
     "NonFiniteError",
     "Nonnegative",
     "Orthogonal",
+    "OrthogonalAdapter",
     "Parametrization",
     "Rotation",
     "Simplex",
@@ -121,6 +125,7 @@ __all__ = [
     "low_rank",
     "nonnegative",
     "orthogonal",
+    "orthogonal_adapter",
     "project",
     "psd",
     "rebase",

@@ -154,6 +154,30 @@ def _cayley(m: nn.Module) -> nn.Module:
     return mp.orthogonal(m, map="cayley")
 
 
+def _adapter_layer() -> nn.Module:
+    """A Linear(8, 6) whose weight does not depend on the global seed: the oracle knows W₀."""
+    m = nn.Linear(8, 6)
+    with torch.no_grad():
+        m.weight.copy_(torch.randn(6, 8, generator=torch.Generator().manual_seed(11)))
+    return m
+
+
+def _adapter(w: Tensor, dtype: torch.dtype) -> None:
+    """W = W₀·R, R = diag(R₁, R₂) in SO(4)²: per column block, W_i W_iᵀ = X_i X_iᵀ (X = W₀, of
+    full column rank, so W_i = X_i Q with Q orthogonal) and det(X_iᵀ W_i) > 0 (det Q = +1)."""
+    x = _adapter_layer().weight.detach().to(dtype).double()
+    w = w.double()
+    eps = torch.finfo(torch.float32 if dtype in HALF else dtype).eps
+    atol = 50 * 4 * eps * float(x.abs().max()) ** 2 + (
+        8 * torch.finfo(dtype).eps if dtype in HALF else 0
+    )
+    assert bool(torch.isfinite(w).all())
+    for i in range(2):
+        xi, wi = x[:, 4 * i : 4 * i + 4], w[:, 4 * i : 4 * i + 4]
+        torch.testing.assert_close(wi @ wi.T, xi @ xi.T, atol=atol * 10, rtol=0)
+        assert float(torch.linalg.det(xi.T @ wi)) > 0
+
+
 def documented_example() -> dict[str, object]:
     """Run the code block of ``Parametrization``'s docstring; return its namespace."""
     doc = mp.Parametrization.__doc__ or ""
@@ -306,6 +330,13 @@ CASES = [
         lambda m: mp.simplex(m, dim=0),
         (3, 6),
         simplex_oracle(0),
+    ),
+    Case(
+        "orthogonal-adapter",
+        _adapter_layer,
+        lambda m: mp.orthogonal_adapter(m, block_size=4),
+        (3, 8),
+        _adapter,
     ),
     Case("nonnegative", lambda: nn.Linear(6, 5), mp.nonnegative, (3, 6), _orthant),
     Case("correlation", lambda: nn.Linear(5, 5), mp.correlation, (3, 5), _correlation),

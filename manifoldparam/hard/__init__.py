@@ -4,6 +4,7 @@ One file per set; each holds the parametrization class (usable directly with
 ``register_parametrization``) and the thin public constructor.
 """
 
+from manifoldparam.hard.adapter import OrthogonalAdapter, orthogonal_adapter
 from manifoldparam.hard.base import NonFiniteError, Parametrization
 from manifoldparam.hard.bounded import Bounded, bounded
 from manifoldparam.hard.correlation import Correlation, correlation
@@ -34,6 +35,7 @@ __all__ = [
     "NonFiniteError",
     "Nonnegative",
     "Orthogonal",
+    "OrthogonalAdapter",
     "Parametrization",
     "Rotation",
     "Simplex",
@@ -49,6 +51,7 @@ __all__ = [
     "low_rank",
     "nonnegative",
     "orthogonal",
+    "orthogonal_adapter",
     "project",
     "psd",
     "rebase",
