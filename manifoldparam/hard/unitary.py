@@ -29,7 +29,8 @@ Registration keeps the weight, moved to its polar factor :math:`UV^H` (SVD): the
 point in the Frobenius norm. Assignment ``module.weight = Q`` sets the base to ``Q`` completed
 to a unitary matrix and the coordinates to zero; :func:`~manifoldparam.rebase` does the same
 with the current weight. geoopt's Stiefel manifold is real only, so
-:attr:`~manifoldparam.Parametrization.manifold` is ``None``; the membership test is :math:`\max|W^H W - I|`.
+:attr:`~manifoldparam.Parametrization.manifold` is ``None``; the membership test is
+:math:`\max|W^H W - I|`.
 
 Example::
 
