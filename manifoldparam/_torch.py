@@ -21,7 +21,10 @@ __all__ = [
     "FakeTensor",
     "any_autocast",
     "dispatch_depth",
+    "dtensor_of",
+    "fsdp_shard_versions",
     "functorch_active",
+    "initializing_optimizer_state",
     "is_functorch_wrapped",
     "is_tracing",
     "only_forward",
@@ -29,6 +32,7 @@ __all__ = [
     "peek_transform",
     "removing",
     "saved_tensor_hooks",
+    "shard_like",
     "torch_cache_enabled",
     "transferring",
 ]
@@ -127,3 +131,47 @@ def removing(param: object) -> tuple[nn.Module, bool] | None:
     if plist is None or plist._parameters.get("original") is not param:
         return None
     return plist, bool(frame.f_locals.get("leave_parametrized", True))
+
+
+def dtensor_of(t: object) -> Any:
+    """``t`` if it is a DTensor (a sharded parameter of ``fully_shard`` outside its forward, or a
+    tensor-parallel one), else None. Never imports ``torch.distributed``: without it loaded, no
+    tensor is a DTensor."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return t if mod is not None and isinstance(t, mod.DTensor) else None
+
+
+def shard_like(full: torch.Tensor, like: Any) -> Any:
+    """The DTensor with ``like``'s mesh and placements whose full value is ``full``, cut from
+    this rank's own ``full`` (no communication: every rank must hold the same ``full``)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def fsdp_shard_versions(module: nn.Module) -> tuple[int, ...] | None:
+    """The version counters of the sharded parameters (the DTensors and their local shards)
+    that FSDP2's ``fully_shard`` manages on ``module``; None if ``module`` is not one.
+
+    FSDP all-gathers them at each forward into unsharded parameters it keeps (the same objects)
+    under ``torch.autograd._unsafe_preserve_version_counter``: a write to the sharded ones
+    outside an optimizer step (an EMA, a load into the shards) shows here and nowhere else."""
+    get = getattr(module, "_get_fsdp_state", None)
+    if get is None:
+        return None
+    out: list[int] = []
+    for group in get()._fsdp_param_groups:
+        for fsdp_param in group.fsdp_params:
+            t = fsdp_param.sharded_param
+            local = getattr(t, "_local_tensor", t)
+            out += (t._version, local._version, local.data_ptr())
+    return tuple(out)
+
+
+def initializing_optimizer_state() -> bool:
+    """Whether ``torch.distributed.checkpoint``'s ``get_state_dict`` / ``set_state_dict`` is
+    making a fresh optimizer's state: one ``step()`` with zero gradients and every ``lr`` set
+    to 0, which moves nothing (read from the frame of torch's function; no hook exists there)."""
+    mod = sys.modules.get("torch.distributed.checkpoint.state_dict")
+    init = getattr(mod, "_init_optim_state", None)
+    return init is not None and _frame_running(init.__code__, 8) is not None

@@ -15,7 +15,7 @@ from torch.autograd import gradcheck
 from torch.autograd.functional import jacobian
 
 import manifoldparam as mp
-from tests.cases import CASES, IDS, Case
+from tests.cases import CASES, IDS, Case, square
 
 DT = torch.float64
 HAS_CUDA = torch.cuda.is_available()
@@ -24,7 +24,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, re
 
 def built(case: Case, device: str = "cpu", seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return case.constrain(case.build().to(device=device, dtype=DT))
+    return case.constrain(case.build().to(device=device, dtype=case.dtype(DT)))
 
 
 def param(m: nn.Module) -> mp.Parametrization:
@@ -45,14 +45,14 @@ def cpu(t: Tensor) -> Tensor:
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_registration_keeps_the_weight_moved_to_the_nearest_point(case: Case, device) -> None:
     torch.manual_seed(0)
-    m = case.build().to(device=device, dtype=DT)
+    m = case.build().to(device=device, dtype=case.dtype(DT))
     before = m.weight.detach().clone()
     case.constrain(m)
     w = m.weight.detach()
     case.oracle(cpu(w), DT)
     torch.testing.assert_close(w, param(m).project(before), atol=1e-10, rtol=0)
     # a weight already on the set is kept exactly (to round-off)
-    m2 = case.build().to(device=device, dtype=DT)
+    m2 = case.build().to(device=device, dtype=case.dtype(DT))
     with torch.no_grad():
         m2.weight.copy_(w)
     case.constrain(m2)
@@ -66,13 +66,13 @@ def test_assignment_round_trips_and_off_set_values_are_refused(case: Case, seed,
     ValueError naming the attribute and changes nothing (coordinates and buffers bit-equal)."""
     m = built(case)
     g = torch.Generator().manual_seed(seed)
-    raw = scale * torch.randn(m.weight.shape, generator=g, dtype=DT)
+    raw = scale * case.randn(m.weight.shape, DT, generator=g)
     target = mp.project(m, "weight", raw)
     case.oracle(target, DT)
     m.weight = target
     torch.testing.assert_close(m.weight.detach(), target, atol=1e-10, rtol=0)
     state = {k: v.clone() for k, v in m.state_dict().items()}
-    off = 10 * torch.randn(m.weight.shape, generator=g, dtype=DT) - 5
+    off = 10 * case.randn(m.weight.shape, DT, generator=g) - 5
     with pytest.raises(ValueError, match=r"\.weight = X: X is not .* The weight is unchanged"):
         m.weight = off
     for k, v in m.state_dict().items():
@@ -100,9 +100,19 @@ def test_coordinates_are_minimal_with_a_full_rank_jacobian(case: Case) -> None:
     assert coords(m).numel() == p.dim
     # (random moderate coordinates: registration's can sit where tanh or softplus saturate)
     x = 0.5 * torch.randn_like(coords(m).detach())
-    jac = jacobian(p.map, x).reshape(m.weight.numel(), p.dim)
+    rank = p.dim
+    if case.complex:  # (real and imaginary parts; the set's real dimension, see Unitary)
+        x = torch.view_as_real(x)
+        rank = p.real_dimension
+
+        def f(xr: Tensor) -> Tensor:
+            return torch.view_as_real(p.map(torch.view_as_complex(xr)))
+
+        jac = jacobian(f, x).reshape(2 * m.weight.numel(), x.numel())
+    else:
+        jac = jacobian(p.map, x).reshape(m.weight.numel(), p.dim)
     s = torch.linalg.svdvals(jac)
-    assert int((s > 1e-9 * s.max()).sum()) == p.dim
+    assert int((s > 1e-9 * s.max()).sum()) == rank
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -116,10 +126,10 @@ def test_gradcheck(case: Case) -> None:
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_cached_equals_uncached(case: Case, mode: str) -> None:
     """Reads inside a cache give the uncached value and gradient (the map evaluated once)."""
-    x = torch.randn(case.inputs, dtype=DT)
+    x = case.randn(case.inputs, DT)
 
     def run(m: nn.Module) -> tuple[Tensor, Tensor]:
-        out = sum((m(x) ** 2).sum() for _ in range(3))  # three reads of the weight
+        out = sum(square(m(x)).sum() for _ in range(3))  # three reads of the weight
         out.backward()
         return out.detach(), coords(m).grad.clone()
 
@@ -145,7 +155,7 @@ def test_state_dict_round_trip(case: Case) -> None:
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
         for _ in range(opt_steps):
             opt.zero_grad()
-            (m(torch.ones(case.inputs, dtype=DT)) ** 2).sum().backward()
+            square(m(torch.ones(case.inputs, dtype=case.dtype(DT)))).sum().backward()
             opt.step()
     b.load_state_dict(a.state_dict())
     assert torch.equal(b.weight, a.weight)
@@ -157,10 +167,10 @@ def test_state_dict_round_trip(case: Case) -> None:
 def test_training_stays_on_the_set(case: Case, device) -> None:
     m = built(case, device)
     opt = torch.optim.Adam(m.parameters(), lr=0.05)
-    x = torch.randn(case.inputs, dtype=DT, device=device)
+    x = case.randn(case.inputs, DT, device=device)
     for _ in range(10):
         opt.zero_grad()
-        (m(x) ** 2).mean().backward()
+        square(m(x)).mean().backward()
         opt.step()
         case.oracle(cpu(m.weight), DT)
 

@@ -887,6 +887,7 @@ HALF = [torch.bfloat16, torch.float16]
 def test_autocast_on_device(device, case, amp, cache) -> None:
     """Under autocast the weight is the float32 weight, on its set; the layer's output is in
     the autocast dtype; a backward (outside the block) gives finite coordinate gradients."""
+    case.skip_if_complex("autocast covers real dtypes only")
     m = case.constrain(case.build()).to(device)
     plain = m.weight.detach().clone()
     x = torch.randn(case.inputs, device=device)
@@ -906,6 +907,7 @@ def test_autocast_on_device(device, case, amp, cache) -> None:
 def test_half_precision_weights_on_device(device, case, dtype) -> None:
     """A module stored in bf16/fp16 on the device: registration, SGD steps and assignment keep
     the weight on its set in that dtype."""
+    case.skip_if_complex("there is no complex half precision")
     m = case.constrain(case.build().to(device=device, dtype=dtype))
     case.oracle(m.weight.detach().cpu(), dtype)
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)

@@ -14,17 +14,17 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import manifoldparam as mp
-from tests.cases import CASES, IDS
+from tests.cases import CASES, IDS, square
 
 
 def trained(case, seed: int = 0) -> nn.Module:
     """A constrained module moved off its starting point (an orthogonal base matters then)."""
     torch.manual_seed(seed)
-    m = case.constrain(case.build().double())
+    m = case.constrain(case.build().to(case.dtype(torch.float64)))
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     for _ in range(3):
         opt.zero_grad()
-        m(torch.randn(case.inputs, dtype=torch.float64)).square().sum().backward()
+        square(m(case.randn(case.inputs, torch.float64))).sum().backward()
         opt.step()
     return m
 
@@ -34,7 +34,7 @@ def test_transfer_keeps_the_source_and_constrains_the_target(case) -> None:
     source = trained(case)
     before = {k: v.clone() for k, v in source.state_dict().items()}
     weight = source.weight.detach().clone()
-    target = case.build().double()  # its own random weight, off the set
+    target = case.build().to(case.dtype(torch.float64))  # its own weight, off the set
     parametrize.transfer_parametrizations_and_params(source, target, "weight")
 
     for k, v in source.state_dict().items():  # the source bit for bit, buffers included
@@ -45,7 +45,7 @@ def test_transfer_keeps_the_source_and_constrains_the_target(case) -> None:
     case.oracle(target.weight.detach(), torch.float64)
 
     opt = torch.optim.SGD(target.parameters(), lr=0.1)  # trains, and stays on the set
-    target(torch.randn(case.inputs, dtype=torch.float64)).square().sum().backward()
+    square(target(case.randn(case.inputs, torch.float64))).sum().backward()
     opt.step()
     case.oracle(target.weight.detach(), torch.float64)
     assert not torch.equal(target.weight, weight)
@@ -93,7 +93,7 @@ def test_removal_leaves_the_weight_whatever_leave_parametrized_says(case, leave:
     assert not parametrize.is_parametrized(m)
     assert m.weight is coords and isinstance(m.weight, nn.Parameter)
     assert torch.equal(m.weight, weight)
-    m(torch.randn(case.inputs, dtype=torch.float64))
+    m(case.randn(case.inputs, torch.float64))
 
 
 def test_other_parametrizations_keep_torch_semantics_on_removal() -> None:

@@ -45,6 +45,7 @@ def test_autocast_reads_the_float32_weight(case: Case, amp: torch.dtype, cache: 
     autocast forward is finite and matches float32's to the autocast dtype's precision.
     (Before: orthogonal raised 'mat1 and mat2 must have the same dtype'; SPD returned a
     bfloat16 matrix below its floor.)"""
+    case.skip_if_complex("autocast covers real dtypes only")
     m = case.constrain(case.build())
     if cache == "auto":
         mp.auto_cache(m)
@@ -80,6 +81,7 @@ def test_half_precision_weights_register_train_and_assign(case: Case, dtype: tor
     of the set, to the dtype's precision), 20 SGD steps keep it on the set in that dtype, and
     a projected value assigns and reads back. (Before: an index error for orthogonal and SPD,
     'lu_cpu not implemented' for Cayley.)"""
+    case.skip_if_complex("there is no complex half precision")
     m = case.build().to(dtype)
     before = m.weight.detach().clone()
     case.constrain(m)
@@ -110,6 +112,7 @@ def test_half_precision_weights_register_train_and_assign(case: Case, dtype: tor
 def test_converted_to_half_after_registration(case: Case, dtype: torch.dtype) -> None:
     """``module.half()`` / ``.bfloat16()`` after registration: the weight stays on the set in
     the new dtype, through training. (Before: Cayley failed in lu_cpu.)"""
+    case.skip_if_complex("there is no complex half precision")
     m = case.constrain(case.build()).to(dtype)
     case.oracle(m.weight.detach(), dtype)
     _train(case, m, 10, dtype)

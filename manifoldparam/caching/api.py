@@ -43,21 +43,30 @@ F = TypeVar("F", bound=Callable[..., Any])
 class cached(contextlib.ContextDecorator):
     """Compute every constrained weight once inside the block, reuse it, never go stale.
 
-    ::
+    Inside the block, a parametrized attribute :math:`W = f(x)` read :math:`T` times costs one
+    evaluation of :math:`f` (and one backward through it), not :math:`T`. An entry is reused
+    only while what it was computed from is unchanged (the originals' and buffers' version
+    counters, grad mode, autocast, the tensors substituted by ``functional_call``), so the
+    results -- values and gradients -- equal those of the same code without the block,
+    including after ``optimizer.step()`` inside it, after a ``torch.no_grad()`` read, with
+    several ``backward()`` calls and with ``create_graph=True`` (the keys are listed in
+    :mod:`manifoldparam.caching.cache`). Entries are dropped when the outermost block exits.
+    Also usable as a decorator (each call opens a block).
 
-        with manifoldparam.cached():
-            for t in range(T):                 # module.weight computed once, read T times
-                h = cell(x[t], h)
-            loss.backward()
-            optimizer.step()                   # bumps the originals' versions:
-            model(x2)                          # ... so this read recomputes
+    Args:
+        fresh: open a new scope even inside another block (by default a nested block shares
+            the outer block's entries).
 
-    The results -- values and gradients -- equal those of the same code without the block,
-    including after ``optimizer.step()`` inside it, after a ``torch.no_grad()`` read, under
-    ``torch.func.functional_call`` with substituted tensors, with several ``backward()`` calls,
-    and with ``create_graph=True`` (see :mod:`manifoldparam.caching.cache` for what is keyed).
-    Entries are dropped when the outermost block exits. A nested block shares the outer
-    block's entries unless ``fresh=True``. Also usable as a decorator (each call opens a block).
+    Example:
+        >>> cell = mp.orthogonal(nn.Linear(8, 8, bias=False))
+        >>> cell.weight is cell.weight          # outside a block: each read computes f(x)
+        False
+        >>> with mp.cached():
+        ...     h = torch.zeros(1, 8)
+        ...     for t in range(50):              # an RNN reads the kernel 50 times ...
+        ...         h = torch.tanh(cell(h) + 1)
+        ...     print(cell.weight is cell.weight)   # ... and it is computed once
+        True
     """
 
     def __init__(self, *, fresh: bool = False) -> None:
@@ -92,20 +101,31 @@ def cached_closure(closure: F) -> F:
     For optimizers that evaluate the objective several times per step: ``torch.optim.LBFGS``
     (``closure()`` with ``backward()`` inside), torchzero (``closure(backward=True)``), torchmin's
     ``Minimizer`` (``closure()`` without backward; it differentiates, with ``create_graph`` for
-    the Newton and trust-region methods). Arguments pass through unchanged::
+    the Newton and trust-region methods). Every parametrized weight is computed once per
+    evaluation however often the model reads it, and each evaluation sees the parameters the
+    optimizer just wrote (even through ``.data``, which version counters cannot see, since
+    nothing is carried over between evaluations).
 
-        @manifoldparam.cached_closure
-        def closure():
-            optimizer.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            return loss
+    Args:
+        closure: the closure, with any signature; arguments pass through unchanged.
 
-        optimizer.step(closure)
+    Returns:
+        The wrapped closure.
 
-    Every parametrized weight is computed once per evaluation however often the model reads it,
-    and each evaluation sees the parameters the optimizer just wrote (even through ``.data``,
-    which version counters cannot see, since nothing is carried over between evaluations).
+    Example:
+        >>> model = mp.orthogonal(nn.Linear(4, 4))
+        >>> x, y = torch.randn(16, 4), torch.randn(16, 4)
+        >>> opt = torch.optim.LBFGS(model.parameters(), max_iter=5)
+        >>> @mp.cached_closure
+        ... def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> loss = opt.step(closure)
+        >>> W = model.weight.detach()
+        >>> bool(torch.allclose(W.T @ W, torch.eye(4), atol=1e-5))
+        True
     """
 
     @functools.wraps(closure)
@@ -165,12 +185,24 @@ def auto_cache(model: nn.Module | Iterable[nn.Module], enabled: bool = True) -> 
     of an original or of a buffer (``optimizer.step()``, ``rebase``, assignment), a backward
     through the value, a grad-mode change, ``functional_call`` with other tensors: the next read
     recomputes. Writes through ``.data`` are invisible to version counters: call
-    :func:`invalidate` after them. ``enabled=False`` turns it off. Returns ``model``::
+    :func:`invalidate` after them.
 
-        model = manifoldparam.auto_cache(model)
-        for x, y in loader:
-            loss = loss_fn(model(x), y)       # an RNN kernel is computed once per step
-            optimizer.zero_grad(); loss.backward(); optimizer.step()
+    Args:
+        model: a module (every parametrized attribute in it) or an iterable of modules.
+        enabled: ``False`` turns automatic mode off again and drops the entries.
+
+    Returns:
+        ``model``, so that ``model = auto_cache(model)`` reads as a wrapper.
+
+    Example:
+        >>> model = mp.auto_cache(mp.orthogonal(nn.Linear(4, 4)))
+        >>> w1 = model.weight
+        >>> model.weight is w1                  # read again, no step between: the same tensor
+        True
+        >>> with torch.no_grad():
+        ...     _ = model.parametrizations.weight.original.add_(0.1)   # what a step does
+        >>> model.weight is w1                  # recomputed after the write
+        False
     """
     for p in _units(model):
         set_auto(p, enabled)
@@ -178,12 +210,25 @@ def auto_cache(model: nn.Module | Iterable[nn.Module], enabled: bool = True) -> 
 
 
 def invalidate(model: nn.Module | Iterable[nn.Module] | None = None) -> None:
-    """Drop cached values: of every constrained weight in ``model``, or with no argument, every
-    entry of the current :func:`cached` block. Needed only after writes no version counter sees
-    (``original.data.copy_(...)``, an in-place write into the vector ``vector_to_parameters``
-    filled the originals from, also of a buffer such as ``Orthogonal.base``, whose
-    orthogonality check it drops too). Assigning an attribute of a
-    parametrization (``p.base = B``, ``p.method = "cayley"``) drops its cache by itself."""
+    """Drop cached values that a write no version counter sees would otherwise keep.
+
+    Needed only after writes through ``.data`` (``original.data.copy_(...)``, an in-place write
+    into the vector ``vector_to_parameters`` filled the originals from, also of a buffer such as
+    ``Orthogonal.base``, whose orthogonality check it drops too). Assigning an attribute of a
+    parametrization (``p.base = B``, ``p.method = "cayley"``) drops its cache by itself.
+
+    Args:
+        model: drop the entries of every constrained weight in this module (or iterable of
+            modules); ``None`` drops every entry of the current :func:`cached` block.
+
+    Example:
+        >>> model = mp.auto_cache(mp.orthogonal(nn.Linear(4, 4)))
+        >>> w1 = model.weight
+        >>> _ = model.parametrizations.weight.original.data.add_(0.1)  # invisible to versions
+        >>> mp.invalidate(model)
+        >>> bool(torch.equal(model.weight, w1))                    # recomputed
+        False
+    """
     if model is None:
         scope = _SCOPE.get()
         if scope is not None:

@@ -371,8 +371,15 @@ _is_compiling = torch.compiler.is_compiling
 def _tensor_bypass(x: Tensor) -> bool:
     """Whether ``x`` itself must not be cached (meta, functorch-wrapped, not a tensor). Checked
     only when an entry would be stored: a hit needs the very object an entry was stored for."""
-    # Not a tensor: a torch.fx Proxy (symbolic_trace into the parametrization).
-    return not isinstance(x, Tensor) or x.is_meta or _torch.is_functorch_wrapped(x)
+    # Not a tensor: a torch.fx Proxy (symbolic_trace into the parametrization). A DTensor:
+    # sharded coordinates (fully_shard outside its forward), gathered by each read (a
+    # collective every rank makes, so none may skip it by a hit).
+    return (
+        not isinstance(x, Tensor)
+        or x.is_meta
+        or _torch.is_functorch_wrapped(x)
+        or _torch.dtensor_of(x) is not None
+    )
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:

@@ -42,7 +42,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from manifoldparam._torch import only_forward, torch_cache_enabled
+from manifoldparam._torch import fsdp_shard_versions, only_forward, torch_cache_enabled
 
 __all__ = ["adopt", "adopting", "install"]
 
@@ -108,12 +108,16 @@ def install(module: nn.Module, name: str) -> None:
 
 
 class _Adoption:
-    """The modules whose parametrized attributes have the getter, and the global forward
-    pre-hook that adopts modules called inside :func:`~manifoldparam.cached` blocks (installed
-    while at least one block is open, in any thread)."""
+    """The modules whose parametrized attributes have the getter (with the class they had
+    then: ``fully_shard`` swaps it, and is adopted anew), and the global forward pre-hook that
+    adopts modules called inside :func:`~manifoldparam.cached` blocks (installed while at least
+    one block is open, in any thread)."""
 
     def __init__(self) -> None:
-        self.done: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        # module -> a weak reference to its class (a strong one would keep the class alive)
+        self.done: weakref.WeakKeyDictionary[nn.Module, weakref.ref[type]] = (
+            weakref.WeakKeyDictionary()
+        )
         self.blocks = 0
         self.hooks = 0  # global forward pre-hooks of ours (0 or 1): _plain allows them
         self.handle: torch.utils.hooks.RemovableHandle | None = None
@@ -124,20 +128,51 @@ _ADOPTION = _Adoption()
 
 
 def adopt(root: nn.Module) -> None:
-    """Give every parametrized attribute of ``root`` and its submodules the cache's getter."""
+    """Give every parametrized attribute of ``root`` and its submodules the cache's getter,
+    and every ``fully_shard`` module among them the watch of its shards (:func:`_watch_shards`)."""
     done = _ADOPTION.done
     for m in root.modules():
-        if m in done:
+        if _adopted(m):
             continue
         plists = m.__dict__["_modules"].get("parametrizations")
         if isinstance(plists, nn.ModuleDict):
             for name in plists:
                 install(m, name)
-        done.add(m)
+        if _SHARDS not in m.__dict__ and fsdp_shard_versions(m) is not None:
+            m.__dict__[_SHARDS] = None
+            m.register_forward_pre_hook(_watch_shards)
+        done[m] = weakref.ref(type(m))
+
+
+def _adopted(m: nn.Module) -> bool:
+    cls = _ADOPTION.done.get(m)
+    return cls is not None and cls() is type(m)
+
+
+#: Attribute of a ``fully_shard`` module: its shards' versions at its last forward.
+_SHARDS = "_manifoldparam_shards"
+
+
+def _watch_shards(module: nn.Module, args: object) -> None:
+    """Forward pre-hook of a ``fully_shard`` module: FSDP2 gathers the shards into the same
+    unsharded parameter objects at every forward and keeps their version counters, so a write
+    to the shards outside an optimizer step (an EMA update, a load into the shards) would leave
+    a cached value that looks current. When the shards' versions moved, the entries of every
+    parametrization below ``module`` (where its shards live) are dropped; otherwise the cache
+    keeps its hits (gradient accumulation: one map per step)."""
+    from manifoldparam.caching.cache import _SLOT_ATTR
+
+    versions = fsdp_shard_versions(module)
+    if versions != module.__dict__.get(_SHARDS):
+        module.__dict__[_SHARDS] = versions
+        for m in module.modules():
+            slot = m.__dict__.get(_SLOT_ATTR)
+            if slot is not None:
+                slot.clear()
 
 
 def _adopt_on_call(module: nn.Module, args: object) -> None:
-    if module in _ADOPTION.done or torch.compiler.is_compiling():
+    if _adopted(module) or torch.compiler.is_compiling():
         return
     adopt(module)
 

@@ -29,7 +29,6 @@ a weight stored in bfloat16/float16 lies on the set to that dtype's precision
 from __future__ import annotations
 
 import abc
-import math
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -40,16 +39,29 @@ from torch.nn.utils import parametrize
 from manifoldparam._device import autocast_off, value_readable
 from manifoldparam._torch import (
     any_autocast,
-    dispatch_depth,
-    is_functorch_wrapped,
-    is_tracing,
+    dtensor_of,
     removing,
     transferring,
 )
 from manifoldparam.caching.api import invalidate
 from manifoldparam.caching.cache import cached_forward, note_change
+from manifoldparam.hard._values import (  # re-exported: the sets import them from here
+    LOW_PRECISION,
+    _all_finite,
+    _eager_readable,
+    compute_dtype,
+    max_abs,
+)
 
-__all__ = ["LOW_PRECISION", "NonFiniteError", "Parametrization", "check_finite", "owner_name"]
+__all__ = [
+    "LOW_PRECISION",
+    "NonFiniteError",
+    "Parametrization",
+    "check_finite",
+    "compute_dtype",
+    "max_abs",
+    "owner_name",
+]
 
 
 def owner_name(module: nn.Module, name: str) -> str:
@@ -61,48 +73,9 @@ def owner_name(module: nn.Module, name: str) -> str:
     return f"{cls.__name__}.{name}"
 
 
-#: Dtypes the maps are not computed in (no SVD, eigh, LU or Cholesky kernels; too few bits for
-#: the exponential): computed in float32, rounded back.
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a map is computed in for a tensor of ``dtype``: float32 for half precision."""
-    return torch.float32 if dtype in LOW_PRECISION else dtype
-
-
 class NonFiniteError(FloatingPointError):
     """A constrained value (or what it is computed from) holds NaN or Inf; the message names the
     attribute, the tensor (coordinates, a buffer such as ``base``) and the likely cause."""
-
-
-def _eager_readable(t: object) -> bool:
-    """Whether a finiteness check of ``t`` costs nothing extra: a real CPU tensor (the read is
-    free there), in eager mode (not traced, compiled, under a torch.func transform or a dispatch
-    mode such as fake tensors)."""
-    return (
-        isinstance(t, Tensor)
-        and t.is_cpu
-        and not torch.compiler.is_compiling()
-        and not is_tracing()
-        and dispatch_depth() == 0
-        and not is_functorch_wrapped(t)
-        and value_readable(t)
-    )
-
-
-def _all_finite(t: Tensor) -> bool:
-    """Whether every entry of ``t`` is finite. A sum is finite if every entry is, unless it
-    overflows: one reduction and one read (20-40x cheaper than ``isfinite(t).all()``: 3 µs at
-    190x190 on one CPU thread), with the exact test only when the sum is not finite."""
-    if math.isfinite(float(t.detach().sum(dtype=compute_dtype(t.dtype)))):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
-def max_abs(t: Tensor) -> Tensor:
-    """``max|t|`` as a 0-dim tensor (0 for an empty tensor), without a host sync."""
-    return t.abs().amax() if t.numel() else t.new_zeros(())
 
 
 class Parametrization(nn.Module, metaclass=abc.ABCMeta):
@@ -174,6 +147,8 @@ class Parametrization(nn.Module, metaclass=abc.ABCMeta):
 
     #: Human name of the set, used in messages ("orthogonal", "symmetric positive definite").
     set_name: str = "constrained set"
+    #: A set of complex matrices (:class:`~manifoldparam.Unitary`): only complex weights register.
+    complex_weight: bool = False
     #: Whether the map is centred at a base point that :func:`~manifoldparam.rebase` may move
     #: to the current weight (``inverse(project(map(x)))`` re-centres the coordinates).
     has_base_point: bool = False
@@ -248,9 +223,11 @@ class Parametrization(nn.Module, metaclass=abc.ABCMeta):
         """``f(x)`` under the precision policy (module docstring): autocast off, computed in
         float32 for half-precision coordinates, returned in ``x``'s dtype; a non-finite result
         raises :class:`NonFiniteError` on the CPU (a free read there). The cache stores what
-        this returns."""
+        this returns. Sharded coordinates (a DTensor) are gathered first: the whole weight."""
         if not isinstance(x, Tensor):  # a torch.fx Proxy (symbolic_trace): record the map
             return self.map(x)
+        if dtensor_of(x) is not None:  # sharded (fully_shard outside forward): the map needs
+            x = x.full_tensor()  # all coordinates; a collective every rank must make
         low = x.dtype in LOW_PRECISION
         if low or any_autocast():
             with autocast_off(x):
@@ -337,11 +314,8 @@ class Parametrization(nn.Module, metaclass=abc.ABCMeta):
                 "checkpoint is of another model or constraint (other sizes, map or batched=): "
                 "build the model as it was when saved."
             )
-        if not value.is_floating_point():
-            raise RuntimeError(
-                f"{where} has dtype {value.dtype}, expected a floating tensor (this one is "
-                f"{own.dtype})."
-            )
+        if not (value.is_floating_point() or (value.is_complex() and own.is_complex())):
+            raise RuntimeError(f"{where} has dtype {value.dtype}, expected one like {own.dtype}.")
         if not value_readable(value):
             return None
         bad = int((~torch.isfinite(value)).sum())
@@ -404,15 +378,17 @@ class Parametrization(nn.Module, metaclass=abc.ABCMeta):
         return self.inverse(w)
 
     def _without_side_effects(self, w: Tensor) -> Tensor:
-        """``inverse(project(w))`` with every buffer as it was before."""
-        objects = dict(self._buffers)
-        values = {n: b.clone() for n, b in objects.items() if b is not None}
+        """``inverse(project(w))`` with every buffer as it was before (the submodules' too: a
+        set built from others, such as LowRank's orthogonal factors)."""
+        objects = {(m, n): b for m in self.modules() for n, b in m._buffers.items()}
+        values = {k: b.clone() for k, b in objects.items() if b is not None}
         x = self.inverse(self.project(w.to(compute_dtype(w.dtype))))
         with torch.no_grad():
-            for n, b in objects.items():
-                if b is not None and not torch.equal(b, values[n]):
-                    b.copy_(values[n])
-        self._buffers.update(objects)
+            for k, b in objects.items():
+                if b is not None and not torch.equal(b, values[k]):
+                    b.copy_(values[k])
+        for (m, n), b in objects.items():
+            m._buffers[n] = b
         return x
 
     def tolerance(self, dtype: torch.dtype) -> float:

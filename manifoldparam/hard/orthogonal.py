@@ -71,6 +71,7 @@ from manifoldparam.hard.base import (
 )
 from manifoldparam.hard.registration import register
 from manifoldparam.linalg.expm import _expm
+from manifoldparam.linalg.op import expm_op
 from manifoldparam.linalg.stiefel import polar
 
 __all__ = ["Orthogonal", "orthogonal"]
@@ -111,12 +112,12 @@ def _exp(a: Tensor, max_squarings: int | None) -> tuple[Tensor, bool]:
     whenever ``max_squarings`` is given, a fixed, masked number of squarings is used instead
     (``expm.SYNC_FREE_SQUARINGS`` while capturing), so nothing syncs; it costs that many
     products in the forward and twice as many in the backward, used or not. Under
-    ``torch.compile`` (and ``torch.jit.trace``, which cannot record a Function with non-tensor
-    outputs) the exponential is ``torch.linalg.matrix_exp``, which inductor lowers natively
-    (Dynamo does not yet trace the custom autograd.Function inside a parametrization:
-    "Placeholder node not found").
-    """
-    if torch.compiler.is_compiling() or is_tracing():
+    ``torch.compile`` it is the custom op :mod:`manifoldparam.linalg.op` (same scheme and
+    backward, opaque to Dynamo, which cannot trace the Function in a parametrization); under
+    ``torch.jit.trace`` (no Functions with non-tensor outputs) ``torch.linalg.matrix_exp``."""
+    if torch.compiler.is_compiling():
+        return expm_op(a, max_squarings, projected=True), False
+    if is_tracing():
         return torch.linalg.matrix_exp(a), False
     return _expm(a, max_squarings, projected=True)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import gc
 import sys
+import warnings
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from manifoldparam._device import autocast_off, value_readable
+from manifoldparam._torch import dtensor_of, shard_like
 from manifoldparam.caching.api import invalidate
 from manifoldparam.caching.read import install as install_read
 
@@ -33,14 +35,21 @@ __all__ = [
     "register",
 ]
 
-from manifoldparam.hard.base import Parametrization, check_finite, compute_dtype, owner_name
+from manifoldparam.hard.base import (
+    LOW_PRECISION,
+    Parametrization,
+    check_finite,
+    compute_dtype,
+    owner_name,
+)
 
 
-def checked_weight(module: nn.Module, name: str) -> Tensor:
+def checked_weight(module: nn.Module, name: str, complex_weight: bool = False) -> Tensor:
     """``module.<name>`` after the registration-time checks every constraint shares.
 
     Raises, before anything is touched, on: a missing attribute, an attribute that is already
-    parametrized, a geoopt ``ManifoldParameter``, a non-floating or complex dtype, NaN/Inf.
+    parametrized, a geoopt ``ManifoldParameter``, a non-floating or complex dtype (a real one
+    where ``complex_weight``: the set lies in complex matrices), NaN/Inf.
     """
     owner = owner_name(module, name)
     if parametrize.is_parametrized(module, name):
@@ -59,7 +68,14 @@ def checked_weight(module: nn.Module, name: str) -> Tensor:
     if weight is None:
         raise AttributeError(f"{owner} is None; there is nothing to constrain.")
     _reject_manifold_parameter(weight, owner)
-    if not weight.is_floating_point():
+    if complex_weight and not weight.is_complex():
+        raise TypeError(
+            f"{owner} has dtype {weight.dtype}; this constraint (unitary) needs a complex "
+            f"weight (complex64/complex128): make it complex first, e.g. module.{name} = "
+            f"nn.Parameter(module.{name}.detach().to(torch.complex64)), or for a real weight use "
+            "manifoldparam.orthogonal(module, name)."
+        )
+    if not complex_weight and not weight.is_floating_point():
         raise TypeError(
             f"{owner} has dtype {weight.dtype}; constraints need a real floating tensor: "
             "convert the module first, e.g. module.float() or module.double()."
@@ -203,7 +219,7 @@ def register(
         parametrize.register_parametrization(module, name, constraint, **options)
         install_read(module, name)
         return module
-    weight = checked_weight(module, name)
+    weight = checked_weight(module, name, getattr(constraint, "complex_weight", False))
     owner = owner_name(module, name)
     if isinstance(constraint, Parametrization):
         if options:
@@ -214,7 +230,9 @@ def register(
     else:
         parametrization = constraint(weight.shape, owner=owner, **options)
     parametrization.validate(weight)
-    parametrization.to(device=weight.device, dtype=weight.dtype)
+    with warnings.catch_warnings():  # (torch's note on complex modules: the user's, not ours)
+        warnings.filterwarnings("ignore", "Complex modules", UserWarning)
+        parametrization.to(device=weight.device, dtype=weight.dtype)
     saved = weight.detach().clone()  # torch writes the coordinates into the same tensor
     parametrize.register_parametrization(module, name, parametrization)
     plist = module.parametrizations[name]
@@ -337,8 +355,11 @@ def project(module: nn.Module, name: str, value: Tensor) -> Tensor:
             f"{type(module).__name__}.{name} has no manifoldparam constraint; register one "
             "first (e.g. manifoldparam.orthogonal(module, name))."
         )
+    p = found[-1]
     with torch.no_grad(), autocast_off(value):
-        return found[-1].project(value.to(compute_dtype(value.dtype))).to(value.dtype)
+        y = p.project(value.to(compute_dtype(value.dtype)))
+        # (half precision: rounded as the map's values are, so that it stays on the set)
+        return p.to_storage(y, value.dtype) if value.dtype in LOW_PRECISION else y.to(value.dtype)
 
 
 @torch.no_grad()
@@ -349,7 +370,9 @@ def rebase(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> 
     For each: :math:`x \leftarrow f^{-1}(\Pi_M(f(x)))`, so the base becomes the current
     weight (re-projected, so float error does not compound) and the coordinates 0. The weight
     is unchanged up to round-off and the map is again evaluated near its base, where it is
-    best conditioned (for ``W = B exp(A)``: a small ``A``, few squarings).
+    best conditioned (for ``W = B exp(A)``: a small ``A``, few squarings). Under FSDP2
+    (``fully_shard``) call it on every rank outside forward/backward (after ``step()``): it
+    gathers the sharded coordinates (a collective) and each rank keeps its shard of the new ones.
 
     Args:
         model: the model whose constraints are rebased (every submodule).
@@ -381,10 +404,13 @@ def rebase(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> 
             if not (isinstance(p, Parametrization) and p.has_base_point):
                 continue
             original = plist.original
-            w = p.compute(original)
+            w = p.compute(original)  # gathered on every rank if the coordinates are sharded
             with autocast_off(w):
                 w = w.to(compute_dtype(w.dtype))
-                original.copy_(p.inverse(p.project(w)))
+                x = p.inverse(p.project(w))
+                # sharded coordinates (fully_shard): each rank keeps its own piece of the new
+                # ones, which every rank computed alike from the same gathered weight
+                original.copy_(shard_like(x, original) if dtensor_of(original) is not None else x)
             rebased.append(original)
     if optimizer is not None:
         for original in rebased:

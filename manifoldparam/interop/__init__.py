@@ -12,7 +12,9 @@
   module (:mod:`.compile`);
 * :func:`all_reduce_grads`, :func:`all_reduce_mean`, :func:`broadcast_module`,
   :func:`global_closure`, :func:`replica_divergence` -- multipliers and line searches under
-  DDP (:mod:`.distributed`).
+  DDP, replicas checked (also under FSDP2) (:mod:`.distributed`);
+* :class:`TrainingState` -- model, optimizer and multipliers in distributed (sharded)
+  checkpoints, ``torch.distributed.checkpoint`` (:mod:`.sharded_checkpoint`).
 """
 
 from manifoldparam.interop.checkpoint import (
@@ -38,11 +40,13 @@ from manifoldparam.interop.functional import (
     per_sample_grads,
 )
 from manifoldparam.interop.scipy_bridge import scipy_minimize
+from manifoldparam.interop.sharded_checkpoint import TrainingState
 
 __all__ = [
     "FlatObjective",
     "PlainLoadReport",
     "ProjectedOnLoadWarning",
+    "TrainingState",
     "all_reduce_grads",
     "all_reduce_mean",
     "broadcast_module",

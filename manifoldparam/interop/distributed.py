@@ -42,6 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from manifoldparam._torch import dtensor_of
+
 __all__ = [
     "all_reduce_grads",
     "all_reduce_mean",
@@ -139,7 +141,9 @@ def global_closure(closure: F) -> F:
 @torch.no_grad()
 def replica_divergence(*modules: nn.Module) -> float:
     """The largest ``|t - t_rank0|`` over every parameter, buffer and constrained value of
-    ``modules`` on every rank (0.0 when all ranks hold bit-identical tensors).
+    ``modules`` on every rank (0.0 when all ranks hold bit-identical tensors). Sharded
+    parameters (``fully_shard``) are gathered first, and each constrained value is the map of
+    the gathered coordinates that each rank computes itself.
 
     Collective: call it on every rank. Example::
 
@@ -155,6 +159,8 @@ def replica_divergence(*modules: nn.Module) -> float:
             if parametrize.is_parametrized(m):
                 tensors += [getattr(m, name) for name in m.parametrizations]
         for t in tensors:
+            if dtensor_of(t) is not None:  # a shard (fully_shard): compare the gathered whole
+                t = t.full_tensor()
             t = t.detach() if t.is_floating_point() else t.detach().double()  # bool/int buffers
             ref = t.clone()
             dist.broadcast(ref, 0)

@@ -2,7 +2,10 @@
 
 * :func:`expm` -- the matrix exponential with an exact Fréchet-adjoint backward (about two
   forwards instead of ``torch.linalg.matrix_exp``'s ten), and its skew-matrix variants
-  :func:`expm_skew` and :func:`expm_projected` (:mod:`.expm`).
+  :func:`expm_skew` and :func:`expm_projected` (:mod:`.expm`);
+* ``manifoldparam.linalg.op`` -- the same exponential as the custom op
+  ``manifoldparam::expm_v1`` with its Fréchet backward, what the orthogonal maps call under
+  ``torch.compile``.
 """
 
 from manifoldparam.linalg.expm import SYNC_FREE_SQUARINGS, expm, expm_projected, expm_skew

@@ -212,6 +212,17 @@ def _add_product(c: Tensor, x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
     transforms, which have no batching rule for ``addmm_``."""
     if c.dim() == 2 and x.dim() == 2 and y.dim() == 2 and not is_functorch_wrapped(c):
         return c.addmm_(x, y, alpha=alpha)
+    if (
+        c.dim() == 3
+        and x.shape[:1] == y.shape[:1] == c.shape[:1]
+        and x.dim() == 3
+        and y.dim() == 3
+        and not torch.compiler.is_compiling()  # (inductor fuses the add; Dynamo cannot
+        and not is_functorch_wrapped(c)  # trace is_functorch_wrapped)
+    ):
+        # One batched GEMM that accumulates: for many small blocks (OFT's 128 of 32x32) the
+        # number of kernels is the time, on a GPU or a loaded CPU.
+        return c.baddbmm_(x, y, alpha=alpha)
     return c.add_(x @ y, alpha=alpha)
 
 

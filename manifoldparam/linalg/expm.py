@@ -253,6 +253,21 @@ def expm(a: Tensor, *, max_squarings: int | None = None) -> Tensor:
             is possible, :data:`SYNC_FREE_SQUARINGS` instead). An int ``k``: no host read;
             always ``k`` (masked) squarings; a matrix that needs more (``‖a‖ ≳ 4·2^k``) comes
             out as NaN (an error would need a host read).
+
+    Returns:
+        :math:`\exp(a)`, same shape and dtype as ``a``.
+
+    Raises:
+        ValueError: ``a`` is not a batch of square matrices, or ``max_squarings < 0``.
+        TypeError: ``a`` is not floating or complex.
+
+    Example:
+        >>> a = torch.randn(3, 5, 5, dtype=torch.float64, requires_grad=True)
+        >>> x = mp.linalg.expm(a)
+        >>> bool(torch.allclose(x, torch.linalg.matrix_exp(a)))
+        True
+        >>> torch.autograd.gradcheck(mp.linalg.expm, (a,))
+        True
     """
     return _expm(a, max_squarings, projected=False)[0]
 
@@ -265,6 +280,21 @@ def expm_skew(lower: Tensor, *, max_squarings: int | None = None) -> Tensor:
     the gradient w.r.t. ``L`` is :math:`P(\bar A) = \bar A - \bar A^H`, and the last step of
     the adjoint needs only the Hermitian part of its ``A²`` term there (see ``_tail``); the
     skew test of the norm read is skipped.
+
+    Args:
+        lower: square matrices ``(*batch, n, n)``, real or complex (only ``L - Lᴴ`` matters).
+        max_squarings: as for :func:`expm`.
+
+    Returns:
+        The orthogonal (unitary) matrices :math:`\exp(L - L^H)`, same shape and dtype.
+
+    Example:
+        >>> lower = torch.randn(4, 4, dtype=torch.float64).tril(-1)   # n(n-1)/2 coordinates
+        >>> q = mp.linalg.expm_skew(lower)
+        >>> bool(torch.allclose(q.T @ q, torch.eye(4, dtype=torch.float64)))
+        True
+        >>> bool(torch.linalg.det(q) > 0)                               # SO(n)
+        True
     """
     _check(lower, max_squarings)
     if lower.dtype in (torch.float16, torch.bfloat16):  # L - Lᴴ in float32, as in expm

@@ -41,6 +41,7 @@ from torch import Tensor, nn, optim
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from manifoldparam._device import value_readable
+from manifoldparam._torch import initializing_optimizer_state
 from manifoldparam.soft.constraints import Constraint, Multiplier, _is_compiling
 from manifoldparam.soft.controller import DUAL_RULES, pi_options, pi_step
 from manifoldparam.soft.infeasible import observe
@@ -50,7 +51,13 @@ __all__ = ["MDMM", "MDMMReturn", "check_optimizer"]
 
 @dataclass
 class MDMMReturn:
-    """The Lagrangian ``value`` to backpropagate, each ``fn``'s value, each true infeasibility."""
+    """What :class:`MDMM` returns for one loss.
+
+    Attributes:
+        value: the Lagrangian ``loss + Σ scale·ψ(c, λ)``, a 0-dim tensor to backpropagate.
+        fn_values: each constraint's ``fn()`` value, in order.
+        infs: each constraint's true infeasibility (0 where it holds), in order.
+    """
 
     value: Tensor
     fn_values: list[Tensor]
@@ -58,7 +65,7 @@ class MDMMReturn:
 
 
 class MDMM(nn.ModuleList):
-    """The constraints of one problem; calling it with the loss returns the Lagrangian.
+    r"""The constraints of one problem; calling it with the loss returns the Lagrangian.
 
     Args:
         constraints: the constraints (any iterable of :class:`Constraint`).
@@ -75,15 +82,20 @@ class MDMM(nn.ModuleList):
             many calls; ``0`` turns it off. Skipped where ``check_finite`` is, and while
             ``torch.compile`` traces.
 
-    Example::
+    Example:
+        Minimise :math:`\|w\|^2` subject to :math:`w_1 + w_2 = 1`: the solution is
+        :math:`w = (1/2, 1/2)` with multiplier :math:`\lambda = 2 w_i = 1`.
 
-        mdmm = MDMM([EqConstraint(lambda: w.sum(), 1.0, damping=10)])
-        opt = mdmm.make_optimizer([w], optimizer=torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
-        for _ in range(1000):
-            out = mdmm(loss_fn(w))
-            opt.zero_grad()
-            out.value.backward()
-            opt.step()
+        >>> w = nn.Parameter(torch.zeros(2))
+        >>> mdmm = mp.MDMM([mp.EqConstraint(lambda: w.sum(), 1.0, damping=1.0)])
+        >>> opt = mdmm.make_optimizer([w], optimizer=torch.optim.SGD, lr=0.05)
+        >>> for _ in range(1000):
+        ...     out = mdmm((w**2).sum())          # the Lagrangian
+        ...     opt.zero_grad()
+        ...     out.value.backward()
+        ...     _ = opt.step()
+        >>> w.detach(), mdmm.multipliers()[0].detach()
+        (tensor([0.5000, 0.5000]), tensor(1.0000))
     """
 
     def __init__(
@@ -214,9 +226,14 @@ class MDMM(nn.ModuleList):
                 multipliers, :func:`manifoldparam.soft.dual_update`), an unknown ``dual``,
                 or ``kp``/``nu`` out of range.
 
-        Example::
-
-            opt = mdmm.make_optimizer(model.parameters(), lr=2e-3, dual="pi", dual_lr=1e-2)
+        Example:
+            >>> model = nn.Linear(3, 1)
+            >>> mdmm = mp.MDMM([mp.MaxConstraint(lambda: model.weight.norm(), 0.5)])
+            >>> opt = mdmm.make_optimizer(model.parameters(), dual="pi", dual_lr=1e-2)
+            >>> [len(g["params"]) for g in opt.param_groups]   # the model's, the multipliers'
+            [2, 1]
+            >>> opt.param_groups[-1]["maximize"], opt.param_groups[-1]["dual"]
+            (True, 'pi')
         """
         name = getattr(optimizer, "__name__", None) or type(optimizer).__name__
         if dual not in DUAL_RULES:
@@ -331,7 +348,7 @@ def check_optimizer(optimizer: optim.Optimizer) -> None:
         if "pinned_lr" in g:  # make_optimizer(dual_lr=...): schedulers do not move it
             g["lr"] = g["pinned_lr"]
         lr = g["lr"]
-        if not isinstance(lr, Tensor) and lr <= 0:
+        if not isinstance(lr, Tensor) and lr <= 0 and not initializing_optimizer_state():
             raise ValueError(
                 f"{kind} param group {i} holds Lagrange multipliers with lr={lr}: they ascend "
                 "through maximize=True and need a positive lr. A learning-rate scheduler that "

@@ -61,15 +61,15 @@ def dual_update(
     gamma: float | None = None,
     check_infeasible: bool = True,
 ) -> Tensor:
-    """Update every constraint's multiplier in place; return the largest true violation.
+    r"""Update every constraint's multiplier in place; return the largest true violation.
 
     Args:
         constraints: an :class:`~manifoldparam.soft.MDMM` or any iterable of constraints.
         fn_values: the constraint functions' values (e.g. ``mdmm(loss).fn_values``) to reuse
             instead of evaluating each ``fn`` again.
-        step: the dual step :math:`\\eta` for every constraint (default: each constraint's
+        step: the dual step :math:`\eta` for every constraint (default: each constraint's
             ``damping``, the classical method of multipliers).
-        beta, gamma: the adaptive step :math:`\\min(\\beta, \\gamma/\\lVert c \\rVert)` of the
+        beta, gamma: the adaptive step :math:`\min(\beta, \gamma/\lVert c \rVert)` of the
             inexact ALM (Li et al. 2023), ``‖c‖`` over all constraints' true violations.
             Give both or neither.
         check_infeasible: watch the multipliers across calls; when over the last
@@ -77,7 +77,33 @@ def dual_update(
             violation did not fall, warn once (:class:`~manifoldparam.soft.InfeasibleWarning`)
             naming the constraints. One host read per call (``False``: none).
 
+    Returns:
+        The largest true violation over ``constraints`` before the update, a 0-dim tensor.
+
+    Raises:
+        ValueError: only one of ``beta``/``gamma``, both ``step`` and ``beta``, or
+            ``fn_values`` of another length than ``constraints``.
+
     The multipliers' ``.grad`` is cleared: they are not optimized variables in this mode.
+
+    Example:
+        The method of multipliers with L-BFGS (which cannot ascend a multiplier itself) on
+        :math:`\min \|w\|^2` s.t. :math:`w_1 + w_2 = 1` (solution :math:`w = (1/2, 1/2)`,
+        :math:`\lambda = 1`): solve for :math:`w` at fixed :math:`\lambda`, then update.
+
+        >>> w = nn.Parameter(torch.zeros(2))
+        >>> mdmm = mp.MDMM([mp.EqConstraint(lambda: w.sum(), 1.0, damping=1.0)])
+        >>> opt = torch.optim.LBFGS([w], max_iter=50, line_search_fn="strong_wolfe")
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     value = mdmm((w**2).sum()).value
+        ...     value.backward()
+        ...     return value
+        >>> for _ in range(30):
+        ...     _ = opt.step(closure)
+        ...     worst = mp.soft.dual_update(mdmm)
+        >>> w.detach(), mdmm.multipliers()[0].detach(), bool(worst < 1e-4)
+        (tensor([0.5000, 0.5000]), tensor(1.0000), True)
     """
     constraints = list(constraints)
     if (beta is None) != (gamma is None):
