@@ -24,10 +24,11 @@ Sections (all float32, CPU unless ``--device cuda``):
   5 fresh modules (the module's own creation not timed).
 * ``drift``: float32 ``max|WWᵀ - I|`` of a 64x4096 weight after 1000 Adam steps (lr 1e-3) on
   ``‖W X - Y‖²`` (X, Y fixed random, Y not reachable by an orthonormal W), without rebase.
-* ``square``: the square path before/after this change, paired: the same timing script run
-  alternately with ``--before`` (default ``/work/main``, the checkout without the tall path) and
-  this checkout on ``PYTHONPATH``, fwd+bwd at 64x64, 256x256, 512x512 and 100x64, 128x300
-  (below the switch: still the square path); medians over the rounds, ratio after/before.
+* ``square``: the square path before/after a change, paired: the same timing script run
+  alternately with ``--before`` (default ``/work/main``) and ``--after`` (default this
+  checkout) on ``PYTHONPATH`` (e.g. two ``git archive`` exports of the package), fwd+bwd at
+  64x64, 256x256, 512x512 and 100x64, 128x300 (below the switch: still the square path);
+  medians over the rounds, ratio after/before.
 * ``switch``: ours, tall path vs square path, at n = 32..512 and k = n/2, n/3, n/4, n/8: where
   the automatic switch (``n >= 3k``, ``n >= 256``) should lie.
 """
@@ -239,7 +240,7 @@ def section_square(args, device) -> dict:
     script = SQUARE_SCRIPT % {"shapes": repr(shapes)}
     runs: dict[str, list[dict]] = {"before": [], "after": []}
     for _ in range(args.square_rounds):
-        for label, path in (("before", args.before), ("after", str(ROOT))):
+        for label, path in (("before", args.before), ("after", args.after or str(ROOT))):
             env = dict(os.environ, PYTHONPATH=path)
             res = subprocess.run(
                 [sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd="/"
@@ -248,7 +249,11 @@ def section_square(args, device) -> dict:
                 raise RuntimeError(res.stderr)
             runs[label].append(json.loads(res.stdout.strip().splitlines()[-1]))
     table = {}
-    print(f"square path before ({args.before}) / after, paired, {args.square_rounds} rounds:")
+    after = args.after or str(ROOT)
+    print(
+        f"square path before ({args.before}) / after ({after}), paired, "
+        f"{args.square_rounds} rounds:"
+    )
     for shape in runs["before"][0]:
         b = statistics.median(r[shape] for r in runs["before"])
         a = statistics.median(r[shape] for r in runs["after"])
@@ -296,6 +301,7 @@ def main() -> None:
     parser.add_argument("--drift-steps", type=int, default=1000)
     parser.add_argument("--square-rounds", type=int, default=6)
     parser.add_argument("--before", default="/work/main")
+    parser.add_argument("--after", default=None, help="default: this checkout")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None, help="write the results here")
