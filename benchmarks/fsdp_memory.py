@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-N, BATCH = 1024, 64
+BATCH = 64
+N = int(os.environ.get("FSDP_MEMORY_N", "1024"))  # (a smaller n: a quick check of the script)
 
 
 def _rss_kib() -> int:
@@ -66,31 +67,39 @@ def _run(rank: int, world: int, mode: str, port: int, steps: int, out: str) -> N
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
         )
-    base = _rss_kib()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(N, N), nn.Tanh(), nn.Linear(N, 10))
-    mp.orthogonal(model[0])
-    if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
 
-        fully_shard(model[0])
-        fully_shard(model)
-    mp.auto_cache(model)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, N, generator=g).chunk(world)[rank]
-    y = torch.randint(0, 10, (BATCH,), generator=g).chunk(world)[rank]
-    times = []
-    for i in range(steps + 2):  # two warm-up steps
+    def train(n: int, steps: int) -> tuple[nn.Module, torch.optim.Optimizer, list[float]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(n, n), nn.Tanh(), nn.Linear(n, 10))
+        mp.orthogonal(model[0])
         if mode == "fsdp":
-            dist.barrier()
-        t = time.perf_counter()
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if i >= 2:
-            times.append(time.perf_counter() - t)
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(model[0])
+            fully_shard(model)
+        mp.auto_cache(model)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(BATCH, n, generator=g).chunk(world)[rank]
+        y = torch.randint(0, 10, (BATCH,), generator=g).chunk(world)[rank]
+        times = []
+        for i in range(steps + 2):  # two warm-up steps
+            if mode == "fsdp":
+                dist.barrier()
+            t = time.perf_counter()
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+        return model, opt, times
+
+    # The same code on a tiny model first: torch's lazily loaded kernels and the process
+    # group's buffers are then in the base, and the peak above it is the model's own.
+    train(16, 1)
+    base = _rss_kib()
+    model, opt, times = train(N, steps)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     row = {
         "peak_above_base_mib": (peak - base) / 1024,
