@@ -14,6 +14,9 @@ tensors), and the median step time. Rounds run the configurations in turn (inter
 in fresh processes.
 
     flock /tmp/cpu.lock python benchmarks/fsdp_memory.py --rounds 3 --steps 8
+
+The same layer unconstrained (a plain ``nn.Linear``) is measured alongside: the difference is
+what the map costs.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def _run(rank: int, world: int, mode: str, port: int, steps: int, out: str) -> N
 
     import manifoldparam as mp
 
-    if mode == "fsdp":
+    if mode.startswith("fsdp"):
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
         )
@@ -71,8 +74,9 @@ def _run(rank: int, world: int, mode: str, port: int, steps: int, out: str) -> N
     def train(n: int, steps: int) -> tuple[nn.Module, torch.optim.Optimizer, list[float]]:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(n, n), nn.Tanh(), nn.Linear(n, 10))
-        mp.orthogonal(model[0])
-        if mode == "fsdp":
+        if not mode.endswith("_free"):
+            mp.orthogonal(model[0])
+        if mode.startswith("fsdp"):
             from torch.distributed.fsdp import fully_shard
 
             fully_shard(model[0])
@@ -84,7 +88,7 @@ def _run(rank: int, world: int, mode: str, port: int, steps: int, out: str) -> N
         y = torch.randint(0, 10, (BATCH,), generator=g).chunk(world)[rank]
         times = []
         for i in range(steps + 2):  # two warm-up steps
-            if mode == "fsdp":
+            if mode.startswith("fsdp"):
                 dist.barrier()
             t = time.perf_counter()
             loss = nn.functional.cross_entropy(model(x), y)
@@ -107,7 +111,7 @@ def _run(rank: int, world: int, mode: str, port: int, steps: int, out: str) -> N
         "step_ms": 1e3 * statistics.median(times),
     }
     Path(out, f"{mode}{world}_rank{rank}.json").write_text(json.dumps(row))
-    if mode == "fsdp":
+    if mode.startswith("fsdp"):
         dist.destroy_process_group()
 
 
@@ -129,7 +133,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     if args.child:
         _spawn(int(args.child[0]), args.child[1], args.steps, args.child[2])
         return []
-    configs = [(1, "plain"), (1, "fsdp"), (2, "fsdp")]
+    # (*_free: the same layer unconstrained, for what the map itself costs)
+    configs = [(1, "plain"), (1, "fsdp"), (2, "fsdp"), (1, "plain_free"), (2, "fsdp_free")]
     rows: dict[tuple[int, str], list[dict[str, float]]] = {c: [] for c in configs}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for _ in range(args.rounds):
@@ -146,7 +151,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     for (world, mode), rs in rows.items():
         table.append(
             {
-                "config": f"{'one process' if mode == 'plain' else 'fully_shard'}, {world} rank(s)",
+                "config": f"{'fully_shard' if mode.startswith('fsdp') else 'one process'}, "
+                f"{world} rank(s), {'unconstrained' if mode.endswith('_free') else 'orthogonal'}",
                 "peak_above_base_mib": statistics.median(r["peak_above_base_mib"] for r in rs),
                 "state_mib": statistics.median(r["state_mib"] for r in rs),
                 "step_ms": statistics.median(r["step_ms"] for r in rs),
