@@ -28,7 +28,7 @@ is 0): the one exception to minimal coordinates. The exponential is
 Registration keeps the weight, moved to its polar factor :math:`UV^H` (SVD): the nearest
 point in the Frobenius norm. Assignment ``module.weight = Q`` sets the base to ``Q`` completed
 to a unitary matrix and the coordinates to zero; :func:`~manifoldparam.rebase` does the same
-with the current weight. geoopt's Stiefel manifold is real only, so :attr:`manifold` is
+with the current weight. geoopt's Stiefel manifold is real only, so ``Unitary.manifold`` is
 ``None``; the membership test is :math:`\max|W^H W - I|`.
 
 Example::
