@@ -108,7 +108,7 @@ def _exp(a: Tensor, max_squarings: int | None) -> tuple[Tensor, bool]:
     (``expm.SYNC_FREE_SQUARINGS`` while capturing), so nothing syncs; it costs that many
     products in the forward and twice as many in the backward, used or not. Under
     ``torch.compile`` the exponential is the custom op ``manifoldparam::expm_v1``
-    (:mod:`manifoldparam.linalg.op`: the same scheme and Fréchet backward, opaque to the
+    (``manifoldparam.linalg.op``: the same scheme and Fréchet backward, opaque to the
     compiler; Dynamo does not trace the autograd.Function inside a parametrization,
     "Placeholder node not found"); under ``torch.jit.trace``, which cannot record a Function
     with non-tensor outputs, ``torch.linalg.matrix_exp``.
