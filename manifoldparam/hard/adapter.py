@@ -264,9 +264,9 @@ def orthogonal_adapter(
     ``parametrizations.<name>.original``, shape ``(k, b(b-1)/2)``), starting at :math:`R = I`.
     ``dim=1`` (default) rotates the input features, ``dim=0`` the outputs (:math:`W = R W_0`).
     :math:`W_0` is the buffer ``parametrizations.<name>.0.frozen`` (in the state_dict, once).
-    :func:`~manifoldparam.export` merges :math:`W_0 R` into a plain weight. Train only the
-    coordinates (and whatever else you unfreeze): the module's other parameters keep their
-    ``requires_grad``.
+    :func:`~manifoldparam.export` merges :math:`W_0 R` into a plain weight. The coordinates
+    require grad even if the weight did not (freeze the model first, then add adapters); the
+    module's other parameters keep their ``requires_grad``.
 
     Args:
         module: the module that holds the attribute (``nn.Linear`` or any 2-D weight).
@@ -294,7 +294,7 @@ def orthogonal_adapter(
         >>> type(plain).__name__, bool(torch.equal(plain.weight, layer.weight))
         ('Linear', True)
     """
-    return register(
+    register(
         module,
         name,
         OrthogonalAdapter,
@@ -303,3 +303,7 @@ def orthogonal_adapter(
         max_squarings=max_squarings,
         atol=atol,
     )
+    # The rotation is what is trained: its coordinates require grad even where the model was
+    # frozen first (model.requires_grad_(False), the usual fine-tuning order).
+    module.parametrizations[name].original.requires_grad_(True)
+    return module
