@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -170,3 +172,85 @@ def test_torchmin_bfgs_holding_multipliers_is_refused() -> None:
 
     with pytest.raises(ValueError, match="dual_update"):
         opt.step(closure)
+
+
+# ------------------------------------------------- the νPI controller (dual="pi") on the matrix
+def _geoopt(name: str):
+    def make(params, **kw):
+        return getattr(pytest.importorskip("geoopt").optim, name)(params, **kw)
+
+    return make
+
+
+optim = torch.optim
+#: Every first-order optimizer of tests/test_matrix.py's OPTIMIZERS, as the matrix runs it
+#: (momentum, foreach, fused), with the primal lr and its decay per step on this problem. The
+#: closure optimizers (LBFGS, torchzero, torchmin, scipy) keep the method of multipliers:
+#: the controller refuses opt.step(closure). AdamW without its decay (it shifts the solution).
+PI_MATRIX = {
+    "SGD": (optim.SGD, {"lr": 0.005, "momentum": 0.9}, 1.0),
+    "SGD-fused": (optim.SGD, {"lr": 0.005, "momentum": 0.9, "fused": True}, 1.0),
+    "Adam": (optim.Adam, {"lr": 0.05}, 0.998),
+    "Adam-foreach": (optim.Adam, {"lr": 0.05, "foreach": True}, 0.998),
+    "Adam-fused": (optim.Adam, {"lr": 0.05, "fused": True}, 0.998),
+    "AdamW": (optim.AdamW, {"lr": 0.05, "weight_decay": 0.0}, 0.998),
+    "AdamW-fused": (optim.AdamW, {"lr": 0.05, "weight_decay": 0.0, "fused": True}, 0.998),
+    "RMSprop": (optim.RMSprop, {"lr": 0.02}, 0.995),
+    "Adamax": (optim.Adamax, {"lr": 0.05}, 1.0),
+    "geoopt-RiemannianAdam": (_geoopt("RiemannianAdam"), {"lr": 0.05}, 0.998),
+    "geoopt-RiemannianSGD": (_geoopt("RiemannianSGD"), {"lr": 0.005, "momentum": 0.9}, 1.0),
+}
+
+
+@pytest.mark.parametrize("name", list(PI_MATRIX))
+def test_pi_reaches_the_solution_and_multiplier_under_every_matrix_optimizer(name) -> None:
+    """min (x-2)² + (y-1)² s.t. x + y = 1 under dual='pi': (1, 0) and λ = -2 for every
+    first-order optimizer of the compatibility matrix (the multipliers' lr pinned)."""
+    cls, kw, decay = PI_MATRIX[name]
+    xy, mdmm = problem()
+    opt = mdmm.make_optimizer(
+        [xy],
+        optimizer=functools.partial(cls, **kw),  # lr too: geoopt's SGD requires it
+        lr=kw["lr"],
+        dual_lr=0.2,
+        dual="pi",
+    )
+    assert opt.param_groups[1]["dual"] == "pi"
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, decay)
+    train(xy, mdmm, opt, 3000, sched)
+    assert torch.allclose(xy.detach(), torch.tensor([1.0, 0.0], dtype=DT), atol=1e-6), xy
+    assert abs(mdmm[0].lmbda.item() + 2) < 1e-5, mdmm[0].lmbda.item()
+
+
+@pytest.mark.parametrize("kind", ["onecycle", "cyclic", "plateau"])
+def test_pi_under_schedulers_that_rewrite_every_group(kind) -> None:
+    """OneCycleLR / CyclicLR / ReduceLROnPlateau move the multipliers' lr (η) with the
+    model's unless pinned: the controller still ends at (1, 0), λ = -2. The momentum stays
+    fixed (cycle_momentum=False): their default cycle to β = 0.95 makes the primal's response
+    per unit of λ 1/(1-β) = 20x larger, past the proportional term's stability bound
+    (docs/soft-controller.md), and the loop diverges."""
+    xy, mdmm = problem(damping=2.0)
+    opt = mdmm.make_optimizer(
+        [xy], optimizer=functools.partial(torch.optim.SGD, momentum=0.5), lr=2e-2, dual="pi"
+    )
+    steps = 2000
+    if kind == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=5e-2, total_steps=steps, cycle_momentum=False
+        )
+    elif kind == "cyclic":
+        sched = torch.optim.lr_scheduler.CyclicLR(
+            opt, base_lr=1e-2, max_lr=5e-2, step_size_up=100, cycle_momentum=False
+        )
+    else:
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=300, factor=0.5)
+    for _ in range(steps):
+        out = mdmm(((xy - TARGET) ** 2).sum())
+        opt.zero_grad()
+        out.value.backward()
+        opt.step()
+        sched.step(out.value.item()) if kind == "plateau" else sched.step()
+    assert opt.param_groups[1]["dual"] == "pi" and opt.param_groups[1]["lr"] > 0
+    tol = 2e-2 if kind == "plateau" else 1e-4  # plateau has decayed both lrs to ~3e-4
+    assert abs(xy.sum().item() - 1) < tol
+    assert abs(mdmm[0].lmbda.item() + 2) < 5 * tol
