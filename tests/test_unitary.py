@@ -96,3 +96,12 @@ def test_a_real_weight_is_refused_with_the_fix() -> None:
 def test_a_complex_weight_is_refused_by_a_real_set() -> None:
     with pytest.raises(TypeError, match=r"Linear\.weight has dtype torch\.complex64"):
         mp.orthogonal(nn.Linear(3, 3).to(torch.complex64))
+
+
+def test_a_base_converted_to_a_higher_precision_is_corrected() -> None:
+    """complex64 registration, then module.to(complex128): the base carries complex64
+    round-off, which the Newton--Schulz step removes (the Taylor path alone would keep it)."""
+    m = mp.unitary(_linear(6, 6, torch.complex64)).to(C128)
+    w = m.weight.detach()
+    err = float((w.mH @ w - torch.eye(6, dtype=C128)).abs().max())
+    assert err <= 1e-14, err

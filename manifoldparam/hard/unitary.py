@@ -45,7 +45,8 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +56,9 @@ from manifoldparam.hard.orthogonal import _exp
 from manifoldparam.hard.registration import register
 
 __all__ = ["Unitary", "unitary"]
+
+#: Whether the base was made unitary in its own dtype (instance ``__dict__``).
+_EXACT = "_manifoldparam_base_exact"
 
 
 def _ns_correction(t: Tensor) -> Tensor:
@@ -84,6 +88,7 @@ class Unitary(Parametrization):
     set_name = "unitary (orthonormal complex columns/rows)"
     has_base_point = True
     complex_weight = True
+    __jit_ignored_attributes__ = (_EXACT,)
 
     def __init__(
         self,
@@ -170,7 +175,9 @@ class Unitary(Parametrization):
         if self.k < self.n:
             e = e[..., : self.k]
         t = self.base.to(e.dtype) @ e
-        if not clean:
+        # (the Taylor path's round-off is at the floor; a base converted from a lower precision
+        # is not: _apply clears the flag, inverse sets it)
+        if not (clean and self.__dict__.get(_EXACT, False)):
             t = t + _ns_correction(t.detach())
         return self._from_tall(t)
 
@@ -180,7 +187,12 @@ class Unitary(Parametrization):
             q, _ = torch.linalg.qr(t, mode="complete")
             t = torch.cat([t, q[..., self.k :]], dim=-1)
         self.base = _unitarize(t.detach()).to(self.base.dtype).contiguous()
+        self.__dict__[_EXACT] = True  # (straight into __dict__: no cache invalidation)
         return w.new_zeros(*self.batch_shape, self.matrix_dim)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> nn.Module:
+        self.__dict__[_EXACT] = False  # .to()/.double(): the base may be of another precision
+        return super()._apply(fn, recurse)
 
     def project(self, w: Tensor) -> Tensor:
         """The polar factor ``U Vᴴ`` of (each matrix of) ``w``: the nearest unitary one."""
