@@ -59,7 +59,14 @@ class Skew(Parametrization):
                 "drop the constraint (or use a zero buffer) for n = 1."
             )
         rows, cols = torch.tril_indices(self.n, self.n, offset=-1)
-        self.register_buffer("index", (rows * self.n + cols).contiguous(), persistent=False)
+        # One gather and one product: entry (i, j) reads coordinate k(max(i, j), min(i, j))
+        # with the sign +1 below the diagonal, -1 above, 0 on it (as in Symmetric).
+        entry = torch.zeros(self.n, self.n, dtype=torch.long)
+        entry[rows, cols] = entry[cols, rows] = torch.arange(rows.numel())
+        sign = torch.zeros(self.n, self.n)
+        sign[rows, cols], sign[cols, rows] = 1.0, -1.0
+        self.register_buffer("entry", entry.flatten(), persistent=False)
+        self.register_buffer("sign", sign.flatten(), persistent=False)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
 
@@ -73,10 +80,8 @@ class Skew(Parametrization):
         return 4.0 * eps if dtype in LOW_PRECISION else 4.0 * eps * self.n**0.5
 
     def map(self, x: Tensor) -> Tensor:
-        n = self.n
-        index = self.index.expand(*x.shape[:-1], -1)
-        low = x.new_zeros(*x.shape[:-1], n * n).scatter(-1, index, x).unflatten(-1, (n, n))
-        return low - low.mT
+        w = x.index_select(-1, self.entry) * self.sign.to(x.dtype)
+        return w.unflatten(-1, (self.n, self.n))
 
     def inverse(self, w: Tensor) -> Tensor:
         return (0.5 * (w - w.mT))[..., self.rows, self.cols]

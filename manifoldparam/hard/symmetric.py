@@ -66,7 +66,12 @@ class Symmetric(Parametrization):
             "Register it on a square weight (e.g. nn.Linear(n, n)).",
         )
         rows, cols = torch.tril_indices(self.n, self.n)
-        self.register_buffer("index", (rows * self.n + cols).contiguous(), persistent=False)
+        # Entry (i, j) of W reads coordinate k(max(i, j), min(i, j)): the map is one gather
+        # (its backward one index_add), about 2x faster than a scatter into zeros plus a
+        # transposed copy.
+        entry = torch.empty(self.n, self.n, dtype=torch.long)
+        entry[rows, cols] = entry[cols, rows] = torch.arange(rows.numel())
+        self.register_buffer("entry", entry.flatten(), persistent=False)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
 
@@ -80,10 +85,7 @@ class Symmetric(Parametrization):
         return 4.0 * eps if dtype in LOW_PRECISION else 4.0 * eps * max(1, self.n) ** 0.5
 
     def map(self, x: Tensor) -> Tensor:
-        n = self.n
-        index = self.index.expand(*x.shape[:-1], -1)
-        low = x.new_zeros(*x.shape[:-1], n * n).scatter(-1, index, x).unflatten(-1, (n, n))
-        return low + low.mT.triu(1)
+        return x.index_select(-1, self.entry).unflatten(-1, (self.n, self.n))
 
     def inverse(self, w: Tensor) -> Tensor:
         return (0.5 * (w + w.mT))[..., self.rows, self.cols]
