@@ -20,8 +20,9 @@ method builds its optimizer state on a problem and returns ``step() -> loss``: o
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +40,8 @@ class Problem:
     loss: Callable[[], Tensor]
     eq: Callable[[], Tensor] | None = None
     ineq: Callable[[], Tensor] | None = None
+    #: Options of ``restore_feasibility`` for this problem (an L1 budget: keep_sign, iters).
+    restore: dict[str, Any] = field(default_factory=dict)
 
     @torch.no_grad()
     def violation(self) -> Tensor:
@@ -119,7 +122,7 @@ def ours(dual: str, restore: bool = False) -> Callable[[Problem, Setting], Step]
 
         def after() -> None:
             if restore:
-                soft.restore_feasibility(mdmm, params)
+                soft.restore_feasibility(mdmm, params, **problem.restore)
 
         return _with(_loop(problem, opt, lambda loss: mdmm(loss).value, after), mdmm.multipliers())
 

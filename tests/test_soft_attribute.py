@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import manifoldparam as mp
@@ -257,3 +261,48 @@ def test_constrain_errors_name_the_attribute() -> None:
         constrain(layer, "weight", rms, max=1.0, damping=0.0)
     c = constrain(layer, "weight", mean_abs, min=0.1, max=2.0, clamp=True)
     assert type(c).__name__ == "BoundConstraintHard"
+
+
+def _l1_ball_projection(w: np.ndarray, radius: float) -> np.ndarray:
+    """The Euclidean projection onto {Σ|w| <= radius}, by sorting (Duchi et al., 2008)."""
+    a = np.abs(w)
+    if a.sum() <= radius:
+        return w
+    u = np.sort(a)[::-1]
+    css = np.cumsum(u)
+    k = np.nonzero(u * np.arange(1, len(u) + 1) > css - radius)[0][-1]
+    tau = (css[k] - radius) / (k + 1)
+    return np.sign(w) * np.maximum(a - tau, 0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), shrink=st.floats(0.05, 0.9))
+def test_restore_keep_sign_is_the_l1_ball_projection(seed, shrink) -> None:
+    """An L1 budget mean|W| <= b (b down to 5% of the start: most weights must reach 0):
+    with keep_sign the Gauss–Newton steps stop at the kink and, iterated, are the
+    soft-threshold projection onto the ball (the sort-based oracle). Without keep_sign the
+    step flips the small weights' signs and misses the budget."""
+    torch.manual_seed(seed)
+    start = torch.randn(6, 5, dtype=torch.float64)
+    budget = shrink * float(start.abs().mean())
+    oracle = _l1_ball_projection(start.numpy().ravel(), budget * start.numel()).reshape(6, 5)
+    for keep_sign in (True, False):
+        layer = nn.Linear(5, 6).double()
+        with torch.no_grad():
+            layer.weight.copy_(start)
+        cons = [constrain(layer, "weight", soft.mean_abs, max=budget)]
+        soft.restore_feasibility(
+            cons, [layer.weight], within=math.inf, levenberg=0.0, iters=40, keep_sign=keep_sign
+        )
+        w = layer.weight.detach().numpy()
+        if keep_sign:
+            assert np.abs(w).mean() <= budget + 1e-12
+            np.testing.assert_allclose(w, oracle, atol=1e-10)
+        else:
+            assert not np.allclose(w, oracle, atol=1e-6)
+
+
+def test_restore_refuses_zero_iterations() -> None:
+    layer = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="iters=0"):
+        soft.restore_feasibility([constrain(layer, "weight", soft.mean_abs, max=0.1)], iters=0)

@@ -74,8 +74,10 @@ def restore_feasibility(
     within: float = 1e-1,
     levenberg: float = 1e-2,
     eps: float = 1e-12,
+    iters: int = 1,
+    keep_sign: bool = False,
 ) -> Tensor:
-    r"""One Gauss–Newton step onto the constraints, in place; returns the prior violation.
+    r"""Gauss–Newton steps onto the constraints, in place; returns the prior violation.
 
     Args:
         constraints: an :class:`~manifoldparam.soft.MDMM` or any iterable of constraints.
@@ -87,12 +89,20 @@ def restore_feasibility(
             of ``diag(JJᵀ)``: a direction where the constraints' gradients are nearly
             parallel is corrected over several steps instead of by one large jump.
         eps: Tikhonov term of the solve (m = number of constraint elements).
+        iters: Gauss–Newton steps to take (each re-linearised at the last one's point).
+        keep_sign: no element crosses zero in a step: one that would stops at 0. For
+            constraints with a kink at 0 (``mean|W|``, an L1 budget), where the step,
+            linearised on one side of the kink, overshoots and flips small weights instead
+            of zeroing them. An element at 0 has a zero gradient of ``|w|`` and stays there,
+            so with ``iters`` > 1 on an L1 budget the steps are Michelot's algorithm: the
+            soft-threshold projection onto the L1 ball, exact after a few steps.
 
     Returns:
-        The largest violation before the step, a 0-dim tensor (no host sync).
+        The largest violation before the first step, a 0-dim tensor (no host sync).
 
     Raises:
-        ValueError: a constraint not declared on a module attribute and no ``params``.
+        ValueError: a constraint not declared on a module attribute and no ``params``,
+            or ``iters`` < 1.
 
     Nothing moves (bit for bit) when the largest violation is not below ``within`` (NaN
     included) or when the step would not be finite everywhere.
@@ -112,7 +122,23 @@ def restore_feasibility(
     constraints = list(constraints)
     if not constraints:
         return torch.zeros(())
+    if iters < 1:
+        raise ValueError(f"restore_feasibility(iters={iters}): take at least one step.")
     leaves = list(params) if params is not None else _leaves(constraints)
+    worst = _step(constraints, leaves, within, levenberg, eps, keep_sign)
+    for _ in range(iters - 1):
+        _step(constraints, leaves, within, levenberg, eps, keep_sign)
+    return worst
+
+
+def _step(
+    constraints: Sequence[Constraint],
+    leaves: Sequence[Tensor],
+    within: float,
+    levenberg: float,
+    eps: float,
+    keep_sign: bool,
+) -> Tensor:
     with torch.enable_grad():
         fns = [c.evaluate() for c in constraints]
     with torch.no_grad():
@@ -177,5 +203,8 @@ def restore_feasibility(
         # either false every parameter keeps its exact bits (where, not p + 0·step).
         ok = (worst < within) & torch.stack([torch.isfinite(s).all() for _, s in steps]).all()
         for p, s in steps:
-            p.copy_(torch.where(ok, p + s, p))
+            new = p + s
+            if keep_sign:  # stop at the kink: an element that would change sign becomes 0
+                new = torch.where(new * p < 0, torch.zeros_like(new), new)
+            p.copy_(torch.where(ok, new, p))
     return worst
