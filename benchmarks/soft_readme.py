@@ -38,7 +38,13 @@ def mean_abs(layer: nn.Linear) -> torch.Tensor:
     return layer.weight.abs().mean()
 
 
-METHODS = ("mdmm", "ours PI", "ours PI + restoration", "projected Adamax")
+METHODS = (
+    "mdmm",
+    "ours PI",
+    "ours PI + restoration",
+    "ours PI + tangent + restoration",
+    "projected Adamax",
+)
 
 
 def rescale(layers: list[nn.Linear]) -> None:
@@ -85,6 +91,8 @@ def run(method: str, steps: int, dual_lr: float, slsqp: bool = False) -> tuple[l
         loss = nn.MSELoss()(model(inputs), targets)
         opt.zero_grad()
         (loss if module is None else module(loss).value).backward()
+        if "tangent" in method:
+            mp.soft.tangent_gradients(module, weights)
         opt.step()
         if method.endswith("restoration"):
             mp.soft.restore_feasibility(module, weights)

@@ -306,3 +306,45 @@ def test_restore_refuses_zero_iterations() -> None:
     layer = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="iters=0"):
         soft.restore_feasibility([constrain(layer, "weight", soft.mean_abs, max=0.1)], iters=0)
+
+
+def test_tangent_gradients_project_out_the_active_normals_only() -> None:
+    """min (x-2)² + (y-1)² s.t. x + y = 1 at a feasible point: the projected gradient is
+    orthogonal to (1, 1); an inequality x <= 1 at its bound is projected out only when -g
+    points outside; far from the set (violation above ``within``) nothing changes."""
+    xy = nn.Parameter(torch.tensor([0.3, 0.7], dtype=DT))
+    eq = EqConstraint(lambda: xy.sum(), 1.0, dtype=DT)
+    ((xy - torch.tensor([2.0, 1.0], dtype=DT)) ** 2).sum().backward()
+    soft.tangent_gradients([eq], [xy])
+    assert abs(float(xy.grad.sum())) < 1e-11  # the solve's Tikhonov term eps = 1e-12
+    assert torch.allclose(xy.grad, torch.tensor([-1.4, 1.4], dtype=DT))  # (-3.4, -0.6) - (-2)·1
+    x = nn.Parameter(torch.tensor([1.0], dtype=DT))
+    le = mp.MaxConstraint(lambda: x[0], 1.0, dtype=DT)
+    for target, expected in ((2.0, 0.0), (0.0, 2.0)):  # outward: removed; inward: kept
+        x.grad = None
+        ((x - target) ** 2).sum().backward()
+        soft.tangent_gradients([le], [x])
+        assert abs(float(x.grad) - expected) < 1e-11
+    far = nn.Parameter(torch.tensor([0.0, 0.0], dtype=DT))  # violation 1 > within = 0.1
+    eq_far = EqConstraint(lambda: far.sum(), 1.0, dtype=DT)
+    far.grad = torch.tensor([1.0, 2.0], dtype=DT)
+    soft.tangent_gradients([eq_far], [far])
+    assert torch.equal(far.grad, torch.tensor([1.0, 2.0], dtype=DT))
+
+
+def test_tangent_gradients_with_restoration_descend_along_the_constraint() -> None:
+    """Adam with the projected gradient and restoration stays on x + y = 1 from the first
+    step on and reaches (1, 0)."""
+    xy = nn.Parameter(torch.tensor([0.5, 0.5], dtype=DT))
+    eq = EqConstraint(lambda: xy.sum(), 1.0, dtype=DT)
+    opt = torch.optim.Adam([xy], lr=0.05)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.995)
+    for _ in range(1000):
+        opt.zero_grad()
+        ((xy - torch.tensor([2.0, 1.0], dtype=DT)) ** 2).sum().backward()
+        soft.tangent_gradients([eq], [xy])
+        opt.step()
+        sched.step()
+        soft.restore_feasibility([eq], [xy], levenberg=0.0)
+        assert abs(float(xy.sum()) - 1) < 1e-12
+    assert torch.allclose(xy.detach(), torch.tensor([1.0, 0.0], dtype=DT), atol=1e-6)

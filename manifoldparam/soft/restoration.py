@@ -42,7 +42,7 @@ from torch.nn.utils import parametrize
 
 from manifoldparam.soft.constraints import Constraint
 
-__all__ = ["restore_feasibility"]
+__all__ = ["restore_feasibility", "tangent_gradients"]
 
 
 def _leaves(constraints: Sequence[Constraint]) -> list[Tensor]:
@@ -208,3 +208,93 @@ def _step(
                 new = torch.where(new * p < 0, torch.zeros_like(new), new)
             p.copy_(torch.where(ok, new, p))
     return worst
+
+
+def tangent_gradients(
+    constraints: Iterable[Constraint],
+    params: Iterable[Tensor] | None = None,
+    *,
+    within: float = 1e-1,
+    near: float = 1e-4,
+    eps: float = 1e-12,
+) -> None:
+    r"""Project the parameters' gradients onto the tangent space of the active constraints.
+
+    With :math:`J` the Jacobian of the active constraints' values :math:`c`, in place:
+
+    .. math::
+
+        g \leftarrow g - J^\top (J J^\top + \epsilon I)^{-1} J g ,
+
+    the gradient with the least-squares multiplier estimate's term removed: what is left moves
+    the parameters *along* the constraints. Call it between ``backward()`` and
+    ``opt.step()`` and :func:`restore_feasibility` after the step: the optimizer then spends
+    its whole step (Adam's ``lr`` per coordinate, whose normaliser no longer sees the normal
+    component) descending along the constraint set, and the restoration removes the
+    curvature's second-order drift. Active: every equality, a violated inequality, and one
+    within ``near`` of its bound whose descent direction ``-g`` points outside. Far from the
+    set (the largest violation not below ``within``, as for :func:`restore_feasibility`)
+    nothing changes: there the multipliers' normal component is what brings the iterate in.
+
+    Args:
+        constraints: an :class:`~manifoldparam.soft.MDMM` or any iterable of constraints.
+        params: the leaf tensors whose ``.grad`` to project (as in
+            :func:`restore_feasibility`).
+        within: project only when the largest violation is below this.
+        near: how close (in ``c``) to its bound a satisfied inequality counts as on it.
+        eps: Tikhonov term of the solve.
+
+    Raises:
+        ValueError: a constraint not declared on a module attribute and no ``params``.
+    """
+    constraints = list(constraints)
+    leaves = list(params) if params is not None else _leaves(constraints)
+    leaves = [p for p in leaves if p.grad is not None]
+    if not constraints or not leaves:
+        return
+    rows, masks, worst = [], [], []
+    for con in constraints:
+        with torch.enable_grad():
+            value = con.evaluate()
+            c = con.infeasibility(value).reshape(-1)
+        worst.append(con.violation(value.detach()).abs().amax())
+        n = c.numel()
+        g = torch.autograd.grad(
+            c,
+            leaves,
+            grad_outputs=torch.eye(n, dtype=c.dtype, device=c.device),
+            is_grads_batched=True,
+            allow_unused=True,
+        )
+        jac = torch.cat(
+            [
+                p.new_zeros(n, p.numel()) if gi is None else gi.reshape(n, -1)
+                for p, gi in zip(leaves, g, strict=True)
+            ],
+            dim=1,
+        )
+        if con.always_active:
+            mask = torch.ones(n, dtype=torch.bool, device=c.device)
+        else:
+            grad = torch.cat([p.grad.reshape(-1) for p in leaves])
+            # c >= 0 is feasible: -g lowers c (points outside) where J·g > 0.
+            mask = (c.detach() < 0) | ((c.detach() < near) & (jac @ grad > 0))
+        rows.append(torch.where(mask[:, None], jac, 0.0))
+        masks.append(mask)
+    with torch.no_grad():
+        jac = torch.cat(rows)
+        mask = torch.cat(masks)
+        grad = torch.cat([p.grad.reshape(-1) for p in leaves])
+        gram = (
+            jac @ jac.mT
+            + torch.diag((~mask).to(jac.dtype))
+            + eps * torch.eye(len(mask), dtype=jac.dtype, device=jac.device)
+        )
+        alpha = torch.linalg.solve_ex(gram, jac @ grad)[0]
+        step = alpha @ jac
+        ok = torch.isfinite(step).all() & (torch.stack(worst).amax() < within)
+        i = 0
+        for p in leaves:
+            k = p.numel()
+            p.grad.copy_(torch.where(ok, p.grad - step[i : i + k].reshape(p.shape), p.grad))
+            i += k
