@@ -246,6 +246,16 @@ def tangent_gradients(
 
     Raises:
         ValueError: a constraint not declared on a module attribute and no ``params``.
+
+    Example (on :math:`x + y = 1` the gradient :math:`(-3.4, -0.6)` of
+    :math:`(x-2)^2 + (y-1)^2` at :math:`(0.3, 0.7)` loses its mean, :math:`-2`, along the
+    normal :math:`(1, 1)`):
+        >>> xy = nn.Parameter(torch.tensor([0.3, 0.7], dtype=torch.float64))
+        >>> line = mp.EqConstraint(lambda: xy.sum(), 1.0, dtype=torch.float64)
+        >>> ((xy - torch.tensor([2.0, 1.0], dtype=torch.float64)) ** 2).sum().backward()
+        >>> mp.soft.tangent_gradients([line], [xy])
+        >>> [round(float(g), 6) for g in xy.grad]
+        [-1.4, 1.4]
     """
     constraints = list(constraints)
     leaves = list(params) if params is not None else _leaves(constraints)
