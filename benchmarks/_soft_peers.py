@@ -14,14 +14,16 @@ method builds its optimizer state on a problem and returns ``step() -> loss``: o
   augmentation, penalty ``rho``) at ``dual_lr``;
 * ``ours GDA`` / ``ours PI``: ``MDMM.make_optimizer(dual="gda" | "pi", dual_lr=...)``,
   damping ``rho``; ``+ restoration``: :func:`manifoldparam.soft.restore_feasibility` after each
-  step on the problem's parameters.
+  step on the problem's parameters (with the problem's ``restore`` options); ``+ tangent``:
+  :func:`manifoldparam.soft.tangent_gradients` between ``backward()`` and the step as well.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +41,8 @@ class Problem:
     loss: Callable[[], Tensor]
     eq: Callable[[], Tensor] | None = None
     ineq: Callable[[], Tensor] | None = None
+    #: Options of ``restore_feasibility`` for this problem (an L1 budget: keep_sign, iters).
+    restore: dict[str, Any] = field(default_factory=dict)
 
     @torch.no_grad()
     def violation(self) -> Tensor:
@@ -83,12 +87,14 @@ def _loop(
     opt: torch.optim.Optimizer,
     lagrangian: Callable[[Tensor], Tensor],
     after: Callable[[], object] = lambda: None,
+    before: Callable[[], object] = lambda: None,
 ) -> Step:
     def step() -> Tensor:
         loss = problem.loss()
         value = lagrangian(loss)
         opt.zero_grad()
         value.backward()
+        before()
         opt.step()
         after()
         return loss.detach()
@@ -96,7 +102,9 @@ def _loop(
     return step
 
 
-def ours(dual: str, restore: bool = False) -> Callable[[Problem, Setting], Step]:
+def ours(
+    dual: str, restore: bool = False, tangent: bool = False
+) -> Callable[[Problem, Setting], Step]:
     def build(problem: Problem, s: Setting) -> Step:
         cs: list[soft.Constraint] = []
         if problem.eq is not None:
@@ -119,9 +127,14 @@ def ours(dual: str, restore: bool = False) -> Callable[[Problem, Setting], Step]
 
         def after() -> None:
             if restore:
-                soft.restore_feasibility(mdmm, params)
+                soft.restore_feasibility(mdmm, params, **problem.restore)
 
-        return _with(_loop(problem, opt, lambda loss: mdmm(loss).value, after), mdmm.multipliers())
+        def before() -> None:
+            if tangent:  # the gradient along the constraints (near them), then the step
+                soft.tangent_gradients(mdmm, params)
+
+        loop = _loop(problem, opt, lambda loss: mdmm(loss).value, after, before)
+        return _with(loop, mdmm.multipliers())
 
     return build
 
@@ -243,4 +256,5 @@ METHODS: dict[str, Callable[[Problem, Setting], Step]] = {
     "ours GDA": ours("gda"),
     "ours PI": ours("pi"),
     "ours PI + restoration": ours("pi", restore=True),
+    "ours PI + tangent + restoration": ours("pi", restore=True, tangent=True),
 }

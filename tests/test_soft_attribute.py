@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import manifoldparam as mp
@@ -257,3 +261,90 @@ def test_constrain_errors_name_the_attribute() -> None:
         constrain(layer, "weight", rms, max=1.0, damping=0.0)
     c = constrain(layer, "weight", mean_abs, min=0.1, max=2.0, clamp=True)
     assert type(c).__name__ == "BoundConstraintHard"
+
+
+def _l1_ball_projection(w: np.ndarray, radius: float) -> np.ndarray:
+    """The Euclidean projection onto {Σ|w| <= radius}, by sorting (Duchi et al., 2008)."""
+    a = np.abs(w)
+    if a.sum() <= radius:
+        return w
+    u = np.sort(a)[::-1]
+    css = np.cumsum(u)
+    k = np.nonzero(u * np.arange(1, len(u) + 1) > css - radius)[0][-1]
+    tau = (css[k] - radius) / (k + 1)
+    return np.sign(w) * np.maximum(a - tau, 0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), shrink=st.floats(0.05, 0.9))
+def test_restore_keep_sign_is_the_l1_ball_projection(seed, shrink) -> None:
+    """An L1 budget mean|W| <= b (b down to 5% of the start: most weights must reach 0):
+    with keep_sign the Gauss–Newton steps stop at the kink and, iterated, are the
+    soft-threshold projection onto the ball (the sort-based oracle). Without keep_sign the
+    step flips the small weights' signs and misses the budget."""
+    torch.manual_seed(seed)
+    start = torch.randn(6, 5, dtype=torch.float64)
+    budget = shrink * float(start.abs().mean())
+    oracle = _l1_ball_projection(start.numpy().ravel(), budget * start.numel()).reshape(6, 5)
+    for keep_sign in (True, False):
+        layer = nn.Linear(5, 6).double()
+        with torch.no_grad():
+            layer.weight.copy_(start)
+        cons = [constrain(layer, "weight", soft.mean_abs, max=budget)]
+        soft.restore_feasibility(
+            cons, [layer.weight], within=math.inf, levenberg=0.0, iters=40, keep_sign=keep_sign
+        )
+        w = layer.weight.detach().numpy()
+        if keep_sign:
+            assert np.abs(w).mean() <= budget + 1e-12
+            np.testing.assert_allclose(w, oracle, atol=1e-10)
+        else:
+            assert not np.allclose(w, oracle, atol=1e-6)
+
+
+def test_restore_refuses_zero_iterations() -> None:
+    layer = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="iters=0"):
+        soft.restore_feasibility([constrain(layer, "weight", soft.mean_abs, max=0.1)], iters=0)
+
+
+def test_tangent_gradients_project_out_the_active_normals_only() -> None:
+    """min (x-2)² + (y-1)² s.t. x + y = 1 at a feasible point: the projected gradient is
+    orthogonal to (1, 1); an inequality x <= 1 at its bound is projected out only when -g
+    points outside; far from the set (violation above ``within``) nothing changes."""
+    xy = nn.Parameter(torch.tensor([0.3, 0.7], dtype=DT))
+    eq = EqConstraint(lambda: xy.sum(), 1.0, dtype=DT)
+    ((xy - torch.tensor([2.0, 1.0], dtype=DT)) ** 2).sum().backward()
+    soft.tangent_gradients([eq], [xy])
+    assert abs(float(xy.grad.sum())) < 1e-11  # the solve's Tikhonov term eps = 1e-12
+    assert torch.allclose(xy.grad, torch.tensor([-1.4, 1.4], dtype=DT))  # (-3.4, -0.6) - (-2)·1
+    x = nn.Parameter(torch.tensor([1.0], dtype=DT))
+    le = mp.MaxConstraint(lambda: x[0], 1.0, dtype=DT)
+    for target, expected in ((2.0, 0.0), (0.0, 2.0)):  # outward: removed; inward: kept
+        x.grad = None
+        ((x - target) ** 2).sum().backward()
+        soft.tangent_gradients([le], [x])
+        assert abs(float(x.grad) - expected) < 1e-11
+    far = nn.Parameter(torch.tensor([0.0, 0.0], dtype=DT))  # violation 1 > within = 0.1
+    eq_far = EqConstraint(lambda: far.sum(), 1.0, dtype=DT)
+    far.grad = torch.tensor([1.0, 2.0], dtype=DT)
+    soft.tangent_gradients([eq_far], [far])
+    assert torch.equal(far.grad, torch.tensor([1.0, 2.0], dtype=DT))
+
+
+def test_tangent_gradients_with_restoration_descend_along_the_constraint() -> None:
+    """Adam with the projected gradient and restoration stays on x + y = 1 from the first
+    step on and reaches (1, 0)."""
+    xy = nn.Parameter(torch.tensor([0.5, 0.5], dtype=DT))
+    eq = EqConstraint(lambda: xy.sum(), 1.0, dtype=DT)
+    opt = torch.optim.Adam([xy], lr=0.05)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.995)
+    for _ in range(1000):
+        opt.zero_grad()
+        ((xy - torch.tensor([2.0, 1.0], dtype=DT)) ** 2).sum().backward()
+        soft.tangent_gradients([eq], [xy])
+        opt.step()
+        sched.step()
+        soft.restore_feasibility([eq], [xy], levenberg=0.0)
+        assert abs(float(xy.sum()) - 1) < 1e-12
+    assert torch.allclose(xy.detach(), torch.tensor([1.0, 0.0], dtype=DT), atol=1e-6)

@@ -6,7 +6,8 @@
   multipliers through ``maximize=True`` (:mod:`.mdmm`);
 * :func:`dual_update`, the method of multipliers for LBFGS / BFGS / scipy
   (:mod:`.multipliers`);
-* :func:`restore_feasibility`, a Gauss–Newton step onto the constraints once near them
+* :func:`restore_feasibility`, a Gauss–Newton step onto the constraints once near them, and
+  :func:`tangent_gradients`, the gradient projected along them
   (:mod:`.restoration`);
 * :class:`InfeasibleWarning`: multipliers that grow while the violation does not fall, and
   :class:`StalledWarning`: a violation that stops falling while still violated (:mod:`.infeasible`);
@@ -38,7 +39,7 @@ from manifoldparam.soft.kinds import (
 )
 from manifoldparam.soft.mdmm import MDMM, MDMMReturn, check_optimizer
 from manifoldparam.soft.multipliers import dual_update
-from manifoldparam.soft.restoration import restore_feasibility
+from manifoldparam.soft.restoration import restore_feasibility, tangent_gradients
 
 __all__ = [
     "MDMM",
@@ -62,4 +63,5 @@ __all__ = [
     "rms",
     "row_norms",
     "soft_constraints",
+    "tangent_gradients",
 ]

@@ -23,8 +23,8 @@ value, a penalty that acts at once and fades as the constraint is met.
 
 Defaults (the derivation in ``docs/soft-controller.md``): linearised near a solution, with
 ``a`` the change of the violation per unit of multiplier in one primal step (``lr·scale·|∇fn|²``
-for SGD) and ``h`` the loss's curvature across the constraint, the loop's roots
-:math:`z = 1 + \varepsilon` obey
+for SGD, divided by ``1 - β`` under heavy-ball momentum) and ``h`` the loss's curvature across
+the constraint, the loop's roots :math:`z = 1 + \varepsilon` obey
 
 .. math::
 
@@ -32,11 +32,13 @@ for SGD) and ``h`` the loss's curvature across the constraint, the loop's roots
         + a\,\mathrm{scale}\,\eta = 0 :
 
 ``kp`` adds to the damping ``d`` exactly as the augmented Lagrangian's penalty does, through the
-multiplier (it does not stiffen the primal Hessian and fades with the violation). Critical at
-:math:`a(h/\mathrm{scale} + d + \mathrm{scale}\,k_p) = 2\sqrt{a\,\mathrm{scale}\,\eta}`, stable
-while that sum is below 2 (the damping's own limit). ``a`` belongs to the primal optimizer and
-the problem, so :data:`KP` is the middle of the band measured stable and no slower than plain
-ascent on five problems; ``nu = 0``: smoothing delays the proportional term by
+multiplier (it does not stiffen the primal Hessian and fades with the violation). Critical
+damping (the fastest decay) is :math:`k_p = 2\sqrt{\eta/a}`; the discrete loop is stable only
+while :math:`a\,k_p < 1` (the proportional term acts on a difference of errors, one step
+late), a band that heavy-ball momentum shrinks (``β = 0.9``: :math:`a k_p < 0.09`). :data:`KP`
+``= 3`` is the critical gain at :math:`\eta = 2.25\,a` (the analytic SGD problem of the
+docs: :math:`\eta/a = 2`, critical 2.8); with ``a`` known (one step with λ perturbed
+measures it), use :math:`2\sqrt{\eta/a}`. ``nu = 0``: smoothing delays the proportional term by
 :math:`\nu/(1-\nu)` steps (phase margin); raise it only for constraints on minibatches, whose
 noise the proportional term passes on multiplied by ``kp``.
 
@@ -61,8 +63,8 @@ from torch import Tensor
 
 __all__ = ["KP", "NU", "STATE_KEY", "pi_options", "pi_step"]
 
-#: The proportional gain (the multiplier's change per unit change of the error; the module
-#: docstring and docs/soft-controller.md say why 3).
+#: The proportional gain (the multiplier's change per unit change of the error): critical
+#: damping 2·sqrt(η/a) at η = 2.25·a (module docstring, docs/soft-controller.md).
 KP = 3.0
 #: The smoothing of the error in the proportional term (0: none; full-batch constraints).
 NU = 0.0

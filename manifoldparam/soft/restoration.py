@@ -42,7 +42,7 @@ from torch.nn.utils import parametrize
 
 from manifoldparam.soft.constraints import Constraint
 
-__all__ = ["restore_feasibility"]
+__all__ = ["restore_feasibility", "tangent_gradients"]
 
 
 def _leaves(constraints: Sequence[Constraint]) -> list[Tensor]:
@@ -74,8 +74,10 @@ def restore_feasibility(
     within: float = 1e-1,
     levenberg: float = 1e-2,
     eps: float = 1e-12,
+    iters: int = 1,
+    keep_sign: bool = False,
 ) -> Tensor:
-    r"""One Gauss–Newton step onto the constraints, in place; returns the prior violation.
+    r"""Gauss–Newton steps onto the constraints, in place; returns the prior violation.
 
     Args:
         constraints: an :class:`~manifoldparam.soft.MDMM` or any iterable of constraints.
@@ -87,12 +89,20 @@ def restore_feasibility(
             of ``diag(JJᵀ)``: a direction where the constraints' gradients are nearly
             parallel is corrected over several steps instead of by one large jump.
         eps: Tikhonov term of the solve (m = number of constraint elements).
+        iters: Gauss–Newton steps to take (each re-linearised at the last one's point).
+        keep_sign: no element crosses zero in a step: one that would stops at 0. For
+            constraints with a kink at 0 (``mean|W|``, an L1 budget), where the step,
+            linearised on one side of the kink, overshoots and flips small weights instead
+            of zeroing them. An element at 0 has a zero gradient of ``|w|`` and stays there,
+            so with ``iters`` > 1 on an L1 budget the steps are Michelot's algorithm: the
+            soft-threshold projection onto the L1 ball, exact after a few steps.
 
     Returns:
-        The largest violation before the step, a 0-dim tensor (no host sync).
+        The largest violation before the first step, a 0-dim tensor (no host sync).
 
     Raises:
-        ValueError: a constraint not declared on a module attribute and no ``params``.
+        ValueError: a constraint not declared on a module attribute and no ``params``,
+            or ``iters`` < 1.
 
     Nothing moves (bit for bit) when the largest violation is not below ``within`` (NaN
     included) or when the step would not be finite everywhere.
@@ -112,7 +122,23 @@ def restore_feasibility(
     constraints = list(constraints)
     if not constraints:
         return torch.zeros(())
+    if iters < 1:
+        raise ValueError(f"restore_feasibility(iters={iters}): take at least one step.")
     leaves = list(params) if params is not None else _leaves(constraints)
+    worst = _step(constraints, leaves, within, levenberg, eps, keep_sign)
+    for _ in range(iters - 1):
+        _step(constraints, leaves, within, levenberg, eps, keep_sign)
+    return worst
+
+
+def _step(
+    constraints: Sequence[Constraint],
+    leaves: Sequence[Tensor],
+    within: float,
+    levenberg: float,
+    eps: float,
+    keep_sign: bool,
+) -> Tensor:
     with torch.enable_grad():
         fns = [c.evaluate() for c in constraints]
     with torch.no_grad():
@@ -177,5 +203,108 @@ def restore_feasibility(
         # either false every parameter keeps its exact bits (where, not p + 0·step).
         ok = (worst < within) & torch.stack([torch.isfinite(s).all() for _, s in steps]).all()
         for p, s in steps:
-            p.copy_(torch.where(ok, p + s, p))
+            new = p + s
+            if keep_sign:  # stop at the kink: an element that would change sign becomes 0
+                new = torch.where(new * p < 0, torch.zeros_like(new), new)
+            p.copy_(torch.where(ok, new, p))
     return worst
+
+
+def tangent_gradients(
+    constraints: Iterable[Constraint],
+    params: Iterable[Tensor] | None = None,
+    *,
+    within: float = 1e-1,
+    near: float = 1e-4,
+    eps: float = 1e-12,
+) -> None:
+    r"""Project the parameters' gradients onto the tangent space of the active constraints.
+
+    With :math:`J` the Jacobian of the active constraints' values :math:`c`, in place:
+
+    .. math::
+
+        g \leftarrow g - J^\top (J J^\top + \epsilon I)^{-1} J g ,
+
+    the gradient with the least-squares multiplier estimate's term removed: what is left moves
+    the parameters *along* the constraints. Call it between ``backward()`` and
+    ``opt.step()`` and :func:`restore_feasibility` after the step: the optimizer then spends
+    its whole step (Adam's ``lr`` per coordinate, whose normaliser no longer sees the normal
+    component) descending along the constraint set, and the restoration removes the
+    curvature's second-order drift. Active: every equality, a violated inequality, and one
+    within ``near`` of its bound whose descent direction ``-g`` points outside. Far from the
+    set (the largest violation not below ``within``, as for :func:`restore_feasibility`)
+    nothing changes: there the multipliers' normal component is what brings the iterate in.
+
+    Args:
+        constraints: an :class:`~manifoldparam.soft.MDMM` or any iterable of constraints.
+        params: the leaf tensors whose ``.grad`` to project (as in
+            :func:`restore_feasibility`).
+        within: project only when the largest violation is below this.
+        near: how close (in ``c``) to its bound a satisfied inequality counts as on it.
+        eps: Tikhonov term of the solve.
+
+    Raises:
+        ValueError: a constraint not declared on a module attribute and no ``params``.
+
+    Example (on :math:`x + y = 1` the gradient :math:`(-3.4, -0.6)` of
+    :math:`(x-2)^2 + (y-1)^2` at :math:`(0.3, 0.7)` loses its mean, :math:`-2`, along the
+    normal :math:`(1, 1)`):
+        >>> xy = nn.Parameter(torch.tensor([0.3, 0.7], dtype=torch.float64))
+        >>> line = mp.EqConstraint(lambda: xy.sum(), 1.0, dtype=torch.float64)
+        >>> ((xy - torch.tensor([2.0, 1.0], dtype=torch.float64)) ** 2).sum().backward()
+        >>> mp.soft.tangent_gradients([line], [xy])
+        >>> [round(float(g), 6) for g in xy.grad]
+        [-1.4, 1.4]
+    """
+    constraints = list(constraints)
+    leaves = list(params) if params is not None else _leaves(constraints)
+    leaves = [p for p in leaves if p.grad is not None]
+    if not constraints or not leaves:
+        return
+    rows, masks, worst = [], [], []
+    for con in constraints:
+        with torch.enable_grad():
+            value = con.evaluate()
+            c = con.infeasibility(value).reshape(-1)
+        worst.append(con.violation(value.detach()).abs().amax())
+        n = c.numel()
+        g = torch.autograd.grad(
+            c,
+            leaves,
+            grad_outputs=torch.eye(n, dtype=c.dtype, device=c.device),
+            is_grads_batched=True,
+            allow_unused=True,
+        )
+        jac = torch.cat(
+            [
+                p.new_zeros(n, p.numel()) if gi is None else gi.reshape(n, -1)
+                for p, gi in zip(leaves, g, strict=True)
+            ],
+            dim=1,
+        )
+        if con.always_active:
+            mask = torch.ones(n, dtype=torch.bool, device=c.device)
+        else:
+            grad = torch.cat([p.grad.reshape(-1) for p in leaves])
+            # c >= 0 is feasible: -g lowers c (points outside) where J·g > 0.
+            mask = (c.detach() < 0) | ((c.detach() < near) & (jac @ grad > 0))
+        rows.append(torch.where(mask[:, None], jac, 0.0))
+        masks.append(mask)
+    with torch.no_grad():
+        jac = torch.cat(rows)
+        mask = torch.cat(masks)
+        grad = torch.cat([p.grad.reshape(-1) for p in leaves])
+        gram = (
+            jac @ jac.mT
+            + torch.diag((~mask).to(jac.dtype))
+            + eps * torch.eye(len(mask), dtype=jac.dtype, device=jac.device)
+        )
+        alpha = torch.linalg.solve_ex(gram, jac @ grad)[0]
+        step = alpha @ jac
+        ok = torch.isfinite(step).all() & (torch.stack(worst).amax() < within)
+        i = 0
+        for p in leaves:
+            k = p.numel()
+            p.grad.copy_(torch.where(ok, p.grad - step[i : i + k].reshape(p.shape), p.grad))
+            i += k
