@@ -215,7 +215,7 @@ import json, sys, time, statistics, warnings
 warnings.filterwarnings("ignore")
 import torch
 from torch import nn
-torch.set_num_threads(2)
+torch.set_num_threads(%(threads)d)
 import manifoldparam as mp
 out = {}
 for rows, cols, reps in %(shapes)s:
@@ -237,7 +237,7 @@ print(json.dumps(out))
 
 def section_square(args, device) -> dict:
     shapes = [(64, 64, 40), (256, 256, 15), (512, 512, 6), (100, 64, 30), (128, 300, 10)]
-    script = SQUARE_SCRIPT % {"shapes": repr(shapes)}
+    script = SQUARE_SCRIPT % {"shapes": repr(shapes), "threads": args.threads}
     runs: dict[str, list[dict]] = {"before": [], "after": []}
     for _ in range(args.square_rounds):
         for label, path in (("before", args.before), ("after", args.after or str(ROOT))):
@@ -303,6 +303,7 @@ def main() -> None:
     parser.add_argument("--before", default="/work/main")
     parser.add_argument("--after", default=None, help="default: this checkout")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (all sections)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
@@ -310,6 +311,7 @@ def main() -> None:
         args.shapes, args.growth, args.rounds = ["64x512"], [512, 1024, 2048], 5
         args.drift_steps, args.square_rounds = 50, 2
     device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
     load = os.getloadavg()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {load}", flush=True)
     results = {"load_before": load}

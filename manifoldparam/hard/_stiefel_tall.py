@@ -5,8 +5,9 @@ The coordinates are those of the square path, in the same order: the strict lowe
 of :math:`S` (row by row), then :math:`C` (row by row), :math:`nk - k(k+1)/2` numbers,
 minimal. The base point is kept as three buffers instead of the :math:`n\times n` matrix
 :math:`[U, U_\perp]`: ``base`` (:math:`U`, :math:`n\times k`), ``reflectors`` and ``wy``
-(:math:`V`, :math:`T`: the complement :math:`U_\perp` in compact WY form, from a Householder QR
-of :math:`U`). For the same :math:`[U, U_\perp]` the two paths give the same weight.
+(:math:`V`, :math:`T`: the complement :math:`U_\perp` in compact WY form, the Householder
+reflectors of a QR of :math:`U`, reconstructed from :math:`U`). For the same
+:math:`[U, U_\perp]` the two paths give the same weight.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def tall_map(p: Parametrization, x: Tensor) -> Tensor:
 def set_frame(p: Parametrization, u: Tensor) -> None:
     """Move the base point to ``u`` (nearly orthonormal columns: a point of the set within its
     tolerance), made orthonormal to working precision (Newton--Schulz steps in float64), and
-    its complement from a Householder QR of the stored base (in the dtype the map runs in: the
+    its complement's Householder reflectors from the stored base (in the dtype the map runs in: the
     complement is as orthogonal as that dtype allows), all :math:`O(nk^2)`."""
     dtype = p.base.dtype
     work = compute_dtype(dtype)

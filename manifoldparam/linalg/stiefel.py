@@ -84,29 +84,47 @@ def orthonormalize(u: Tensor, tol: float, max_steps: int = 8) -> Tensor:
         delta = float((gram - eye).abs().amax()) if readable else 1.0
         if delta <= tol:
             break
-        u = 1.5 * u - 0.5 * (u @ gram)
+        # u(3I - G)/2 = u + u(I - G)/2: one fused product-accumulate
+        half = (eye - gram).mul_(0.5)
+        u = torch.addmm(u, u, half) if u.dim() == 2 else u + u @ half
         if delta * delta <= tol:  # (the step left about 3δ²/4 + round-off: no Gram to check)
             break
     return u
 
 
 def householder_frame(u: Tensor) -> tuple[Tensor, Tensor]:
-    """``(V, T)`` with ``Q = I - V T Vᵀ`` orthogonal and ``Q[:, :k] = U·D`` (``D`` a diagonal
-    of ±1) for ``u`` (``(*, n, k)``) with orthonormal columns: a Householder QR of ``u``
-    (``torch.geqrf``) in compact WY form, ``T`` by LAPACK's ``larft`` recurrence (which, unlike
-    inverting ``diag(1/τ) + triu(VᵀV, 1)``, allows ``τ = 0``). Costs :math:`O(nk^2)`."""
-    a, tau = torch.geqrf(u)
+    r"""``(V, T)`` with ``Q = I - V T Vᵀ`` orthogonal and ``Q[:, :k] = U·D`` (``D`` a diagonal
+    of ±1) for ``u`` (``(*, n, k)``) with orthonormal columns, in compact WY form.
+
+    Not by a Householder QR of ``u`` (``geqrf``: a column at a time, memory bound for
+    :math:`k \ll n`) but by reconstructing the reflectors from ``u`` itself (Ballard, Demmel,
+    Grigori, Jacquelin, Nguyen & Solomonik 2015): :math:`Q E_k = UD` means
+    :math:`V\,(T V_1^\top) = E_k - UD`, an LU factorisation without pivoting of an
+    :math:`n\times k` matrix, stable when each sign :math:`d_i` is chosen during the
+    elimination so that the pivot is at least 1 in modulus. An LU of the top :math:`k\times k`
+    block (:math:`O(k^3)`), then one triangular solve for the other :math:`n - k` rows
+    (:math:`O(nk^2)`, a level-3 kernel), and :math:`T = R\,V_1^{-\top}`.
+    """
     k = u.shape[-1]
-    v = a.tril_(-1)  # (a is geqrf's own output: in place)
-    v.diagonal(dim1=-2, dim2=-1).fill_(1.0)
-    g = v.mT @ v
-    t = u.new_zeros(*u.shape[:-2], k, k)
+    e = torch.eye(k, dtype=u.dtype, device=u.device).expand(*u.shape[:-2], k, k).clone()
+    f = u[..., :k, :].clone()
+    low = torch.zeros_like(e)
+    d = u.new_empty(*u.shape[:-2], k)
     for i in range(k):
-        t[..., i, i] = tau[..., i]
-        if i:
-            col = (t[..., :i, :i] @ g[..., :i, i : i + 1]).squeeze(-1)
-            t[..., :i, i] = -tau[..., i : i + 1] * col
-    return v, t
+        ei, fi = e[..., i, i], f[..., i, i]
+        di = -torch.where(fi * ei >= 0, 1.0, -1.0).to(u.dtype)
+        d[..., i] = di
+        col = e[..., i + 1 :, i] - di.unsqueeze(-1) * f[..., i + 1 :, i]
+        li = col / (ei - di * fi).unsqueeze(-1)
+        low[..., i + 1 :, i] = li
+        # the row operations of this step, on what is left of both parts
+        e[..., i + 1 :, i + 1 :] -= li.unsqueeze(-1) * e[..., i : i + 1, i + 1 :]
+        f[..., i + 1 :, i + 1 :] -= li.unsqueeze(-1) * f[..., i : i + 1, i + 1 :]
+    r = (e - f * d.unsqueeze(-2)).triu()
+    v1 = low + torch.eye(k, dtype=u.dtype, device=u.device)
+    v2 = torch.linalg.solve_triangular(r, -u[..., k:, :] * d.unsqueeze(-2), upper=True, left=False)
+    t = torch.linalg.solve_triangular(v1.mT, r, upper=True, left=False, unitriangular=True)
+    return torch.cat([v1, v2], dim=-2), t
 
 
 def complement(v: Tensor, t: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
