@@ -81,7 +81,7 @@ def _recording_backend(graphs: list[str]):  # type: ignore[no-untyped-def]
     return aot_autograd(fw_compiler=keep, bw_compiler=keep)
 
 
-@pytest.mark.parametrize("which", ["orthogonal", "adapter"])
+@pytest.mark.parametrize("which", ["orthogonal", "tall", "adapter"])
 def test_compiled_graph_uses_our_exponential_and_its_backward(which: str) -> None:
     """Under torch.compile (fullgraph) the orthogonal maps call manifoldparam::expm_v1 in the
     forward graph and its Fréchet backward op in the backward graph, never matrix_exp (whose
@@ -91,12 +91,15 @@ def test_compiled_graph_uses_our_exponential_and_its_backward(which: str) -> Non
     layer = nn.Linear(8, 8).double()
     if which == "orthogonal":
         mp.orthogonal(layer)
+    elif which == "tall":  # the O(nk²) path: a 2k×2k exponential
+        layer = nn.Linear(3, 8).double()
+        mp.orthogonal(layer, tall=True)
     else:
         mp.orthogonal_adapter(layer, block_size=4)
     coords = layer.parametrizations.weight.original
     with torch.no_grad():
         coords.copy_(0.3 * torch.randn_like(coords))
-    x = torch.randn(5, 8, dtype=torch.float64)
+    x = torch.randn(5, layer.in_features, dtype=torch.float64)
     layer(x).square().sum().backward()
     eager = coords.grad.clone()
     coords.grad = None

@@ -48,6 +48,7 @@ from torch import Tensor
 from manifoldparam._device import may_read_on_host
 from manifoldparam._torch import is_functorch_wrapped, is_tracing
 from manifoldparam.linalg.expm import _expm
+from manifoldparam.linalg.op import expm_op
 
 __all__ = ["complement", "householder_frame", "orthonormalize", "polar", "stiefel_map"]
 
@@ -191,7 +192,9 @@ def stiefel_map(
         eye2 = torch.eye(2 * k, dtype=s.dtype, device=s.device)
         # solve_ex: no error check, no device sync (M is similar to a skew matrix).
         f = torch.linalg.solve_ex(eye2 - 0.5 * m, (eye2 + 0.5 * m)[..., :k])[0]
-    elif torch.compiler.is_compiling() or is_tracing():
+    elif torch.compiler.is_compiling():  # our exponential and backward as one opaque op
+        f = expm_op(m, max_squarings, projected=False)[..., :k]
+    elif is_tracing():  # (torch.jit.trace records no Function with non-tensor outputs)
         f = torch.linalg.matrix_exp(m)[..., :k]
     else:
         f = _expm(m, max_squarings, projected=False)[0][..., :k]
