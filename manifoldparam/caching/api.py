@@ -165,7 +165,9 @@ def auto_cache(model: nn.Module | Iterable[nn.Module], enabled: bool = True) -> 
     of an original or of a buffer (``optimizer.step()``, ``rebase``, assignment), a backward
     through the value, a grad-mode change, ``functional_call`` with other tensors: the next read
     recomputes. Writes through ``.data`` are invisible to version counters: call
-    :func:`invalidate` after them. ``enabled=False`` turns it off. Returns ``model``::
+    :func:`invalidate` after them. ``enabled=False`` turns it off. Under FSDP2, call it after
+    ``fully_shard``: it then watches the shards, which FSDP gathers into the same tensors at
+    every forward with their version counters kept. Returns ``model``::
 
         model = manifoldparam.auto_cache(model)
         for x, y in loader:
