@@ -141,3 +141,36 @@ def test_dcp_sharded_save_loads_on_two_ranks_and_on_one(tmp_path: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover - the subprocess entry point
     _main(int(sys.argv[1]), sys.argv[2])
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_training_state_of_a_fresh_mdmm_optimizer_round_trips_in_one_process(
+    tmp_path: Path,
+) -> None:
+    """torch's get_state_dict makes a fresh optimizer's state by a step at lr=0 (which the
+    multipliers' check rejected before); the state then round-trips through DCP files."""
+    import torch.distributed.checkpoint as dcp
+
+    import manifoldparam as mp
+    from manifoldparam.interop import TrainingState
+
+    model, mdmm = fm.build()
+    opt = fm.optimizer(model, mdmm)
+    before = fm.weights(model)
+    state = TrainingState(model, opt, mdmm).state_dict()  # a fresh optimizer: no state yet
+    assert fm.max_diff(fm.weights(model), before) == 0.0  # that step moved nothing
+    assert "mdmm.0.lmbda" in state["model"]
+    x, y = fm.data()
+    for _ in range(2):
+        fm.step(model, mdmm, opt, x, y, False)
+    dcp.save({"train": TrainingState(model, opt, mdmm)}, checkpoint_id=tmp_path, no_dist=True)
+    saved, lam = fm.weights(model), [t.clone() for t in mdmm.multipliers()]
+    after = [fm.step(model, mdmm, opt, x, y, False) for _ in range(2)]
+
+    model2, mdmm2 = fm.build()
+    mp.auto_cache(model2)
+    opt2 = fm.optimizer(model2, mdmm2)
+    dcp.load({"train": TrainingState(model2, opt2, mdmm2)}, checkpoint_id=tmp_path, no_dist=True)
+    assert fm.max_diff(fm.weights(model2), saved) == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(mdmm2.multipliers(), lam, strict=True))
+    assert [fm.step(model2, mdmm2, opt2, x, y, False) for _ in range(2)] == after

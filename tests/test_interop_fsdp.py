@@ -126,6 +126,36 @@ def _mixed(rank: int) -> dict[str, object]:  # pragma: no cover - subprocess
     }
 
 
+def _resharded(rank: int) -> dict[str, object]:  # pragma: no cover - subprocess
+    """Every layer resharded after its forward: the MDMM's read of the SPD weight after the
+    forward gathers the shards again (``DTensor.full_tensor``) and maps them a second time,
+    and the gradient reaches the shards through that gather: still the one-process result."""
+    from torch.distributed.fsdp import fully_shard
+
+    import manifoldparam as mp
+
+    calls = fm.count_maps()
+    model, mdmm = fm.build()
+    ref, ref_mdmm = fm.build()
+    for i in fm.LAYERS:
+        fully_shard(model[i])
+    fully_shard(model)
+    mp.auto_cache(model)
+    opt, ref_opt = fm.optimizer(model, mdmm), fm.optimizer(ref, ref_mdmm)
+    x, y = fm.data()
+    for _ in range(3):
+        calls.clear()
+        fm.step(model, mdmm, opt, fm.local(x, rank), fm.local(y, rank), True)
+        counted = dict(calls)
+        fm.step(ref, ref_mdmm, ref_opt, x, y, False)
+    lam = [float(v) for m in (mdmm, ref_mdmm) for v in next(iter(m.multipliers())).flatten()]
+    return {
+        "diff": fm.max_diff(fm.weights(model), fm.weights(ref)),
+        "calls": counted,
+        "lambda": lam,
+    }
+
+
 def _compiled(rank: int) -> dict[str, float]:  # pragma: no cover - subprocess
     """``torch.compile`` of the sharded model (FSDP2's hooks and the maps traced by Dynamo and
     AOTAutograd; the aot_eager backend: inductor's C++ build takes ~35 s a run on 2 busy cores,
@@ -164,6 +194,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:  # pragma: no cover - s
         report[f"stale_{cache}"] = _stale(rank, cache)
     report["mixed"] = _mixed(rank)
     report["compiled"] = _compiled(rank)
+    report["resharded"] = _resharded(rank)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
@@ -216,6 +247,11 @@ def test_fsdp2_two_cpu_ranks_train_like_one_process(tmp_path: Path) -> None:
         assert mixed["vs_fp32"] < 2e-2  # the bf16 gather of the fp32 shards, mapped in fp32
         assert mixed["losses"][-1] < mixed["losses"][0]
         assert rep["compiled"]["diff"] < 1e-12 and rep["compiled"]["orthogonal"] < 1e-12
+        resharded = rep["resharded"]
+        assert resharded["diff"] < 1e-12
+        assert resharded["lambda"][0] == pytest.approx(resharded["lambda"][1], abs=1e-12)
+        # the SPD weight read again after the forward, from the shards: mapped twice a step
+        assert resharded["calls"] == {"Orthogonal": 1, "SPD": 2, "Bounded": 1, "Nonnegative": 1}
     assert reports[0]["auto"]["fsdp"]["lambda"] == reports[1]["auto"]["fsdp"]["lambda"]
 
 

@@ -185,7 +185,9 @@ def auto_cache(model: nn.Module | Iterable[nn.Module], enabled: bool = True) -> 
     of an original or of a buffer (``optimizer.step()``, ``rebase``, assignment), a backward
     through the value, a grad-mode change, ``functional_call`` with other tensors: the next read
     recomputes. Writes through ``.data`` are invisible to version counters: call
-    :func:`invalidate` after them.
+    :func:`invalidate` after them. Under FSDP2, call it after ``fully_shard``: it then watches
+    the shards, which FSDP gathers into the same tensors at every forward with their version
+    counters kept.
 
     Args:
         model: a module (every parametrized attribute in it) or an iterable of modules.

@@ -46,7 +46,9 @@ The one change nothing sees is an in-place write outside an optimizer step throu
 that shares the original's storage but not its version counter: ``p.data.add_(...)``, a
 ``p.data.view(-1)`` kept and written to, or the flat vector of
 ``torch.nn.utils.vector_to_parameters`` (which sets ``p.data`` to slices of it) updated in
-place. Call :func:`invalidate` after such writes.
+place. Call :func:`invalidate` after such writes. (FSDP2's ``fully_shard`` gathers its shards
+into the same unsharded parameters at every forward with their versions kept: the cache
+watches the shards' versions instead, see :func:`.read._watch_shards`.)
 
 Gradients
 ---------
