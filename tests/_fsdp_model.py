@@ -1,13 +1,9 @@
-"""Shared by the 2-rank FSDP2 and DCP tests: the subprocess launcher, the constrained model
+"""Shared by the 2-rank FSDP2 and DCP tests: the constrained model
 (every constraint and a soft one) and its training loop, written once for the single-process
 reference and the sharded run."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,43 +14,6 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 DT = torch.float64
 LAYERS = (0, 2, 4, 5)  # the constrained ones: orthogonal, SPD (+ soft), bounded, nonnegative
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def run_script(script: str, out_dir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` (a test file's ``__main__``: it spawns the ranks) with a time bound."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, script, str(free_port()), str(out_dir)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=ROOT,
-        check=False,
-    )
-
-
-def init(rank: int, port: int) -> None:  # pragma: no cover - subprocess
-    import warnings
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=timedelta(seconds=60),
-    )
 
 
 def build(dtype: torch.dtype = DT) -> tuple[nn.Sequential, nn.Module]:

@@ -22,19 +22,20 @@ if __name__ == "__main__":  # pragma: no cover - the subprocess: import the help
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests import _fsdp_model as fm
+from tests import _ranks
 
 TIMEOUT_S = 180
 BEFORE, AFTER = 3, 3  # steps before the checkpoint, and resumed after it
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:  # pragma: no cover - subprocess
+def _worker(rank: int, store: str, out_dir: str) -> None:  # pragma: no cover - subprocess
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     import manifoldparam as mp
     from manifoldparam.interop import TrainingState
 
-    fm.init(rank, port)
+    _ranks.init(rank, store)
     x, y = fm.data()
     x, y = fm.local(x, rank), fm.local(y, rank)
     ckpt = str(Path(out_dir, "ckpt"))
@@ -93,10 +94,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:  # pragma: no cover - s
     dist.destroy_process_group()
 
 
-def _main(port: int, out_dir: str) -> None:  # pragma: no cover - subprocess
+def _main(store: str, out_dir: str) -> None:  # pragma: no cover - subprocess
     import torch.multiprocessing as tmp
 
-    tmp.spawn(_worker, args=(port, out_dir), nprocs=2, join=True)
+    tmp.spawn(_worker, args=(store, out_dir), nprocs=2, join=True)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
@@ -107,7 +108,7 @@ def test_dcp_sharded_save_loads_on_two_ranks_and_on_one(tmp_path: Path) -> None:
     import manifoldparam as mp
     from manifoldparam.interop import TrainingState
 
-    proc = fm.run_script(__file__, tmp_path, TIMEOUT_S)
+    proc = _ranks.run_script(__file__, tmp_path, TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rep in reports:
@@ -140,7 +141,7 @@ def test_dcp_sharded_save_loads_on_two_ranks_and_on_one(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover - the subprocess entry point
-    _main(int(sys.argv[1]), sys.argv[2])
+    _main(sys.argv[1], sys.argv[2])
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")

@@ -10,28 +10,23 @@ MDMM ascent (``all_reduce_grads``) and the method of multipliers (``dual_update`
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+
+if __name__ == "__main__":  # pragma: no cover - the subprocess: import the helpers as a package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests import _ranks
 
 TIMEOUT_S = 240
 STEPS = 12
 ROUNDS, INNER = 4, 20  # method of multipliers: dual updates, Adam steps between two
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _worker(rank: int, port: int, out_dir: str) -> None:  # pragma: no cover - subprocess
+def _worker(rank: int, store: str, out_dir: str) -> None:  # pragma: no cover - subprocess
     import torch.distributed as dist
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -53,14 +48,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:  # pragma: no cover - s
         soft_constraints,
     )
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=timedelta(seconds=60),
-    )
+    _ranks.init(rank, store)
     dtype = torch.float64
 
     def setup(
@@ -197,26 +185,17 @@ def _worker(rank: int, port: int, out_dir: str) -> None:  # pragma: no cover - s
     dist.destroy_process_group()
 
 
-def _main(port: int, out_dir: str) -> None:  # pragma: no cover - subprocess
+def _main(store: str, out_dir: str) -> None:  # pragma: no cover - subprocess
     import torch.multiprocessing as tmp
 
-    tmp.spawn(_worker, args=(port, out_dir), nprocs=2, join=True)
+    tmp.spawn(_worker, args=(store, out_dir), nprocs=2, join=True)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 def test_ddp_two_cpu_ranks_keep_constrained_weights_and_multipliers_identical(
     tmp_path: Path,
 ) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, __file__, str(_free_port()), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        env=env,
-        cwd=Path(__file__).resolve().parents[1],
-        check=False,
-    )
+    proc = _ranks.run_script(__file__, tmp_path, TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rep in reports:
@@ -272,4 +251,4 @@ def test_ddp_two_cpu_ranks_keep_constrained_weights_and_multipliers_identical(
 
 
 if __name__ == "__main__":  # pragma: no cover - the subprocess entry point
-    _main(int(sys.argv[1]), sys.argv[2])
+    _main(sys.argv[1], sys.argv[2])

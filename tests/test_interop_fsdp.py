@@ -26,6 +26,7 @@ if __name__ == "__main__":  # pragma: no cover - the subprocess: import the help
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests import _fsdp_model as fm
+from tests import _ranks
 
 TIMEOUT_S = 240
 STEPS = 6
@@ -178,10 +179,10 @@ def _compiled(rank: int) -> dict[str, float]:  # pragma: no cover - subprocess
     return {"diff": fm.max_diff(w, fm.weights(ref)), "orthogonal": fm.set_errors(w)["orthogonal"]}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:  # pragma: no cover - subprocess
+def _worker(rank: int, store: str, out_dir: str) -> None:  # pragma: no cover - subprocess
     import torch.distributed as dist
 
-    fm.init(rank, port)
+    _ranks.init(rank, store)
     report: dict[str, object] = {}
     for cache in ("auto", "block"):
         ref = _train(None, cache)
@@ -200,15 +201,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:  # pragma: no cover - s
     dist.destroy_process_group()
 
 
-def _main(port: int, out_dir: str) -> None:  # pragma: no cover - subprocess
+def _main(store: str, out_dir: str) -> None:  # pragma: no cover - subprocess
     import torch.multiprocessing as tmp
 
-    tmp.spawn(_worker, args=(port, out_dir), nprocs=2, join=True)
+    tmp.spawn(_worker, args=(store, out_dir), nprocs=2, join=True)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 def test_fsdp2_two_cpu_ranks_train_like_one_process(tmp_path: Path) -> None:
-    proc = fm.run_script(__file__, tmp_path, TIMEOUT_S)
+    proc = _ranks.run_script(__file__, tmp_path, TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rep in reports:
@@ -256,4 +257,4 @@ def test_fsdp2_two_cpu_ranks_train_like_one_process(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover - the subprocess entry point
-    _main(int(sys.argv[1]), sys.argv[2])
+    _main(sys.argv[1], sys.argv[2])
