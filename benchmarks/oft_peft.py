@@ -261,7 +261,7 @@ def main() -> None:
         print(f"| {k} | " + " | ".join(str(c) for c in v) + " |")
 
     print(
-        f"\n| {args.steps} Adam steps, lr {args.lr} | max over run of max|RᵀR - I| | at the end "
+        f"\n| {args.steps} Adam steps, lr {args.lr} | max over the run of max\\|RᵀR − I\\| | at the end "
         "| final loss | max|coordinate| |"
     )
     print("|---|---:|---:|---:|---:|")
