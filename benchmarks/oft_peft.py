@@ -261,8 +261,8 @@ def main() -> None:
         print(f"| {k} | " + " | ".join(str(c) for c in v) + " |")
 
     print(
-        f"\n| {args.steps} Adam steps, lr {args.lr} | max over the run of max\\|RᵀR − I\\| | at the end "
-        "| final loss | max|coordinate| |"
+        f"\n| {args.steps} Adam steps, lr {args.lr} "
+        "| max over the run of max\\|RᵀR − I\\| | at the end | final loss | largest coordinate |"
     )
     print("|---|---:|---:|---:|---:|")
     for k, v in training(args.steps, args.lr).items():
