@@ -227,6 +227,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument(
+        "--only", choices=["rotation", "layer", "ops", "training"], help="one section alone"
+    )
     args = ap.parse_args()
     import peft
 
@@ -236,21 +239,40 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, load average {load:.1f}\n"
     )
 
+    def want(section: str) -> bool:
+        return args.only in (None, section)
+
+    if want("rotation"):
+        rotation_table(args.rounds)
+    if want("layer"):
+        layer_table(args.rounds)
+    if want("ops"):
+        ops_table()
+    if want("training"):
+        training_table(args.steps, args.lr)
+
+
+def rotation_table(rounds: int) -> None:
     print("| 128 blocks of 32x32, fwd+bwd | median ms | vs peft |")
     print("|---|---:|---:|")
-    t = timed(rotation_fns(128), args.rounds)
+    t = timed(rotation_fns(128), rounds)
     ref = t["peft OFT (Cayley-Neumann)"]
     for k, v in t.items():
         print(f"| rotation R: {k} | {v * 1e3:.2f} | {v / ref:.2f}x |")
+
+
+def layer_table(rounds: int) -> None:
     print("\n| Linear(4096, 256), batch 64, fwd+bwd | median ms | vs peft | saved for backward |")
     print("|---|---:|---:|---:|")
     fns, models = layer_fns()
-    t = timed(fns, args.rounds)
+    t = timed(fns, rounds)
     ref = t["peft OFT (Cayley-Neumann)"]
     for k, v in t.items():
         mb = saved_bytes(fns[k], models[k]) / 2**20
         print(f"| {k} | {v * 1e3:.2f} | {v / ref:.2f}x | {mb:.1f} MB |")
 
+
+def ops_table() -> None:
     print("\n| aten ops in one rotation fwd+bwd | 8 blocks | 32 blocks | 128 blocks |")
     print("|---|---:|---:|---:|")
     counts = {k: [] for k in rotation_fns(8)}
@@ -260,12 +282,14 @@ def main() -> None:
     for k, v in counts.items():
         print(f"| {k} | " + " | ".join(str(c) for c in v) + " |")
 
+
+def training_table(steps: int, lr: float) -> None:
     print(
-        f"\n| {args.steps} Adam steps, lr {args.lr} | max over run of max|RᵀR - I| | at the end "
-        "| final loss | max|coordinate| |"
+        f"\n| {steps} Adam steps, lr {lr} "
+        "| max over the run of max\\|RᵀR − I\\| | at the end | final loss | largest coordinate |"
     )
     print("|---|---:|---:|---:|---:|")
-    for k, v in training(args.steps, args.lr).items():
+    for k, v in training(steps, lr).items():
         print(
             f"| {k} | {v['max_err']:.2e} | {v['final_err']:.2e} | {v['loss']:.3e} "
             f"| {v['coord']:.2f} |"

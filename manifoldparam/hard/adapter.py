@@ -22,14 +22,13 @@ round-off at any coordinates, unlike a truncated Cayley--Neumann series (peft's 
 whose :math:`R` drifts off the group as :math:`\|A\|` grows.
 
 The set and its hooks. The attribute's set is :math:`\{W_0 R\}` for the frozen :math:`W_0`,
-not a set of matrices defined without it. :meth:`project` is the nearest point of it in the
+not a set of matrices defined without it. ``project`` is the nearest point of it in the
 Frobenius norm: per block, the special orthogonal Procrustes problem
 :math:`\min_{Q \in SO(b)} \|X_i Q - Y_i\|_F`, solved by the polar factor of the block
 product :math:`X_i^\top Y_i = U \Sigma V^\top`, :math:`Q = U D V^\top` with
 :math:`D = \operatorname{diag}(1, \dots, 1, \det U V^\top)` (:math:`X_i, Y_i`: the columns of
-block :math:`i` of :math:`W_0` and of the value). The distance
-(:meth:`~manifoldparam.Parametrization.distance`) is :math:`\max|W - \Pi(W)|`.
-Assignment ``module.weight = W`` of a :math:`W = W_0 R` (within the
+block :math:`i` of :math:`W_0` and of the value). ``distance`` is
+:math:`\max|W - \Pi(W)|`. Assignment ``module.weight = W`` of a :math:`W = W_0 R` (within the
 tolerance) recovers :math:`R` that way and sets the coordinates to :math:`\log R` (through the
 Cayley transform, whose skew matrix has a Hermitian multiple: an ``eigh``, well conditioned;
 a block with the eigenvalue :math:`-1` exactly, a rotation by :math:`\pi`, is the one case it
