@@ -13,7 +13,6 @@ constraint values over training) and prints the model's constraint report.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import matplotlib
@@ -21,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from sklearn.datasets import load_digits
+from _shared import command_line, digits
 from torch import nn
 from tqdm import tqdm
 
@@ -30,20 +29,8 @@ from manifoldparam.soft import MDMM, constrain, mean_abs, restore_feasibility, s
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="800 steps")
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "out"))
-    args = ap.parse_args()
-    steps = 800 if args.quick else args.steps
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    perm = torch.randperm(len(x))
-    train, test = perm[:1400], perm[1400:]
+    args, steps = command_line(__doc__, quick=800, steps=1500)
+    x, y, train, test = digits()
 
     model = nn.Sequential(
         nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10)

@@ -14,7 +14,6 @@ outputs. Saves ``examples/out/digits_oft.png``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from sklearn.datasets import load_digits
+from _shared import command_line, digits
 from torch import nn
 from tqdm import tqdm
 
@@ -43,20 +42,8 @@ def orthogonality_error(model: nn.Module) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="300 + 300 steps")
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "out"))
-    args = ap.parse_args()
-    steps = 300 if args.quick else args.steps
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    perm = torch.randperm(len(x))
-    train, test = perm[:1400], perm[1400:]
+    args, steps = command_line(__doc__, quick=300, steps=1000)
+    x, y, train, test = digits()
     old, new = y < 5, y >= 5
     loss_fn = nn.CrossEntropyLoss()
 

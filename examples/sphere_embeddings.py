@@ -15,7 +15,6 @@ and the cosines between the learnt prototypes.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import matplotlib
@@ -24,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
+from _shared import command_line, digits
 from torch import nn
 from tqdm import tqdm
 
@@ -49,20 +48,8 @@ class Net(nn.Module):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="150 steps")
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "out"))
-    args = ap.parse_args()
-    steps = 150 if args.quick else args.steps
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    perm = torch.randperm(len(x))
-    train, test = perm[:1400], perm[1400:]
+    args, steps = command_line(__doc__, quick=150, steps=400)
+    x, y, train, test = digits()
 
     torch.manual_seed(1)
     plain = Net(constrained=False)
