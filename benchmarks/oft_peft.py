@@ -70,7 +70,7 @@ def ours_layer(base: nn.Linear, block: int = BLOCK) -> nn.Linear:
     return mp.orthogonal_adapter(base, block_size=block)
 
 
-def ours_param(layer: nn.Module) -> mp.OrthogonalAdapter:
+def ours_param(layer: nn.Module) -> mp.hard.OrthogonalAdapter:
     return layer.parametrizations.weight[0]
 
 

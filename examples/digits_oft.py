@@ -34,7 +34,7 @@ def orthogonality_error(model: nn.Module) -> float:
     worst = 0.0
     for m in model.modules():
         for p in mp.hard.constraints_of(m, "weight") if hasattr(m, "parametrizations") else []:
-            if isinstance(p, mp.OrthogonalAdapter):
+            if isinstance(p, mp.hard.OrthogonalAdapter):
                 r = p.rotation(m.parametrizations.weight.original).detach().double()
                 eye = torch.eye(r.shape[-1], dtype=r.dtype)
                 worst = max(worst, float((r.mT @ r - eye).abs().max()))

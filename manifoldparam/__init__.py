@@ -2,10 +2,12 @@
 
 The everyday names are here; the rest lives in the layer it belongs to:
 
-* :mod:`manifoldparam.hard` -- hard constraints by construction (:func:`orthogonal`,
-  :func:`orthogonal_adapter`, :func:`spd`, :func:`bounded`, :func:`nonnegative`, your own
-  :class:`Parametrization`),
-  registered through ``torch.nn.utils.parametrize`` by :func:`register`;
+* :mod:`manifoldparam.hard` -- hard constraints by construction, registered through
+  ``torch.nn.utils.parametrize`` by :func:`register`: every constructor is here
+  (:func:`orthogonal`, :func:`spd`, :func:`sphere`, :func:`rotation`, ...), with your own
+  :class:`Parametrization`; the parametrization classes stay in ``mp.hard`` (``mp.hard.Sphere``),
+  except the first four sets' (``mp.Orthogonal``, ``mp.SPD``, ``mp.Bounded``,
+  ``mp.Nonnegative``), kept here for the code written against them;
 * :mod:`manifoldparam.caching` -- :func:`cached`, :func:`auto_cache`, :func:`invalidate`,
   :func:`cached_closure`: a parametrized weight computed once per step, never stale;
 * :mod:`manifoldparam.soft` -- Lagrange multipliers (MDMM) for what no map expresses, with
@@ -19,25 +21,12 @@ The everyday names are here; the rest lives in the layer it belongs to:
 from manifoldparam import caching, hard, interop, linalg, report, soft
 from manifoldparam.caching import auto_cache, cached, cached_closure, invalidate
 from manifoldparam.hard import (
-    PSD,
-    SO3,
     SPD,
     Bounded,
-    Correlation,
-    FixedRank,
-    Grassmannian,
-    LowRank,
     NonFiniteError,
     Nonnegative,
     Orthogonal,
-    OrthogonalAdapter,
     Parametrization,
-    Rotation,
-    Simplex,
-    Skew,
-    Sphere,
-    Symmetric,
-    Unitary,
     bounded,
     correlation,
     fixed_rank,
@@ -78,18 +67,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MDMM",
-    "PSD",
-    "SO3",
     "SPD",
     "BoundConstraintHard",
     "Bounded",
     "Constraint",
     "ConstraintReturn",
-    "Correlation",
     "EqConstraint",
-    "FixedRank",
-    "Grassmannian",
-    "LowRank",
     "MDMMReturn",
     "MaxConstraint",
     "MaxConstraintHard",
@@ -98,14 +81,7 @@ __all__ = [
     "NonFiniteError",
     "Nonnegative",
     "Orthogonal",
-    "OrthogonalAdapter",
     "Parametrization",
-    "Rotation",
-    "Simplex",
-    "Skew",
-    "Sphere",
-    "Symmetric",
-    "Unitary",
     "__version__",
     "auto_cache",
     "bounded",

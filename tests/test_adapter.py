@@ -22,9 +22,9 @@ import manifoldparam as mp
 DT = torch.float64
 
 
-def adapter(m: nn.Module, name: str = "weight") -> mp.OrthogonalAdapter:
+def adapter(m: nn.Module, name: str = "weight") -> mp.hard.OrthogonalAdapter:
     p = m.parametrizations[name][0]
-    assert isinstance(p, mp.OrthogonalAdapter)
+    assert isinstance(p, mp.hard.OrthogonalAdapter)
     return p
 
 

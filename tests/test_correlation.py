@@ -31,14 +31,14 @@ def random_correlation(n: int, seed: int, batch: tuple[int, ...] = ()) -> torch.
 @given(n=st.integers(2, 7), seed=st.integers(0, 2**16))
 def test_every_correlation_matrix_is_reached(n: int, seed: int) -> None:
     c = random_correlation(n, seed, (2,))
-    p = mp.Correlation((2, n, n))
+    p = mp.hard.Correlation((2, n, n))
     x = p.inverse(c)
     assert x.shape == (2, n * (n - 1) // 2)
     torch.testing.assert_close(p.map(x), c, atol=1e-13, rtol=0)
 
 
 def test_the_diagonal_is_exactly_one_and_the_matrix_definite() -> None:
-    p = mp.Correlation((6, 6))
+    p = mp.hard.Correlation((6, 6))
     x = 3.0 * torch.randn(15, generator=torch.Generator().manual_seed(0))
     c = p.map(x)
     assert torch.equal(c.diagonal(), torch.ones(6)) and torch.equal(c, c.T)
@@ -46,7 +46,7 @@ def test_the_diagonal_is_exactly_one_and_the_matrix_definite() -> None:
 
 
 def test_gradcheck_batched() -> None:
-    p = mp.Correlation((3, 5, 5))
+    p = mp.hard.Correlation((3, 5, 5))
     x = torch.randn(3, 10, dtype=DT, requires_grad=True)
     assert gradcheck(p.map, (x,))
 

@@ -92,7 +92,7 @@ def test_batched_shapes_and_assignment() -> None:
     m = nn.Module()
     m.weight = nn.Parameter(torch.randn(2, 4, 3, 3, dtype=DT))
     mp.rotation(m)
-    assert isinstance(m.parametrizations.weight[0], mp.SO3)
+    assert isinstance(m.parametrizations.weight[0], mp.hard.SO3)
     assert m.parametrizations.weight.original.shape == (2, 4, 3)
     target = so3_exp(torch.randn(2, 4, 3, dtype=DT))
     m.weight = target
@@ -122,7 +122,7 @@ def test_a_reflection_is_refused_on_assignment() -> None:
 def test_son_keeps_det_one_while_training(n: int) -> None:
     torch.manual_seed(n)
     m = mp.rotation(MatrixBatch(3, n).double())
-    assert isinstance(m.parametrizations.weight[0], mp.Rotation)
+    assert isinstance(m.parametrizations.weight[0], mp.hard.Rotation)
     assert m.parametrizations.weight.original.numel() == 3 * n * (n - 1) // 2
     opt = torch.optim.Adam(m.parameters(), lr=0.2)
     x = torch.randn(8, n, dtype=DT)
@@ -137,7 +137,7 @@ def test_son_keeps_det_one_while_training(n: int) -> None:
 
 def test_expm_method_on_3x3_agrees_with_rodrigues() -> None:
     a = mp.rotation(nn.Linear(3, 3).double(), method="expm")
-    assert isinstance(a.parametrizations.weight[0], mp.Rotation)
+    assert isinstance(a.parametrizations.weight[0], mp.hard.Rotation)
     assert torch.linalg.det(a.weight) > 0
 
 

@@ -17,9 +17,9 @@ import manifoldparam as mp
 DT = torch.float64
 
 
-def param(m: nn.Module, name: str = "weight") -> mp.Sphere:
+def param(m: nn.Module, name: str = "weight") -> mp.hard.Sphere:
     p = m.parametrizations[name][0]
-    assert isinstance(p, mp.Sphere)
+    assert isinstance(p, mp.hard.Sphere)
     return p
 
 

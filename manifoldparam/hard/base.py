@@ -147,7 +147,7 @@ class Parametrization(nn.Module, metaclass=abc.ABCMeta):
 
     #: Human name of the set, used in messages ("orthogonal", "symmetric positive definite").
     set_name: str = "constrained set"
-    #: A set of complex matrices (:class:`~manifoldparam.Unitary`): only complex weights register.
+    #: A set of complex matrices (:class:`~manifoldparam.hard.Unitary`): complex weights only.
     complex_weight: bool = False
     #: Whether the map is centred at a base point that :func:`~manifoldparam.rebase` may move
     #: to the current weight (``inverse(project(map(x)))`` re-centres the coordinates).

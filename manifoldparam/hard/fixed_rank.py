@@ -1,7 +1,7 @@
 r"""Matrices of rank exactly ``r``, as :math:`U \operatorname{diag}(s) V^\top` with
 :math:`s > 0`.
 
-Math. As :class:`~manifoldparam.LowRank` (orthonormal :math:`U`, :math:`V` through the
+Math. As :class:`~manifoldparam.hard.LowRank` (orthonormal :math:`U`, :math:`V` through the
 exponential map at their base points; :math:`r(n + m - r)` coordinates, the dimension of the
 fixed-rank manifold, no gauge), with the singular values
 :math:`s = \operatorname{softplus}(x_s) > 0`, so the rank never drops below :math:`r` (in
@@ -37,7 +37,7 @@ class FixedRank(LowRank):
     Args:
         shape: shape of the weight (a matrix, or a tensor read as ``(shape[0], rest)``).
         rank: the rank ``r``, ``1 <= r <= min(n, m)``.
-        atol: as for :class:`~manifoldparam.LowRank`.
+        atol: as for :class:`~manifoldparam.hard.LowRank`.
     """
 
     set_name = "of rank exactly r"
