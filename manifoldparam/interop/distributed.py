@@ -68,6 +68,14 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
     """Copy every parameter and buffer of ``module`` from rank ``src`` to all ranks.
 
     Use it for modules outside DDP (an ``MDMM``'s multipliers) or after a rank-local change.
+    Collective: call it on every rank.
+
+    Args:
+        module: the module whose tensors are overwritten in place on every rank but ``src``.
+        src: the rank whose values win.
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialized.
     """
     _require_initialized("broadcast_module")
     for t in [*module.parameters(), *module.buffers()]:
@@ -77,7 +85,12 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
 def all_reduce_grads(params: Iterable[Tensor]) -> None:
     """Average ``.grad`` over the ranks, in place (``None`` grads count as zeros).
 
-    Example: ``all_reduce_grads(mdmm.parameters())`` between ``backward()`` and ``step()``.
+    Args:
+        params: the tensors whose gradients to average, e.g. ``mdmm.parameters()`` (the
+            multipliers, which DDP does not see), between ``backward()`` and ``step()``.
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialized.
     """
     _require_initialized("all_reduce_grads")
     world = dist.get_world_size()
@@ -89,11 +102,20 @@ def all_reduce_grads(params: Iterable[Tensor]) -> None:
 
 
 def all_reduce_mean(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """The mean over the ranks of each tensor (new detached tensors), e.g. constraint values
-    for :func:`manifoldparam.soft.dual_update`::
+    """The mean over the ranks of each tensor, e.g. constraint values for
+    :func:`manifoldparam.soft.dual_update`::
 
         out = mdmm(loss)
         dual_update(mdmm, all_reduce_mean(out.fn_values))
+
+    Args:
+        tensors: one tensor per quantity, the same shapes on every rank.
+
+    Returns:
+        New detached tensors: each input's mean over the ranks.
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialized.
     """
     _require_initialized("all_reduce_mean")
     world = dist.get_world_size()
@@ -125,6 +147,12 @@ def global_closure(closure: F) -> F:
             return loss
 
         opt.step(closure)  # the same steps on every rank
+
+    Args:
+        closure: the closure; it returns the loss (a tensor or a number).
+
+    Returns:
+        The wrapped closure.
     """
 
     @functools.wraps(closure)
@@ -148,6 +176,16 @@ def replica_divergence(*modules: nn.Module) -> float:
     Collective: call it on every rank. Example::
 
         assert replica_divergence(ddp.module, mdmm) == 0.0
+
+    Args:
+        modules: the modules to compare (the model, an ``MDMM``).
+
+    Returns:
+        ``max |t_r - t_0|`` over every tensor and rank ``r``, as a float; ``inf`` where NaNs
+        differ.
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialized.
     """
     _require_initialized("replica_divergence")
     from torch.nn.utils import parametrize
