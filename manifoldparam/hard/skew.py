@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from manifoldparam.hard.base import LOW_PRECISION, Parametrization, max_abs
 from manifoldparam.hard.registration import register
-from manifoldparam.hard.symmetric import square_matrix
+from manifoldparam.hard.symmetric import mirrored_entries, square_matrix
 
 __all__ = ["Skew", "skew"]
 
@@ -58,14 +58,11 @@ class Skew(Parametrization):
                 f"{self.owner}: a 1x1 skew-symmetric matrix is 0, there is nothing to train; "
                 "drop the constraint (or use a zero buffer) for n = 1."
             )
-        rows, cols = torch.tril_indices(self.n, self.n, offset=-1)
-        # One gather and one product: entry (i, j) reads coordinate k(max(i, j), min(i, j))
-        # with the sign +1 below the diagonal, -1 above, 0 on it (as in Symmetric).
-        entry = torch.zeros(self.n, self.n, dtype=torch.long)
-        entry[rows, cols] = entry[cols, rows] = torch.arange(rows.numel())
+        rows, cols, entry = mirrored_entries(self.n, -1)
+        # One gather and one product: the sign is +1 below the diagonal, -1 above, 0 on it.
         sign = torch.zeros(self.n, self.n)
         sign[rows, cols], sign[cols, rows] = 1.0, -1.0
-        self.register_buffer("entry", entry.flatten(), persistent=False)
+        self.register_buffer("entry", entry, persistent=False)
         self.register_buffer("sign", sign.flatten(), persistent=False)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
@@ -80,7 +77,7 @@ class Skew(Parametrization):
         return 4.0 * eps if dtype in LOW_PRECISION else 4.0 * eps * self.n**0.5
 
     def map(self, x: Tensor) -> Tensor:
-        w = x.index_select(-1, self.entry) * self.sign.to(x.dtype)
+        w = x.index_select(-1, self.entry) * self.sign  # (±1, 0: exact in any promotion)
         return w.unflatten(-1, (self.n, self.n))
 
     def inverse(self, w: Tensor) -> Tensor:

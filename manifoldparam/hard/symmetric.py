@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from manifoldparam.hard.base import LOW_PRECISION, Parametrization, max_abs
 from manifoldparam.hard.registration import register
 
-__all__ = ["Symmetric", "square_matrix", "symmetric"]
+__all__ = ["Symmetric", "mirrored_entries", "square_matrix", "symmetric"]
 
 
 def square_matrix(shape: torch.Size, owner: str, what: str, fix: str) -> int:
@@ -42,6 +42,18 @@ def square_matrix(shape: torch.Size, owner: str, what: str, fix: str) -> int:
             f"dims); the weight has shape {tuple(shape)}. {fix}"
         )
     return shape[-1]
+
+
+def mirrored_entries(n: int, offset: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(rows, cols, entry)``: the lower triangle's indices (``offset`` as ``tril_indices``)
+    and, for each entry ``(i, j)`` of an ``n×n`` matrix in row-major order, the coordinate
+    ``k(max(i, j), min(i, j))`` it reads (0 where ``|i - j| < -offset``). A (skew-)symmetric
+    map is then one gather, whose backward is one ``index_add``: about 2x faster than a
+    scatter into zeros plus a transposed copy."""
+    rows, cols = torch.tril_indices(n, n, offset=offset)
+    entry = torch.zeros(n, n, dtype=torch.long)
+    entry[rows, cols] = entry[cols, rows] = torch.arange(rows.numel())
+    return rows, cols, entry.flatten()
 
 
 class Symmetric(Parametrization):
@@ -65,13 +77,8 @@ class Symmetric(Parametrization):
             "symmetric",
             "Register it on a square weight (e.g. nn.Linear(n, n)).",
         )
-        rows, cols = torch.tril_indices(self.n, self.n)
-        # Entry (i, j) of W reads coordinate k(max(i, j), min(i, j)): the map is one gather
-        # (its backward one index_add), about 2x faster than a scatter into zeros plus a
-        # transposed copy.
-        entry = torch.empty(self.n, self.n, dtype=torch.long)
-        entry[rows, cols] = entry[cols, rows] = torch.arange(rows.numel())
-        self.register_buffer("entry", entry.flatten(), persistent=False)
+        rows, cols, entry = mirrored_entries(self.n, 0)
+        self.register_buffer("entry", entry, persistent=False)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
 
