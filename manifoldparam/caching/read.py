@@ -43,13 +43,12 @@ import torch
 from torch import Tensor, nn
 
 from manifoldparam._torch import fsdp_shard_versions, only_forward, torch_cache_enabled
+from manifoldparam.caching.cache import _SCOPE, _SLOT_ATTR, cached_forward, value_of
 
 __all__ = ["adopt", "adopting", "install"]
 
 
 def _getter(name: str, torch_get: Callable[[nn.Module], Tensor]) -> Callable[[nn.Module], Tensor]:
-    from manifoldparam.caching.cache import _SCOPE, _SLOT_ATTR, cached_forward, value_of
-
     @torch.jit.unused
     def read(self: nn.Module) -> Tensor:
         # Read at every time step of an RNN: one expression, cheapest tests first. Under
@@ -160,8 +159,6 @@ def _watch_shards(module: nn.Module, args: object) -> None:
     a cached value that looks current. When the shards' versions moved, the entries of every
     parametrization below ``module`` (where its shards live) are dropped; otherwise the cache
     keeps its hits (gradient accumulation: one map per step)."""
-    from manifoldparam.caching.cache import _SLOT_ATTR
-
     versions = fsdp_shard_versions(module)
     if versions != module.__dict__.get(_SHARDS):
         module.__dict__[_SHARDS] = versions
