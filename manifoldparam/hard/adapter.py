@@ -16,10 +16,11 @@ layout, and peft's ``OFTConfig`` convention: ``block_size`` divides ``in_feature
 keeps the angles between the neurons (the rows); ``dim=0`` rotates the outputs. The
 coordinates start at 0, so :math:`R = I` and the layer is unchanged until it is trained.
 
-The exponential is exact (:func:`~manifoldparam.linalg.expm_projected`, batched over the
-blocks: a constant number of kernels whatever :math:`k`), so :math:`R` is orthogonal to
-round-off at any coordinates, unlike a truncated Cayley--Neumann series (peft's default),
-whose :math:`R` drifts off the group as :math:`\|A\|` grows.
+The exponential is exact to round-off (:func:`~manifoldparam.linalg.expm_skew_blocks`: the
+degree-8 Taylor polynomial, with as many squarings as a bound on the largest angle asks, one
+number for all blocks, batched: a constant number of kernels whatever :math:`k`), so
+:math:`R` is orthogonal to round-off at any coordinates, unlike a truncated Cayley--Neumann
+series (peft's default), whose :math:`R` drifts off the group as :math:`\|A\|` grows.
 
 The set and its hooks. The attribute's set is :math:`\{W_0 R\}` for the frozen :math:`W_0`,
 not a set of matrices defined without it. ``project`` is the nearest point of it in the
@@ -54,9 +55,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from manifoldparam._device import may_read_on_host
+from manifoldparam._torch import is_functorch_wrapped, is_tracing
 from manifoldparam.hard.base import LOW_PRECISION, Parametrization, max_abs
 from manifoldparam.hard.orthogonal import _exp, _newton_schulz_correction
 from manifoldparam.hard.registration import register
+from manifoldparam.linalg._scheme import _TAYLOR_MAX_SQUARINGS, _TAYLOR_MAX_SQUARINGS_F32
+from manifoldparam.linalg.skew_blocks import SkewIndex, expm_skew_blocks, skew_index
 
 __all__ = ["OrthogonalAdapter", "orthogonal_adapter"]
 
@@ -151,8 +156,11 @@ class OrthogonalAdapter(Parametrization):
         self.blocks = size // block_size
         self.max_squarings = max_squarings
         b = block_size
-        ii, jj = torch.tril_indices(b, b, offset=-1)
-        self.register_buffer("index", (ii * b + jj).contiguous(), persistent=False)
+        take, sign, low, up = skew_index(b)
+        self.register_buffer("index", low, persistent=False)
+        self.register_buffer("mirror", up, persistent=False)
+        self.register_buffer("take", take, persistent=False)
+        self.register_buffer("sign", sign, persistent=False)
         self.register_buffer("frozen", torch.zeros(self.shape))
 
     @property
@@ -169,14 +177,36 @@ class OrthogonalAdapter(Parametrization):
 
     # ------------------------------------------------------------ blocks
     def rotation(self, x: Tensor) -> Tensor:
-        """The blocks ``R_i = exp(A_i)`` (shape ``(k, b, b)``) for coordinates ``x``."""
+        """The blocks ``R_i = exp(A_i)`` (shape ``(k, b, b)``) for coordinates ``x``.
+
+        Eagerly (norms read on the host): :func:`~manifoldparam.linalg.expm_skew_blocks`,
+        the Taylor polynomial with one number of squarings for all blocks and its exact
+        derivative (8 batched products for forward and backward at OFT's usual angles).
+        Under ``torch.compile``, ``torch.func`` transforms, forward-mode AD or a fixed
+        ``max_squarings``: the general exponential (:func:`~manifoldparam.linalg.expm`'s
+        scheme and Fréchet backward), which supports them."""
         b = self.block_size
-        index = self.index.expand(*x.shape[:-1], -1)
-        low = x.new_zeros(*x.shape[:-1], b * b).scatter(-1, index, x).unflatten(-1, (b, b))
-        e, clean = _exp(low - low.mT, self.max_squarings)
+        if self._blockwise(x):
+            e, s = expm_skew_blocks(x, b, SkewIndex(self.take, self.sign, self.index, self.mirror))
+            cap = _TAYLOR_MAX_SQUARINGS if e.dtype == torch.float64 else _TAYLOR_MAX_SQUARINGS_F32
+            clean = s <= cap
+        else:
+            index = self.index.expand(*x.shape[:-1], -1)
+            low = x.new_zeros(*x.shape[:-1], b * b).scatter(-1, index, x).unflatten(-1, (b, b))
+            e, clean = _exp(low - low.mT, self.max_squarings)
         if not clean:  # Padé or squarings: one Newton--Schulz step (no backward, see its doc)
             e = e + _newton_schulz_correction(e.detach(), 1)
         return e
+
+    def _blockwise(self, x: Tensor) -> bool:
+        return (
+            self.max_squarings is None
+            and not torch.compiler.is_compiling()
+            and not is_tracing()
+            and not is_functorch_wrapped(x)
+            and torch.autograd.forward_ad._current_level < 0
+            and may_read_on_host(x)
+        )
 
     def apply_rotation(self, r: Tensor, w0: Tensor) -> Tensor:
         """``W₀·R`` (``dim=1``) or ``R·W₀`` (``dim=0``) for blocks ``r``, without building
