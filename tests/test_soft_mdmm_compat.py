@@ -13,8 +13,9 @@ from torch import nn
 import manifoldparam
 
 
-def readme_model() -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
+def readme_model(seed: int = 0) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+    """mdmm's README has no model or data: a 4→8→1 tanh MLP and 32 random points (one draw)."""
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     inputs, targets = torch.randn(32, 4), torch.randn(32, 1)
     return model, inputs, targets
