@@ -13,8 +13,9 @@ from torch import nn
 import manifoldparam
 
 
-def readme_model() -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
+def readme_model(seed: int = 0) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+    """mdmm's README has no model or data: a 4→8→1 tanh MLP and 32 random points (one draw)."""
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     inputs, targets = torch.randn(32, 4), torch.randn(32, 1)
     return model, inputs, targets
@@ -121,3 +122,43 @@ def test_state_dict_keys_match_mdmm_and_load_its_checkpoint() -> None:
     ours.load_state_dict(theirs.state_dict())  # the slack is eliminated: its key is dropped
     assert ours[0].lmbda.item() == 0.25 and ours[1].lmbda.item() == -0.5
     assert set(ours.state_dict()) == set(theirs.state_dict()) - {"1.slack"}
+
+
+def run_restart_recipe(seed: int, steps: int, restart: bool) -> tuple[float, list, object]:
+    """docs/soft.md's restart recipe on the README problem (ours: νPI, tangent, restoration)."""
+    model, inputs, targets = readme_model(seed)
+    weights = [model[0].weight, model[2].weight]
+    mdmm = manifoldparam.MDMM(
+        [
+            manifoldparam.constrain(m, "weight", manifoldparam.soft.mean_abs, eq=1.0)
+            for m in model[::2]
+        ]
+    )
+    opt = mdmm.make_optimizer(model.parameters(), lr=2e-3, dual="pi", dual_lr=1e-2)
+    restarted, viol = None, []
+    for step in range(steps):
+        loss = nn.functional.mse_loss(model(inputs), targets)
+        opt.zero_grad()
+        mdmm(loss).value.backward()
+        manifoldparam.soft.tangent_gradients(mdmm, weights, within=0.05)
+        opt.step()
+        before = manifoldparam.soft.restore_feasibility(mdmm, weights, within=0.05)
+        if restarted is None and before < 0.05:
+            restarted = step
+            if restart:
+                for p in model.parameters():
+                    opt.state.pop(p, None)
+        viol.append(max(abs(w.abs().mean().item() - 1) for w in weights))
+    final = nn.functional.mse_loss(model(inputs), targets).item()
+    return final, viol[restarted + 1 :], opt.state[mdmm[0].lmbda]
+
+
+def test_restart_recipe_descends_faster_along_the_constraint() -> None:
+    """Dropping the model's Adamax state at the first restored step (the approach's large
+    gradients no longer shrink its normaliser's steps) ends lower, as feasible, and keeps the
+    νPI controller's state of the multipliers."""
+    base, viol_base, _ = run_restart_recipe(1, 1000, restart=False)
+    ours, viol, dual_state = run_restart_recipe(1, 1000, restart=True)
+    assert ours < 0.8 * base  # 0.074 against 0.105 at step 1000
+    assert max(viol) < 1e-3 and max(viol_base) < 1e-3
+    assert dual_state  # the controller's ξ and step count survived the restart
