@@ -14,7 +14,7 @@ The models (float32, Adam, MSE to a fixed random target, one batch):
 
 Each step is ``zero_grad; loss = f(model(x)); backward; step`` with the model called eagerly or
 through ``torch.compile(model, fullgraph=True)`` (inductor, default mode). Under compile the
-exponential is the custom op ``manifoldparam::expm_v1`` with our Fréchet backward (the test
+exponential is the custom op ``manifoldparam::expm_v2`` with our Fréchet backward (the test
 ``tests/test_interop_compile.py`` checks the graphs). Warm-up steps first (compilation
 excluded), then rounds interleaved eager/compiled; medians and the ratio compiled/eager.
 """

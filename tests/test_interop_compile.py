@@ -83,9 +83,10 @@ def _recording_backend(graphs: list[str]):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("which", ["orthogonal", "tall", "adapter"])
 def test_compiled_graph_uses_our_exponential_and_its_backward(which: str) -> None:
-    """Under torch.compile (fullgraph) the orthogonal maps call manifoldparam::expm_v1 in the
-    forward graph and its Fréchet backward op in the backward graph, never matrix_exp (whose
-    backward costs about ten forwards); the gradient equals the eager one."""
+    """Under torch.compile (fullgraph) the orthogonal maps call manifoldparam::expm_v2 (the
+    adapter: expm_skew_blocks_v1) in the forward graph and its backward op in the backward
+    graph, never matrix_exp (whose backward costs about ten forwards); the gradient equals the
+    eager one."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     layer = nn.Linear(8, 8).double()
@@ -108,8 +109,9 @@ def test_compiled_graph_uses_our_exponential_and_its_backward(which: str) -> Non
     compiled(x).square().sum().backward()
     assert len(graphs) == 2
     forward, backward = graphs
-    assert "manifoldparam.expm_v1" in forward and "matrix_exp" not in forward
-    assert "manifoldparam.expm_backward_v1" in backward and "matrix_exp" not in backward
+    op = "expm_skew_blocks" if which == "adapter" else "expm"  # (OFT's batched blocks)
+    assert f"manifoldparam.{op}_v" in forward and "matrix_exp" not in forward
+    assert f"manifoldparam.{op}_backward_v" in backward and "matrix_exp" not in backward
     torch.testing.assert_close(coords.grad, eager, atol=1e-10, rtol=0)
 
 
@@ -124,7 +126,7 @@ def test_expm_op_matches_expm_and_gradchecks() -> None:
     for scale in (0.1, 3.0):  # the Taylor path and Padé with squarings
         torch.testing.assert_close(expm_op(scale * a), expm(scale * a), atol=1e-12, rtol=0)
     for scale in (0.01, 1.0):  # the Taylor path (saved intermediates) and Padé (recomputed)
-        torch.library.opcheck(torch.ops.manifoldparam.expm_v1, (scale * a, -1, False))
+        torch.library.opcheck(torch.ops.manifoldparam.expm_v2, (scale * a, -1, False))
         x = (scale * a).requires_grad_()
         assert torch.autograd.gradcheck(lambda t: expm_op(t), (x,))
         low = scale * torch.randn(2, 4, 4, generator=g, dtype=torch.float64).tril(-1)

@@ -40,7 +40,7 @@ def scipy_expm(a: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("n", [2, 3, 8, 32])
 @pytest.mark.parametrize("scale", [0.0, 0.01, 0.05, 0.3, 3.0])
 def test_value_matches_scipy_and_is_a_rotation(n: int, scale: float) -> None:
-    """Round-off grows like 2^s with the squarings (the adapter then corrects it)."""
+    """Round-off grows like 2^s with the squarings (then one Newton--Schulz step)."""
     x = coords(6, n, scale)
     r, _ = expm_skew_blocks(x, n)
     ref = scipy_expm(skew(x, n))
@@ -171,3 +171,22 @@ def test_batch_shapes_index_and_errors() -> None:
     torch.testing.assert_close(r.reshape(6, 4, 4), expm_skew_blocks(x.reshape(6, 6), 4)[0])
     with pytest.raises(ValueError, match="4x4 skew block has 6 coordinates"):
         expm_skew_blocks(torch.zeros(3, 5), 4)
+
+
+@pytest.mark.parametrize("scale", [0.05, 2.0])  # s = 0, and squarings with the polish
+def test_the_custom_op_passes_opcheck_and_matches_eager(scale: float) -> None:
+    """What torch.compile calls: torch.library's checks (schema, fake kernel, autograd
+    registration, AOT dispatch), and the eager Function's value and gradient."""
+    x = coords(5, 6, scale, torch.float32).requires_grad_()
+    index = skew_index(6)
+    torch.library.opcheck(torch.ops.manifoldparam.expm_skew_blocks_v1, (x, *index))
+    r_op = torch.ops.manifoldparam.expm_skew_blocks_v1(x, *index)[0]
+    g = torch.randn(5, 6, 6)
+    (g_op,) = torch.autograd.grad(r_op, x, g)
+    r, s = expm_skew_blocks(x, 6, index)
+    (g_eager,) = torch.autograd.grad(r, x, g)
+    assert (s == 0) == (scale < 0.1)
+    torch.testing.assert_close(r_op, r, atol=0, rtol=0)
+    torch.testing.assert_close(g_op, g_eager, atol=0, rtol=0)
+    eye = torch.eye(6, dtype=F64)
+    assert float((r.double().mT @ r.double() - eye).abs().max()) < 1e-6  # (polished)

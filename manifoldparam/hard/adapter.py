@@ -60,7 +60,6 @@ from manifoldparam._torch import is_functorch_wrapped, is_tracing
 from manifoldparam.hard.base import LOW_PRECISION, Parametrization, max_abs
 from manifoldparam.hard.orthogonal import _exp, _newton_schulz_correction
 from manifoldparam.hard.registration import register
-from manifoldparam.linalg._scheme import _TAYLOR_MAX_SQUARINGS, _TAYLOR_MAX_SQUARINGS_F32
 from manifoldparam.linalg.skew_blocks import SkewIndex, expm_skew_blocks, skew_index
 
 __all__ = ["OrthogonalAdapter", "orthogonal_adapter"]
@@ -179,34 +178,34 @@ class OrthogonalAdapter(Parametrization):
     def rotation(self, x: Tensor) -> Tensor:
         """The blocks ``R_i = exp(A_i)`` (shape ``(k, b, b)``) for coordinates ``x``.
 
-        Eagerly (norms read on the host): :func:`~manifoldparam.linalg.expm_skew_blocks`,
+        Eagerly, and under ``torch.compile`` on the CPU (as the custom op
+        ``manifoldparam::expm_skew_blocks_v1``): :func:`~manifoldparam.linalg.expm_skew_blocks`,
         the Taylor polynomial with one number of squarings for all blocks and its exact
-        derivative (8 batched products for forward and backward at OFT's usual angles).
-        Under ``torch.compile``, ``torch.func`` transforms, forward-mode AD or a fixed
-        ``max_squarings``: the general exponential (:func:`~manifoldparam.linalg.expm`'s
-        scheme and Fréchet backward), which supports them."""
+        derivative (8 batched products for forward and backward at OFT's usual angles). Under
+        ``torch.func`` transforms, forward-mode AD, a fixed ``max_squarings`` or compiled on an
+        accelerator: the general exponential (:func:`~manifoldparam.linalg.expm`'s scheme and
+        Fréchet backward), which supports them."""
         b = self.block_size
-        if self._blockwise(x):
-            e, s = expm_skew_blocks(x, b, SkewIndex(self.take, self.sign, self.index, self.mirror))
-            cap = _TAYLOR_MAX_SQUARINGS if e.dtype == torch.float64 else _TAYLOR_MAX_SQUARINGS_F32
-            clean = s <= cap
-        else:
-            index = self.index.expand(*x.shape[:-1], -1)
-            low = x.new_zeros(*x.shape[:-1], b * b).scatter(-1, index, x).unflatten(-1, (b, b))
-            e, clean = _exp(low - low.mT, self.max_squarings)
+        if self._blockwise(x):  # (orthogonal to round-off at any angle: polished inside)
+            index = SkewIndex(self.take, self.sign, self.index, self.mirror)
+            return expm_skew_blocks(x, b, index)[0]
+        index = self.index.expand(*x.shape[:-1], -1)
+        low = x.new_zeros(*x.shape[:-1], b * b).scatter(-1, index, x).unflatten(-1, (b, b))
+        e, clean = _exp(low - low.mT, self.max_squarings)
         if not clean:  # Padé or squarings: one Newton--Schulz step (no backward, see its doc)
             e = e + _newton_schulz_correction(e.detach(), 1)
         return e
 
     def _blockwise(self, x: Tensor) -> bool:
-        return (
-            self.max_squarings is None
-            and not torch.compiler.is_compiling()
-            and not is_tracing()
-            and not is_functorch_wrapped(x)
-            and torch.autograd.forward_ad._current_level < 0
-            and may_read_on_host(x)
-        )
+        if self.max_squarings is not None:
+            return False
+        if torch.compiler.is_compiling():  # the op reads the bound on the host when it runs:
+            return x.is_cpu  # not inside a captured CUDA graph
+        if is_tracing() or is_functorch_wrapped(x):
+            return False
+        if torch.autograd.forward_ad._current_level >= 0:  # (no forward-mode formula)
+            return False
+        return may_read_on_host(x)
 
     def apply_rotation(self, r: Tensor, w0: Tensor) -> Tensor:
         """``W₀·R`` (``dim=1``) or ``R·W₀`` (``dim=0``) for blocks ``r``, without building

@@ -4,7 +4,7 @@
   forwards instead of ``torch.linalg.matrix_exp``'s ten), and its skew-matrix variants
   :func:`expm_skew` and :func:`expm_projected` (:mod:`.expm`);
 * ``manifoldparam.linalg.op`` -- the same exponential as the custom op
-  ``manifoldparam::expm_v1`` with its Fréchet backward, what the orthogonal maps call under
+  ``manifoldparam::expm_v2`` with its Fréchet backward, what the orthogonal maps call under
   ``torch.compile``;
 * :func:`expm_skew_blocks` -- many small rotations ``exp(A_i)`` from their skew coordinates,
   the degree-8 Taylor polynomial with its exact derivative (orthogonal fine-tuning's blocks).

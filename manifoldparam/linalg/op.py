@@ -1,6 +1,6 @@
 r"""The matrix exponential as a ``torch.library`` custom op, for ``torch.compile``.
 
-``torch.ops.manifoldparam.expm_v1(a, max_squarings, projected)`` is :func:`~.expm.expm`
+``torch.ops.manifoldparam.expm_v2(a, max_squarings, projected)`` is :func:`~.expm.expm`
 (``projected=False``) or :func:`~.expm.expm_projected` (``projected=True``) as one opaque
 node: Dynamo and AOTAutograd do not trace into it, inductor calls it as an external kernel,
 and its gradient is our Fréchet adjoint (:func:`~._frechet._adjoint`, about two forwards)
@@ -10,15 +10,16 @@ tensors are real, so the degree and the squarings are chosen from the norms read
 as in eager mode (``max_squarings = -1``), with no graph break.
 
 The forward also returns what the backward needs, in a fixed layout the fake kernel can
-describe: on the Taylor path (a trained orthogonal weight near its base, OFT's blocks) the
-scaled ``A``, ``A²``, ``P₁``, ``Q₁``, ``Q₂`` and the squares, in a workspace of
-``5 + 2`` matrices, the per-matrix squarings ``s`` and the path ``(m, s_max, uniform)``. The
-backward, a second op ``expm_backward_v1``, applies the adjoint to them as eager mode does
-(about two forwards in all); on the Padé path, whose intermediates vary in number, it
-recomputes them from ``a`` first (about three forwards), still far below ``matrix_exp``'s.
-No double backward (a compiled backward has none; see ``manifoldparam.interop.compile``).
+describe, without copying it: its own intermediates as a list of eight matrices (Padé:
+``A²``, ``A⁴``, ``A⁶``, ``W``, ``W₁``, ``Z₁``, the LU factors and ``R``; Taylor: ``A²``,
+``P₁``, ``Q₁``, ``Q₂`` and ``R``; the slots a path does not use are zero placeholders,
+never read), the squares after ``R`` up to three, the pivots, the per-matrix
+squarings ``s`` and the path ``(m, s_max, uniform)``. The backward, a second op
+``expm_backward_v2``, squares again past the third (a weight far from its base), rescales
+``A`` and applies the adjoint as eager mode does. No double backward (a compiled backward has
+none; see ``manifoldparam.interop.compile``).
 
-The names carry a version (``_v1``): compile caches key on op names, so a change of the
+The names carry a version (``_v2``): compile caches key on op names, so a change of the
 op's semantics gets a new name.
 """
 
@@ -29,13 +30,13 @@ from torch import Tensor
 
 from manifoldparam._device import autocast_off, may_read_on_host
 from manifoldparam.linalg._frechet import _adjoint
-from manifoldparam.linalg._scheme import _TAYLOR, _TAYLOR_MAX_SQUARINGS, _forward
+from manifoldparam.linalg._scheme import _TAYLOR, _expand, _forward, _scale
 from manifoldparam.linalg.expm import SYNC_FREE_SQUARINGS
 
 __all__ = ["expm_op"]
 
 
-def _squarings(a: Tensor, max_squarings: int) -> int | None:
+def _choice(a: Tensor, max_squarings: int) -> int | None:
     """``None`` (read the norms) where that read is cheap, else a fixed number (a CUDA graph
     being captured, e.g. ``mode="reduce-overhead"``): as :func:`~.expm.expm` decides."""
     if max_squarings >= 0:
@@ -51,103 +52,133 @@ def _fresh(out: Tensor, *inputs: Tensor) -> Tensor:
     return out
 
 
-#: Slots of the workspace the forward returns: the Taylor path's A, A², P₁, Q₁, Q₂ and up to
-#: two squares (see ``_scheme._taylor_saved``).
-_SLOTS = 5 + _TAYLOR_MAX_SQUARINGS
+def _squares(r: Tensor, sq: Tensor, s: Tensor, s_max: int, uniform: bool) -> list[Tensor]:
+    """The squares ``X_0 = R, …, X_{s_max-1}`` of the forward's squarings (``X_{j+1} = X_j²``
+    where ``s > j``): ``R`` and the next ones the forward returned, the rest again."""
+    squares = [r, *sq[: max(min(s_max, _SAVED_SQUARES) - 1, 0)].unbind(0)]
+    for j in range(len(squares) - 1, s_max - 1):
+        xx = squares[-1] @ squares[-1]
+        squares.append(xx if uniform else torch.where(_expand(s > j), xx, squares[-1]))
+    return squares[:s_max]  # (the adjoint indexes them: no stacked copy)
+
+
+#: What the forward returns for the backward (see the module docstring): ``_MATS`` matrices
+#: (its own intermediates, no copies), and the squares ``X_1, …`` up to ``_SAVED_SQUARES``
+#: with ``X_0 = R`` (more are recomputed: a weight far from its base).
+_MATS = 8
+_SAVED_SQUARES = 4
 
 
 def _real(a: Tensor) -> torch.dtype:
     return a.real.dtype if a.is_complex() else a.dtype
 
 
-@torch.library.custom_op("manifoldparam::expm_v1", mutates_args=())
-def _expm_v1(
+@torch.library.custom_op("manifoldparam::expm_v2", mutates_args=())
+def _expm_v2(
     a: Tensor, max_squarings: int, projected: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    ws = a.new_empty((_SLOTS, *a.shape))
+) -> tuple[Tensor, list[Tensor], Tensor, Tensor, Tensor, Tensor]:
+    # Slots the path does not use are zero placeholders (never read; an op's outputs must be
+    # deterministic).
+    mats: list[Tensor | None] = [None] * _MATS
+    sq_out = a.new_zeros((_SAVED_SQUARES - 1, *a.shape))
+    piv = torch.zeros((*a.shape[:-1],), dtype=torch.int32, device=a.device)
     s = a.new_zeros(a.shape[:-2], dtype=_real(a))
     meta = torch.zeros(3, dtype=torch.int64, device=a.device)
     if a.shape[-1] == 0:
-        ws.zero_()
-        return a.clone(), ws, s, meta
-    used = 0  # (the unused slots are zeroed: an op's outputs are deterministic)
+        return a.clone(), [a.new_zeros(a.shape) for _ in mats], sq_out, piv, s, meta
     with autocast_off(a):
-        x, saved, (m, s_max, uniform) = _forward(a, _squarings(a, max_squarings), skew=projected)
-        if m == _TAYLOR:  # what the backward needs, in fixed slots (no recomputation)
-            a_s, a2, p1, _, q1, q2, *_, sq, s_used = saved
-            for used, t in enumerate((a_s, a2, p1, q1, q2, *sq), start=1):
-                ws[used - 1].copy_(t)
-            s.copy_(s_used)
-        ws[used:].zero_()
+        x, saved, (m, s_max, uniform) = _forward(a, _choice(a, max_squarings), skew=projected)
+        _, a2, a4, a6, w, w1, z1, lu, pv, r, sq, s_used = saved
+        for i, t in enumerate((a2, a4, a6, w, w1, z1, lu)):
+            if t.shape == a.shape:  # (unused: zero-size placeholders of the scheme)
+                mats[i] = t.contiguous()  # (the LU factors are column-major)
+        if s_max > 0:  # else R is x, which the backward gets as the output
+            mats[_MATS - 1] = r
+        if s_max > 1:
+            sq_out[: min(s_max, _SAVED_SQUARES) - 1].copy_(sq[1:_SAVED_SQUARES])
+        if m != _TAYLOR:
+            piv.copy_(pv)
+        s.copy_(s_used)
         meta.copy_(torch.tensor([m, s_max, int(uniform)]))
-    return _fresh(x, a), ws, s, meta
+    out = [a.new_zeros(a.shape) if t is None else t for t in mats]
+    return _fresh(x, a), out, sq_out, piv, s, meta
 
 
-@_expm_v1.register_fake
-def _(a: Tensor, max_squarings: int, projected: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+@_expm_v2.register_fake
+def _(
+    a: Tensor, max_squarings: int, projected: bool
+) -> tuple[Tensor, list[Tensor], Tensor, Tensor, Tensor, Tensor]:
     return (
         torch.empty_like(a),
-        a.new_empty((_SLOTS, *a.shape)),
+        [torch.empty_like(a) for _ in range(_MATS)],
+        a.new_empty((_SAVED_SQUARES - 1, *a.shape)),
+        torch.empty((*a.shape[:-1],), dtype=torch.int32, device=a.device),
         a.new_empty(a.shape[:-2], dtype=_real(a)),
         torch.empty(3, dtype=torch.int64, device=a.device),
     )
 
 
-@torch.library.custom_op("manifoldparam::expm_backward_v1", mutates_args=())
-def _expm_backward_v1(
+@torch.library.custom_op("manifoldparam::expm_backward_v2", mutates_args=())
+def _expm_backward_v2(
     a: Tensor,
+    x: Tensor,
     grad: Tensor,
-    ws: Tensor,
+    mats: list[Tensor],
+    sq: Tensor,
+    piv: Tensor,
     s: Tensor,
     meta: Tensor,
-    max_squarings: int,
     projected: bool,
 ) -> Tensor:
     if a.shape[-1] == 0:
         return grad.clone()
     m, s_max, uniform = (int(v) for v in meta.tolist())
     with autocast_off(a):
-        if m == _TAYLOR:
-            empty = a[..., :0, :0]
-            sq = ws[5 : 5 + s_max]
-            saved = (ws[0], ws[1], ws[2], empty, ws[3], ws[4], empty, empty, None, None, sq, s)
-            ga = _adjoint(grad, saved, m, s_max, bool(uniform), solve_lu=True, projected=projected)
-        else:  # Padé: recompute the intermediates (their number depends on the path)
-            _, saved, (m, s_max, uni) = _forward(a, _squarings(a, max_squarings), skew=projected)
-            ga = _adjoint(grad, saved, m, s_max, uni, solve_lu=True, projected=projected)
-    return _fresh(ga, a, grad, ws)
+        a2, a4, a6, w, w1, z1, lu, r = mats
+        r = r if s_max else x
+        squares = _squares(r, sq, s, s_max, bool(uniform))
+        a_s = _scale(a, s, s_max, bool(uniform)) if s_max else a
+        empty = a[..., :0, :0]
+        if m == _TAYLOR:  # (a4, w, w1 hold P₁, Q₁, Q₂)
+            saved = (a_s, a2, a4, empty, w, w1, empty, empty, None, r, squares, s)
+        else:
+            w1, z1 = (w1, z1) if m == 13 else (empty, empty)
+            saved = (a_s, a2, a4, a6, w, w1, z1, lu, piv, r, squares, s)
+        ga = _adjoint(grad, saved, m, s_max, bool(uniform), solve_lu=True, projected=projected)
+    return _fresh(ga, a, grad, x, *mats)
 
 
-@_expm_backward_v1.register_fake
+@_expm_backward_v2.register_fake
 def _(
     a: Tensor,
+    x: Tensor,
     grad: Tensor,
-    ws: Tensor,
+    mats: list[Tensor],
+    sq: Tensor,
+    piv: Tensor,
     s: Tensor,
     meta: Tensor,
-    max_squarings: int,
     projected: bool,
 ) -> Tensor:
     return torch.empty_like(a)
 
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    a, max_squarings, projected = inputs
-    _, ws, s, meta = output
-    ctx.save_for_backward(a, ws, s, meta)
-    ctx.max_squarings = max_squarings
+    a, _, projected = inputs
+    x, mats, sq, piv, s, meta = output
+    ctx.save_for_backward(a, x, sq, piv, s, meta, *mats)
     ctx.projected = projected
 
 
 def _backward(ctx, grad: Tensor, *_unused):  # type: ignore[no-untyped-def]
-    a, ws, s, meta = ctx.saved_tensors
-    ga = torch.ops.manifoldparam.expm_backward_v1(
-        a, grad.contiguous(), ws, s, meta, ctx.max_squarings, ctx.projected
+    a, x, sq, piv, s, meta, *mats = ctx.saved_tensors
+    ga = torch.ops.manifoldparam.expm_backward_v2(
+        a, x, grad.contiguous(), mats, sq, piv, s, meta, ctx.projected
     )
     return ga, None, None
 
 
-torch.library.register_autograd("manifoldparam::expm_v1", _backward, setup_context=_setup_context)
+torch.library.register_autograd("manifoldparam::expm_v2", _backward, setup_context=_setup_context)
 
 
 def expm_op(a: Tensor, max_squarings: int | None = None, projected: bool = False) -> Tensor:
@@ -164,6 +195,6 @@ def expm_op(a: Tensor, max_squarings: int | None = None, projected: bool = False
     Returns:
         ``exp(a)``, with the Fréchet-adjoint backward.
     """
-    return torch.ops.manifoldparam.expm_v1(
+    return torch.ops.manifoldparam.expm_v2(
         a, -1 if max_squarings is None else int(max_squarings), bool(projected)
     )[0]

@@ -41,6 +41,9 @@ __all__ = ["SkewIndex", "expm_skew_blocks", "rho_bound", "skew_index"]
 
 # Largest 2^-s ρ at which sum_{q >= 9} ρ^q / q! <= u (float32 2^-24, float64 2^-53).
 _THETA = {torch.float32: 0.645, torch.float64: 0.0699}
+# More squarings than this, and the result gets one Newton--Schulz step (float32: two squarings
+# of T_8 already lose several ulps of orthogonality).
+_POLISH_AFTER = {torch.float32: 1, torch.float64: 2}
 _C1 = _X1 / _X2  # P = A² + _C1·A, so that A²·P·_X2 is the scheme's A₄
 _X6Q = _X6 - _X7 * _X3  # Q₂'s A² coefficient once A₄ is written as Q₁ - x₃A²
 
@@ -86,76 +89,156 @@ def skew_index(n: int, device: torch.device | str | None = None) -> SkewIndex:
 # Why the buffers are reused below: on the CPU a fresh tensor of half a megabyte or more is a
 # fresh mmap, and its first touch page-faults (about 100 µs for 128 blocks of 32x32, more than a
 # batched product), so each block of work writes into a buffer that is already touched.
+def _forward(x: Tensor, index: SkewIndex) -> tuple[Tensor, tuple[Tensor, ...], list[Tensor], int]:
+    """``(R, (A, A², P, Q₁, Q₂), squares, s)`` for coordinates ``x`` of shape ``(k, p)``."""
+    k = x.shape[0]
+    n = math.isqrt(index.take.numel())
+    a = x.index_select(1, index.take).mul_(index.sign.to(x.dtype)).view(k, n, n)
+    a2 = torch.bmm(a, a)
+    p = torch.add(a2, a, alpha=_C1)
+    q1 = torch.baddbmm(a2, a2, p, beta=_X3, alpha=_X2)  # x₃A² + A₄
+    # ρ from t₂ = ‖A²‖²_F and t₃ = -tr(A⁶) = (x₃t₂ - ⟨A², Q₁⟩)/x₂ (tr A⁵ = 0); the
+    # product A²∘Q₁ is written where R goes.
+    r = torch.mul(a2, q1)
+    t2 = torch.linalg.vector_norm(a2.view(k, -1), dim=-1).square_()
+    t3 = t2.mul(_X3).sub_(r.view(k, -1).sum(-1)).div_(_X2)
+    t2_max, t3_max = torch.stack([t2.amax(), t3.amax()]).tolist()
+    rho = rho_bound(t2_max, t3_max)
+    finite = math.isfinite(rho)
+    if not finite:  # a power overflowed (or x is not finite): ρ <= ‖A‖₁ <= (n-1)·max|x|
+        rho = (n - 1) * float(x.abs().amax())
+    s = _squarings(rho, x.dtype)
+    if s > 0:  # scale, and redo the second product in place
+        a.mul_(2.0**-s)
+        if finite:
+            a2.mul_(4.0**-s)
+        else:
+            torch.bmm(a, a, out=a2)
+        torch.add(a2, a, alpha=_C1, out=p)
+        torch.baddbmm(a2, a2, p, beta=_X3, alpha=_X2, out=q1)
+    # T₈ = I + A + y₂A² + Q₁Q₂, Q₂ = x₄I + x₅A + x₆A² + x₇A₄ (A₄ = Q₁ - x₃A²).
+    q2 = (a * _X5).add_(a2, alpha=_X6Q).add_(q1, alpha=_X7)
+    q2.diagonal(dim1=-2, dim2=-1).add_(_X4)
+    torch.add(a, a2, alpha=_Y2, out=r).baddbmm_(q1, q2)
+    r.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    squares = []
+    for _ in range(s):
+        squares.append(r)
+        r = torch.bmm(r, r)
+    if s > _POLISH_AFTER[x.dtype]:
+        # Round-off grew like 2^s: one Newton--Schulz step R(3I - RᵀR)/2, as a correction the
+        # backward does not see (its differential at an orthogonal R is the identity on the
+        # tangent space, so the gradient is unchanged to round-off).
+        r = torch.baddbmm(r, r, torch.bmm(r.mT, r), beta=1.5, alpha=-0.5)
+    return r, (a, a2, p, q1, q2), squares, s
+
+
+def _backward(
+    g: Tensor, saved: tuple[Tensor, ...], squares: list[Tensor], s: int, index: SkewIndex
+) -> Tensor:
+    """The gradient w.r.t. the coordinates: the exact derivative of :func:`_forward`."""
+    a, a2, p, q1, q2 = saved
+    low, up = index.low, index.up
+    for xj in reversed(squares):  # X_{j+1} = X_j X_j
+        xt = xj.mT
+        g = torch.bmm(xt, g).baddbmm_(g, xt)
+    gq2 = torch.bmm(q1.mT, g)
+    gq1 = torch.bmm(g, q2.mT).add_(gq2, alpha=_X7)
+    gp = torch.bmm(a2.mT, gq1)  # (the gradient w.r.t. P, over x₂)
+    ga = torch.add(g, gq2, alpha=_X5).add_(gp, alpha=_X1)
+    # ga2 in gp's buffer: x₂(gp + gq1·Pᵀ) + x₃gq1 + x₆'gq2 + y₂g.
+    ga2 = gp.baddbmm_(gq1, p.mT, beta=_X2, alpha=_X2)
+    ga2.add_(gq1, alpha=_X3).add_(gq2, alpha=_X6Q).add_(g, alpha=_Y2)
+    # A² = A·A with A skew: the skew part of ga + ga2·Aᵀ + Aᵀ·ga2 is that of ga - S·A,
+    # S = ga2 + ga2ᵀ (see _frechet._tail; the coordinates see only the skew part); S is
+    # written in gq1's buffer.
+    ga.baddbmm_(torch.add(ga2, ga2.mT, out=gq1), a, alpha=-1.0)
+    flat = ga.view(ga.shape[0], -1)
+    k, m = flat.shape[0], low.numel()
+    mirror = torch.index_select(flat, 1, up, out=gq2.view(-1)[: k * m].view(k, m))
+    gx = flat.index_select(1, low).sub_(mirror)
+    if s:
+        gx.mul_(2.0**-s)
+    return gx
+
+
 class _ExpSkewBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, index: SkewIndex) -> tuple[Tensor, int]:  # type: ignore[override]
-        k = x.shape[0]
-        n = math.isqrt(index.take.numel())
-        a = x.index_select(1, index.take).mul_(index.sign.to(x.dtype)).view(k, n, n)
-        a2 = torch.bmm(a, a)
-        p = torch.add(a2, a, alpha=_C1)
-        q1 = torch.baddbmm(a2, a2, p, beta=_X3, alpha=_X2)  # x₃A² + A₄
-        # ρ from t₂ = ‖A²‖²_F and t₃ = -tr(A⁶) = (x₃t₂ - ⟨A², Q₁⟩)/x₂ (tr A⁵ = 0); the
-        # product A²∘Q₁ is written where R goes.
-        r = torch.mul(a2, q1)
-        t2 = torch.linalg.vector_norm(a2.view(k, -1), dim=-1).square_()
-        t3 = t2.mul(_X3).sub_(r.view(k, -1).sum(-1)).div_(_X2)
-        t2_max, t3_max = torch.stack([t2.amax(), t3.amax()]).tolist()
-        rho = rho_bound(t2_max, t3_max)
-        finite = math.isfinite(rho)
-        if not finite:  # a power overflowed (or x is not finite): ρ <= ‖A‖₁ <= (n-1)·max|x|
-            rho = (n - 1) * float(x.abs().amax())
-        s = _squarings(rho, x.dtype)
-        if s > 0:  # scale, and redo the second product in place
-            a.mul_(2.0**-s)
-            if finite:
-                a2.mul_(4.0**-s)
-            else:
-                torch.bmm(a, a, out=a2)
-            torch.add(a2, a, alpha=_C1, out=p)
-            torch.baddbmm(a2, a2, p, beta=_X3, alpha=_X2, out=q1)
-        # T₈ = I + A + y₂A² + Q₁Q₂, Q₂ = x₄I + x₅A + x₆A² + x₇A₄ (A₄ = Q₁ - x₃A²).
-        q2 = (a * _X5).add_(a2, alpha=_X6Q).add_(q1, alpha=_X7)
-        q2.diagonal(dim1=-2, dim2=-1).add_(_X4)
-        torch.add(a, a2, alpha=_Y2, out=r).baddbmm_(q1, q2)
-        r.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        squares = []
-        for _ in range(s):
-            squares.append(r)
-            r = torch.bmm(r, r)
-        ctx.save_for_backward(a, a2, p, q1, q2, index.low, index.up, *squares)
+        r, saved, squares, s = _forward(x, index)
+        ctx.save_for_backward(*saved, *index, *squares)
         ctx.s = s
         return r, s
 
     @staticmethod
     def backward(ctx, g: Tensor, _s: None):  # type: ignore[override]
+        a, a2, p, q1, q2, take, sign, low, up, *squares = ctx.saved_tensors
+        index = SkewIndex(take, sign, low, up)
         with autocast_off(g):  # (a backward called inside an autocast block)
-            return _ExpSkewBlocks._backward(ctx, g), None
+            return _backward(g, (a, a2, p, q1, q2), squares, ctx.s, index), None
 
-    @staticmethod
-    def _backward(ctx, g: Tensor) -> Tensor:  # type: ignore[no-untyped-def]
-        a, a2, p, q1, q2, low, up, *squares = ctx.saved_tensors
-        for xj in reversed(squares):  # X_{j+1} = X_j X_j
-            xt = xj.mT
-            g = torch.bmm(xt, g).baddbmm_(g, xt)
-        gq2 = torch.bmm(q1.mT, g)
-        gq1 = torch.bmm(g, q2.mT).add_(gq2, alpha=_X7)
-        gp = torch.bmm(a2.mT, gq1)  # (the gradient w.r.t. P, over x₂)
-        ga = torch.add(g, gq2, alpha=_X5).add_(gp, alpha=_X1)
-        # ga2 in gp's buffer: x₂(gp + gq1·Pᵀ) + x₃gq1 + x₆'gq2 + y₂g.
-        ga2 = gp.baddbmm_(gq1, p.mT, beta=_X2, alpha=_X2)
-        ga2.add_(gq1, alpha=_X3).add_(gq2, alpha=_X6Q).add_(g, alpha=_Y2)
-        # A² = A·A with A skew: the skew part of ga + ga2·Aᵀ + Aᵀ·ga2 is that of ga - S·A,
-        # S = ga2 + ga2ᵀ (see _frechet._tail; the coordinates see only the skew part); S is
-        # written in gq1's buffer.
-        ga.baddbmm_(torch.add(ga2, ga2.mT, out=gq1), a, alpha=-1.0)
-        flat = ga.view(ga.shape[0], -1)
-        k, m = flat.shape[0], low.numel()
-        mirror = torch.index_select(flat, 1, up, out=gq2.view(-1)[: k * m].view(k, m))
-        gx = flat.index_select(1, low).sub_(mirror)
-        if ctx.s:
-            gx.mul_(2.0**-ctx.s)
-        return gx
+
+# Under torch.compile: the same forward and backward as custom ops (opaque to Dynamo, which
+# cannot trace the host read of the bound). The forward returns its intermediates; the
+# squares past R₀ (large angles only) are recomputed by the backward.
+@torch.library.custom_op("manifoldparam::expm_skew_blocks_v1", mutates_args=())
+def _skew_blocks_op(
+    x: Tensor, take: Tensor, sign: Tensor, low: Tensor, up: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with autocast_off(x):
+        r, saved, squares, s = _forward(x, SkewIndex(take, sign, low, up))
+    r0 = squares[0] if squares else torch.zeros_like(r)  # (s = 0: R₀ is R, not returned twice)
+    return r, *saved, r0, torch.tensor(s, dtype=torch.int64, device=x.device)
+
+
+@_skew_blocks_op.register_fake
+def _(
+    x: Tensor, take: Tensor, sign: Tensor, low: Tensor, up: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    n = take.shape[0]
+    shape = (x.shape[0], math.isqrt(n), math.isqrt(n))
+    mats = [x.new_empty(shape) for _ in range(7)]
+    return (*mats, torch.empty((), dtype=torch.int64, device=x.device))
+
+
+@torch.library.custom_op("manifoldparam::expm_skew_blocks_backward_v1", mutates_args=())
+def _skew_blocks_backward_op(
+    g: Tensor, mats: list[Tensor], s: Tensor, take: Tensor, sign: Tensor, low: Tensor, up: Tensor
+) -> Tensor:
+    a, a2, p, q1, q2, r0 = mats
+    steps = int(s)
+    squares = [r0]
+    for _ in range(steps - 1):
+        squares.append(torch.bmm(squares[-1], squares[-1]))
+    with autocast_off(g):
+        index = SkewIndex(take, sign, low, up)
+        return _backward(g, (a, a2, p, q1, q2), squares[:steps], steps, index)
+
+
+@_skew_blocks_backward_op.register_fake
+def _(
+    g: Tensor, mats: list[Tensor], s: Tensor, take: Tensor, sign: Tensor, low: Tensor, up: Tensor
+) -> Tensor:
+    return g.new_empty((g.shape[0], low.shape[0]))
+
+
+def _op_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    _, *index = inputs
+    _, *mats, s = output
+    ctx.save_for_backward(*mats, s, *index)
+
+
+def _op_backward(ctx, g: Tensor, *_unused):  # type: ignore[no-untyped-def]
+    a, a2, p, q1, q2, r0, s, take, sign, low, up = ctx.saved_tensors
+    gx = torch.ops.manifoldparam.expm_skew_blocks_backward_v1(
+        g.contiguous(), [a, a2, p, q1, q2, r0], s, take, sign, low, up
+    )
+    return gx, None, None, None, None
+
+
+torch.library.register_autograd(
+    "manifoldparam::expm_skew_blocks_v1", _op_backward, setup_context=_op_setup
+)
 
 
 def expm_skew_blocks(x: Tensor, n: int, index: SkewIndex | None = None) -> tuple[Tensor, int]:
@@ -191,6 +274,10 @@ def expm_skew_blocks(x: Tensor, n: int, index: SkewIndex | None = None) -> tuple
         )
     if index is None:
         index = skew_index(n, x.device)
+    flat = x.reshape(-1, x.shape[-1])
+    if torch.compiler.is_compiling():  # (s is not known at trace time: reported as -1)
+        r = torch.ops.manifoldparam.expm_skew_blocks_v1(flat, *index)[0]
+        return r.reshape(*x.shape[:-1], n, n), -1
     with autocast_off(x):
-        r, s = _ExpSkewBlocks.apply(x.reshape(-1, x.shape[-1]), index)
+        r, s = _ExpSkewBlocks.apply(flat, index)
     return r.reshape(*x.shape[:-1], n, n), s
