@@ -29,7 +29,6 @@ BEFORE, AFTER = 3, 3  # steps before the checkpoint, and resumed after it
 
 
 def _worker(rank: int, store: str, out_dir: str) -> None:  # pragma: no cover - subprocess
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     import manifoldparam as mp
@@ -90,8 +89,7 @@ def _worker(rank: int, store: str, out_dir: str) -> None:  # pragma: no cover - 
         "resumed_weights": {k: v.tolist() for k, v in resumed_ref.items()},
     }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
-    dist.barrier()
-    dist.destroy_process_group()
+    _ranks.finish()
 
 
 def _main(store: str, out_dir: str) -> None:  # pragma: no cover - subprocess

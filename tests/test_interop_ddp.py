@@ -27,7 +27,6 @@ ROUNDS, INNER = 4, 20  # method of multipliers: dual updates, Adam steps between
 
 
 def _worker(rank: int, store: str, out_dir: str) -> None:  # pragma: no cover - subprocess
-    import torch.distributed as dist
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -181,8 +180,7 @@ def _worker(rank: int, store: str, out_dir: str) -> None:  # pragma: no cover - 
         "mom_unsynced": multipliers_method(sync=False),
     }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
-    dist.barrier()
-    dist.destroy_process_group()
+    _ranks.finish()
 
 
 def _main(store: str, out_dir: str) -> None:  # pragma: no cover - subprocess

@@ -180,7 +180,6 @@ def _compiled(rank: int) -> dict[str, float]:  # pragma: no cover - subprocess
 
 
 def _worker(rank: int, store: str, out_dir: str) -> None:  # pragma: no cover - subprocess
-    import torch.distributed as dist
 
     _ranks.init(rank, store)
     report: dict[str, object] = {}
@@ -197,8 +196,7 @@ def _worker(rank: int, store: str, out_dir: str) -> None:  # pragma: no cover - 
     report["compiled"] = _compiled(rank)
     report["resharded"] = _resharded(rank)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
-    dist.barrier()
-    dist.destroy_process_group()
+    _ranks.finish()
 
 
 def _main(store: str, out_dir: str) -> None:  # pragma: no cover - subprocess
