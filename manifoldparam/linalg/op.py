@@ -9,15 +9,15 @@ exponential of a :math:`2n\times 2n` block matrix, about ten forwards). Inside t
 tensors are real, so the degree and the squarings are chosen from the norms read on the host,
 as in eager mode (``max_squarings = -1``), with no graph break.
 
-The forward also returns what the backward needs, in a fixed layout the fake kernel can
-describe, without copying it: its own intermediates as a list of eight matrices (Padé:
-``A²``, ``A⁴``, ``A⁶``, ``W``, ``W₁``, ``Z₁``, the LU factors and ``R``; Taylor: ``A²``,
-``P₁``, ``Q₁``, ``Q₂`` and ``R``; the slots a path does not use are zero placeholders,
-never read), the squares after ``R`` up to three, the pivots, the per-matrix
+The forward also returns what the backward needs, without copying it: its own
+intermediates, as a list of six matrices in single precision (Padé: ``A²``, ``A⁴``, ``A⁶``,
+``W``, the LU factors, ``R``; Taylor: ``A²``, ``P₁``, ``Q₂``, ``Q₁``) and eight in double
+(Padé 13's ``W₁``, ``Z₁``), zeros where a path has nothing; the pivots, the per-matrix
 squarings ``s`` and the path ``(m, s_max, uniform)``. The backward, a second op
-``expm_backward_v2``, squares again past the third (a weight far from its base), rescales
-``A`` and applies the adjoint as eager mode does. No double backward (a compiled backward has
-none; see ``manifoldparam.interop.compile``).
+``expm_backward_v2``, squares ``R`` again for the intermediate squares (``s_max - 1``
+products: none at a trained weight's or OFT's usual size), rescales ``A`` and applies the
+adjoint as eager mode does. No double backward (a compiled backward has none; see
+``manifoldparam.interop.compile``).
 
 The names carry a version (``_v2``): compile caches key on op names, so a change of the
 op's semantics gets a new name.
@@ -52,21 +52,20 @@ def _fresh(out: Tensor, *inputs: Tensor) -> Tensor:
     return out
 
 
-def _squares(r: Tensor, sq: Tensor, s: Tensor, s_max: int, uniform: bool) -> list[Tensor]:
-    """The squares ``X_0 = R, …, X_{s_max-1}`` of the forward's squarings (``X_{j+1} = X_j²``
-    where ``s > j``): ``R`` and the next ones the forward returned, the rest again."""
-    squares = [r, *sq[: max(min(s_max, _SAVED_SQUARES) - 1, 0)].unbind(0)]
-    for j in range(len(squares) - 1, s_max - 1):
+def _squares(r: Tensor, s: Tensor, s_max: int, uniform: bool) -> list[Tensor]:
+    """The squares ``X_0 = R, …, X_{s_max-1}`` of the forward's squarings again
+    (``X_{j+1} = X_j²`` where ``s > j``): ``s_max - 1`` products, none for ``s_max <= 1``."""
+    squares = [r]
+    for j in range(s_max - 1):
         xx = squares[-1] @ squares[-1]
         squares.append(xx if uniform else torch.where(_expand(s > j), xx, squares[-1]))
     return squares[:s_max]  # (the adjoint indexes them: no stacked copy)
 
 
-#: What the forward returns for the backward (see the module docstring): ``_MATS`` matrices
-#: (its own intermediates, no copies), and the squares ``X_1, …`` up to ``_SAVED_SQUARES``
-#: with ``X_0 = R`` (more are recomputed: a weight far from its base).
-_MATS = 8
-_SAVED_SQUARES = 4
+def _slots(dtype: torch.dtype) -> int:
+    """How many matrices the forward returns: ``A², A⁴, A⁶, W, LU, R`` (+ ``W₁, Z₁`` in double
+    precision, where Padé 13 runs)."""
+    return 6 if dtype in (torch.float32, torch.complex64) else 8
 
 
 def _real(a: Tensor) -> torch.dtype:
@@ -76,42 +75,40 @@ def _real(a: Tensor) -> torch.dtype:
 @torch.library.custom_op("manifoldparam::expm_v2", mutates_args=())
 def _expm_v2(
     a: Tensor, max_squarings: int, projected: bool
-) -> tuple[Tensor, list[Tensor], Tensor, Tensor, Tensor, Tensor]:
-    # Slots the path does not use are zero placeholders (never read; an op's outputs must be
-    # deterministic).
-    mats: list[Tensor | None] = [None] * _MATS
-    sq_out = a.new_zeros((_SAVED_SQUARES - 1, *a.shape))
+) -> tuple[Tensor, list[Tensor], Tensor, Tensor, Tensor]:
+    mats: list[Tensor | None] = [None] * _slots(a.dtype)
     piv = torch.zeros((*a.shape[:-1],), dtype=torch.int32, device=a.device)
     s = a.new_zeros(a.shape[:-2], dtype=_real(a))
     meta = torch.zeros(3, dtype=torch.int64, device=a.device)
-    if a.shape[-1] == 0:
-        return a.clone(), [a.new_zeros(a.shape) for _ in mats], sq_out, piv, s, meta
-    with autocast_off(a):
-        x, saved, (m, s_max, uniform) = _forward(a, _choice(a, max_squarings), skew=projected)
-        _, a2, a4, a6, w, w1, z1, lu, pv, r, sq, s_used = saved
-        for i, t in enumerate((a2, a4, a6, w, w1, z1, lu)):
-            if t.shape == a.shape:  # (unused: zero-size placeholders of the scheme)
-                mats[i] = t.contiguous()  # (the LU factors are column-major)
-        if s_max > 0:  # else R is x, which the backward gets as the output
-            mats[_MATS - 1] = r
-        if s_max > 1:
-            sq_out[: min(s_max, _SAVED_SQUARES) - 1].copy_(sq[1:_SAVED_SQUARES])
-        if m != _TAYLOR:
-            piv.copy_(pv)
-        s.copy_(s_used)
-        meta.copy_(torch.tensor([m, s_max, int(uniform)]))
+    if a.shape[-1] > 0:
+        with autocast_off(a):
+            x, saved, (m, s_max, uniform) = _forward(a, _choice(a, max_squarings), skew=projected)
+            _, a2, a4, a6, w, w1, z1, lu, pv, r, _, s_used = saved
+            if m == _TAYLOR:  # (a4, w, w1 hold P₁, Q₁, Q₂: Q₂ goes where A⁶ would)
+                a6, w1 = w1, w1[..., :0, :0]
+            extra = (w1, z1) if len(mats) == 8 else ()
+            # R itself when there are squarings (without, R is x, which the backward gets)
+            for i, t in enumerate((a2, a4, a6, w, lu, r if s_max else None, *extra)):
+                if t is not None and t.shape == a.shape:  # (else unused by this path)
+                    mats[i] = t.contiguous()  # (the LU factors are column-major)
+            if m != _TAYLOR:
+                piv.copy_(pv)
+            s.copy_(s_used)
+            meta.copy_(torch.tensor([m, s_max, int(uniform)]))
+    else:
+        x = a.clone()
+    # What this path does not use: zeros (never read; an op's outputs must be deterministic).
     out = [a.new_zeros(a.shape) if t is None else t for t in mats]
-    return _fresh(x, a), out, sq_out, piv, s, meta
+    return _fresh(x, a), out, piv, s, meta
 
 
 @_expm_v2.register_fake
 def _(
     a: Tensor, max_squarings: int, projected: bool
-) -> tuple[Tensor, list[Tensor], Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, list[Tensor], Tensor, Tensor, Tensor]:
     return (
         torch.empty_like(a),
-        [torch.empty_like(a) for _ in range(_MATS)],
-        a.new_empty((_SAVED_SQUARES - 1, *a.shape)),
+        [torch.empty_like(a) for _ in range(_slots(a.dtype))],
         torch.empty((*a.shape[:-1],), dtype=torch.int32, device=a.device),
         a.new_empty(a.shape[:-2], dtype=_real(a)),
         torch.empty(3, dtype=torch.int64, device=a.device),
@@ -124,7 +121,6 @@ def _expm_backward_v2(
     x: Tensor,
     grad: Tensor,
     mats: list[Tensor],
-    sq: Tensor,
     piv: Tensor,
     s: Tensor,
     meta: Tensor,
@@ -134,15 +130,15 @@ def _expm_backward_v2(
         return grad.clone()
     m, s_max, uniform = (int(v) for v in meta.tolist())
     with autocast_off(a):
-        a2, a4, a6, w, w1, z1, lu, r = mats
+        a2, a4, a6, w, lu, r, *extra = mats
         r = r if s_max else x
-        squares = _squares(r, sq, s, s_max, bool(uniform))
+        squares = _squares(r, s, s_max, bool(uniform))
         a_s = _scale(a, s, s_max, bool(uniform)) if s_max else a
         empty = a[..., :0, :0]
-        if m == _TAYLOR:  # (a4, w, w1 hold P₁, Q₁, Q₂)
-            saved = (a_s, a2, a4, empty, w, w1, empty, empty, None, r, squares, s)
+        if m == _TAYLOR:  # the layout of _scheme._taylor_saved
+            saved = (a_s, a2, a4, empty, w, a6, empty, empty, None, r, squares, s)
         else:
-            w1, z1 = (w1, z1) if m == 13 else (empty, empty)
+            w1, z1 = extra if m == 13 else (empty, empty)
             saved = (a_s, a2, a4, a6, w, w1, z1, lu, piv, r, squares, s)
         ga = _adjoint(grad, saved, m, s_max, bool(uniform), solve_lu=True, projected=projected)
     return _fresh(ga, a, grad, x, *mats)
@@ -154,7 +150,6 @@ def _(
     x: Tensor,
     grad: Tensor,
     mats: list[Tensor],
-    sq: Tensor,
     piv: Tensor,
     s: Tensor,
     meta: Tensor,
@@ -165,15 +160,15 @@ def _(
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     a, _, projected = inputs
-    x, mats, sq, piv, s, meta = output
-    ctx.save_for_backward(a, x, sq, piv, s, meta, *mats)
+    x, mats, piv, s, meta = output
+    ctx.save_for_backward(a, x, piv, s, meta, *mats)
     ctx.projected = projected
 
 
 def _backward(ctx, grad: Tensor, *_unused):  # type: ignore[no-untyped-def]
-    a, x, sq, piv, s, meta, *mats = ctx.saved_tensors
+    a, x, piv, s, meta, *mats = ctx.saved_tensors
     ga = torch.ops.manifoldparam.expm_backward_v2(
-        a, x, grad.contiguous(), mats, sq, piv, s, meta, ctx.projected
+        a, x, grad.contiguous(), mats, piv, s, meta, ctx.projected
     )
     return ga, None, None
 
