@@ -88,9 +88,10 @@ def _expm_v2(
                 a6, w1 = w1, w1[..., :0, :0]
             extra = (w1, z1) if len(mats) == 8 else ()
             # R itself when there are squarings (without, R is x, which the backward gets)
-            for i, t in enumerate((a2, a4, a6, w, lu, r if s_max else None, *extra)):
+            # The LU factors are column-major: returned transposed (no copy), as the fake says.
+            for i, t in enumerate((a2, a4, a6, w, lu.mT, r if s_max else None, *extra)):
                 if t is not None and t.shape == a.shape:  # (else unused by this path)
-                    mats[i] = t.contiguous()  # (the LU factors are column-major)
+                    mats[i] = t.contiguous()
             if m != _TAYLOR:
                 piv.copy_(pv)
             s.copy_(s_used)
@@ -130,7 +131,8 @@ def _expm_backward_v2(
         return grad.clone()
     m, s_max, uniform = (int(v) for v in meta.tolist())
     with autocast_off(a):
-        a2, a4, a6, w, lu, r, *extra = mats
+        a2, a4, a6, w, lu_t, r, *extra = mats
+        lu = lu_t.mT
         r = r if s_max else x
         squares = _squares(r, s, s_max, bool(uniform))
         a_s = _scale(a, s, s_max, bool(uniform)) if s_max else a
