@@ -9,7 +9,8 @@ One process, the peers side by side:
 
 * **rotation fwd+bwd**: the 128 blocks of 32x32 alone, from the coordinates to ``R`` and the
   gradient back (``(R * G).sum().backward()``, G fixed): ours ``OrthogonalAdapter.rotation``
-  (the exact exponential, batched), peft's ``OFTRotationModule._cayley_batch`` (its default,
+  (``mp.linalg.expm_skew_blocks``: Taylor with one number of squarings for the batch, and its
+  exact derivative), peft's ``OFTRotationModule._cayley_batch`` (its default,
   the 5-term Cayley--Neumann series). Coordinates ~ N(0, 0.05²) (a trained adapter's size).
 * **layer fwd+bwd**: ``nn.Linear(4096, 256)`` (128 blocks on the 4096 input features), a
   batch of 64: ours merges ``W = W0 R`` and runs the linear layer; peft rotates the input
