@@ -239,3 +239,22 @@ def test_the_op_count_does_not_grow_with_the_number_of_blocks() -> None:
             m(x).sum().backward()
         counts.append(c.ops)
     assert counts[0] == counts[1]
+
+
+def test_half_precision_weights_train_and_report() -> None:
+    """A bfloat16 model: the rotation is computed in float32 and cast, and the check (a
+    Procrustes SVD, which has no half-precision kernel) runs in float32 too."""
+    torch.manual_seed(7)
+    m = mp.orthogonal_adapter(nn.Linear(64, 16), block_size=32).to(torch.bfloat16)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    for _ in range(5):
+        opt.zero_grad()
+        m(x).float().square().mean().backward()
+        opt.step()
+    assert m.weight.dtype == torch.bfloat16
+    assert float(m.parametrizations.weight.original.detach().abs().max()) > 0  # it trained
+    report = mp.constraint_report(m)
+    assert "weight" in str(report)
+    p = adapter(m)
+    assert float(p.distance(m.weight.detach())) <= p.default_atol(torch.bfloat16)

@@ -227,8 +227,9 @@ class OrthogonalAdapter(Parametrization):
 
     def _procrustes(self, w: Tensor) -> Tensor:
         """The rotation blocks of the nearest point :math:`W_0 R` to ``w``."""
-        x0 = self._columns(self.frozen.to(w.dtype))
-        q = _special_polar(x0.mT @ self._columns(w))
+        dt = torch.float32 if w.dtype in LOW_PRECISION else w.dtype  # (no half-precision SVD)
+        x0 = self._columns(self.frozen.to(dt))
+        q = _special_polar(x0.mT @ self._columns(w.to(dt)))
         return q if self.dim_rotated == 1 else q.mT
 
     # ------------------------------------------------------------ the hooks
