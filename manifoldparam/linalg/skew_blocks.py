@@ -20,10 +20,15 @@ t_p = \operatorname{tr} M^p`): :math:`\rho \le \min((t_2/2)^{1/4}, (t_3/2)^{1/6}
 :math:`t_2 = \|A^2\|_F^2` after the first product and :math:`t_3 = -\operatorname{tr}(A^6)`
 from :math:`\langle A^2, Q_1\rangle` after the second (the odd powers of a skew matrix have
 no trace), and :math:`\rho \le \|A\|_1 \le (n-1)\max|x|` where the traces overflow. The
-bounds are monotone in the traces, so the batch's largest traces bound every block: three
-floats read on the host per call, and the second product redone once when :math:`s > 0`. At a
-trained adapter's size (entries ~0.05 at n = 32: :math:`\rho \approx 0.58`, bound 0.62) this
-gives :math:`s = 0`, 8 products for the forward and backward together.
+bounds are monotone in the traces, so the batch's largest traces bound every block: two
+floats read on the host per call (a sync on a GPU; ``max|x|`` too where the traces
+overflow), and the second product redone once when :math:`s > 0`. At a trained adapter's size
+(entries ~0.05 at n = 32: :math:`\rho \approx 0.58`, bound 0.62) this gives :math:`s = 0`,
+8 products for the forward and backward together. After more than one squaring in float32
+(two in float64) the result gets one Newton--Schulz step, which the backward does not see.
+
+Under ``torch.compile`` the same forward and backward run as the custom ops
+``manifoldparam::expm_skew_blocks_v1`` and ``expm_skew_blocks_backward_v1``.
 """
 
 from __future__ import annotations
