@@ -190,3 +190,16 @@ def test_the_custom_op_passes_opcheck_and_matches_eager(scale: float) -> None:
     torch.testing.assert_close(g_op, g_eager, atol=0, rtol=0)
     eye = torch.eye(6, dtype=F64)
     assert float((r.double().mT @ r.double() - eye).abs().max()) < 1e-6  # (polished)
+
+
+def test_a_transposed_incoming_gradient() -> None:
+    """The gradient that reaches the backward may have any strides (here Rᵀ·B is used: the
+    gradient of R arrives transposed; float32 used to fail on a view of a transposed result)."""
+    for dtype in (torch.float32, F64):
+        x = coords(4, 8, 0.05, dtype).requires_grad_()
+        b = torch.randn(4, 8, 3, dtype=dtype)
+        r, _ = expm_skew_blocks(x, 8)
+        (got,) = torch.autograd.grad((r.mT @ b).square().sum(), x, retain_graph=True)
+        rt = r.mT.contiguous()
+        (expected,) = torch.autograd.grad((rt @ b).square().sum(), x)
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)

@@ -144,6 +144,7 @@ def _backward(
     """The gradient w.r.t. the coordinates: the exact derivative of :func:`_forward`."""
     a, a2, p, q1, q2 = saved
     low, up = index.low, index.up
+    g = g.contiguous()  # (a transposed gradient would give ga its strides)
     for xj in reversed(squares):  # X_{j+1} = X_j X_j
         xt = xj.mT
         g = torch.bmm(xt, g).baddbmm_(g, xt)
