@@ -258,3 +258,20 @@ def test_half_precision_weights_train_and_report() -> None:
     assert "weight" in str(report)
     p = adapter(m)
     assert float(p.distance(m.weight.detach())) <= p.default_atol(torch.bfloat16)
+
+
+def test_the_weight_is_the_transpose_of_a_contiguous_product() -> None:
+    """dim=1: W = (diag(R_iᵀ)·W₀ᵀ)ᵀ, a view (no copy interleaves the blocks); its values are
+    W₀·R blockwise, and the export keeps the layout (outputs bit-identical)."""
+    torch.manual_seed(8)
+    m = mp.orthogonal_adapter(nn.Linear(64, 16), block_size=32)
+    with torch.no_grad():
+        m.parametrizations.weight.original.normal_(std=0.1)
+    p = adapter(m)
+    w = m.weight.detach()
+    assert w.mT.is_contiguous()
+    r = p.rotation(m.parametrizations.weight.original).detach()
+    expected = torch.cat([p.frozen[:, 32 * i : 32 * (i + 1)] @ r[i] for i in range(2)], dim=1)
+    torch.testing.assert_close(w, expected, atol=1e-6, rtol=0)
+    x = torch.randn(5, 64)
+    assert torch.equal(mp.export(m)(x), m(x))

@@ -209,12 +209,15 @@ class OrthogonalAdapter(Parametrization):
 
     def apply_rotation(self, r: Tensor, w0: Tensor) -> Tensor:
         """``W₀·R`` (``dim=1``) or ``R·W₀`` (``dim=0``) for blocks ``r``, without building
-        the dense ``R``: one batched product."""
+        the dense ``R``: one batched product. For ``dim=1`` the result is the transpose of a
+        contiguous tensor (``W.mT.is_contiguous()``; call ``.contiguous()`` before ``view``)."""
         m, n = self.shape
         k, b = self.blocks, self.block_size
         if self.dim_rotated == 0:
             return (r @ w0.reshape(k, b, n)).reshape(m, n)
-        return (w0.reshape(m, k, b).transpose(0, 1) @ r).transpose(0, 1).reshape(m, n)
+        # Wᵀ = diag(R_iᵀ)·W₀ᵀ, computed contiguous, and W its transpose (a view): no copy of
+        # the weight to interleave the blocks, and F.linear reads Wᵀ as it is.
+        return (r.mT @ w0.mT.reshape(k, b, m)).reshape(n, m).mT
 
     def _columns(self, w: Tensor) -> Tensor:
         """The blocks of ``w`` as ``(k, rows, b)`` with ``value_i = frozen_i·Q_i``
