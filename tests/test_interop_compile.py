@@ -133,3 +133,28 @@ def test_expm_op_matches_expm_and_gradchecks() -> None:
         assert torch.autograd.gradcheck(
             lambda t: expm_op(t - t.mT, projected=True), (low.requires_grad_(),)
         )
+
+
+@pytest.mark.parametrize("scale", [0.01, 3.0])  # the Taylor path, and Padé with squarings
+def test_compiled_orthogonal_weight_matches_eager_and_is_orthogonal(scale: float) -> None:
+    """float32: compiled, the op adds the Newton--Schulz step where the path is off the Taylor
+    floor (Padé, squarings), and the map skips its own step on the Taylor path with an exact
+    base, as eager mode does: the same weight to round-off, orthogonal to float32 round-off;
+    and the forward graph has no more products than the eager map dispatches."""
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    layer = mp.orthogonal(nn.Linear(32, 32, bias=False))
+    with torch.no_grad():
+        coords = layer.parametrizations.weight.original
+        coords.copy_(scale * torch.randn_like(coords))
+    eye = torch.eye(32)
+    x = torch.eye(32)
+    eager = layer(x).detach()
+    graphs: list[str] = []
+    compiled = torch.compile(layer, backend=_recording_backend(graphs), fullgraph=True)
+    out = compiled(x).detach()
+    torch.testing.assert_close(out, eager, atol=2e-6, rtol=0)
+    w = out.T.double()
+    assert float((w.T @ w - eye.double()).abs().max()) < 2e-6
+    if scale < 0.1:  # Taylor, exact base: B·exp(A) and the layer's x·Wᵀ, no Newton--Schulz
+        assert graphs[0].count("aten.mm") + graphs[0].count("aten.addmm") == 2, graphs[0]

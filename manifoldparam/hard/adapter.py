@@ -58,9 +58,10 @@ from torch import Tensor, nn
 from manifoldparam._device import may_read_on_host
 from manifoldparam._torch import is_functorch_wrapped, is_tracing
 from manifoldparam.hard.base import LOW_PRECISION, Parametrization, max_abs
-from manifoldparam.hard.orthogonal import _exp, _newton_schulz_correction
+from manifoldparam.hard.orthogonal import _exp
 from manifoldparam.hard.registration import register
 from manifoldparam.linalg.skew_blocks import SkewIndex, expm_skew_blocks, skew_index
+from manifoldparam.linalg.stiefel import _newton_schulz_correction
 
 __all__ = ["OrthogonalAdapter", "orthogonal_adapter"]
 

@@ -72,7 +72,7 @@ from manifoldparam.hard.base import (
 from manifoldparam.hard.registration import register
 from manifoldparam.linalg.expm import _expm
 from manifoldparam.linalg.op import expm_op
-from manifoldparam.linalg.stiefel import polar
+from manifoldparam.linalg.stiefel import _cayley, _newton_schulz_correction, polar
 
 __all__ = ["Orthogonal", "orthogonal"]
 
@@ -113,43 +113,14 @@ def _exp(a: Tensor, max_squarings: int | None) -> tuple[Tensor, bool]:
     (``expm.SYNC_FREE_SQUARINGS`` while capturing), so nothing syncs; it costs that many
     products in the forward and twice as many in the backward, used or not. Under
     ``torch.compile`` it is the custom op :mod:`manifoldparam.linalg.op` (same scheme and
-    backward, opaque to Dynamo, which cannot trace the Function in a parametrization); under
+    backward, opaque to Dynamo, which cannot trace the Function in a parametrization; it adds
+    the Newton--Schulz step off the Taylor floor itself, so ``taylor`` is True); under
     ``torch.jit.trace`` (no Functions with non-tensor outputs) ``torch.linalg.matrix_exp``."""
-    if torch.compiler.is_compiling():
-        return expm_op(a, max_squarings, projected=True), False
+    if torch.compiler.is_compiling():  # (the op polishes what is off the Taylor floor)
+        return expm_op(a, max_squarings, projected=True), True
     if is_tracing():
         return torch.linalg.matrix_exp(a), False
     return _expm(a, max_squarings, projected=True)
-
-
-def _cayley(a: Tensor, k: int) -> Tensor:
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    rhs = (eye + 0.5 * a)[..., :k]
-    # solve_ex: no error check, so no device sync (I - A/2 is nonsingular for skew A).
-    return torch.linalg.solve_ex(eye - 0.5 * a, rhs)[0]
-
-
-def _newton_schulz_correction(t: Tensor, steps: int) -> Tensor:
-    """``NS^steps(t) - t`` for a (detached) nearly orthonormal ``t``.
-
-    Added to the tracked ``t``, the value is ``NS^steps(t)`` (up to one rounding) while the
-    backward (and forward-mode tangent) of the correction is zero: the differential of NS at an
-    orthonormal ``t`` is the identity on tangent vectors, and every variation of ``B·φ(A)`` is
-    tangent, so the gradient equals the one through NS up to ``O(|tᵀt - I|)`` (float round-off)
-    -- and so do all higher derivatives, since NS∘(B·φ) and B·φ are the same function on the
-    manifold. This saves the four products of NS's backward.
-    """
-
-    # NS(y) - y = y/2 - y(yᵀy)/2: one fused product, and no cancellation in the difference.
-    def step(y: Tensor) -> Tensor:
-        if y.dim() == 2:
-            return torch.addmm(y, y, y.mT @ y, beta=0.5, alpha=-0.5)
-        return torch.matmul(y, y.mT @ y).mul_(-0.5).add_(y, alpha=0.5)
-
-    d = step(t)
-    for _ in range(steps - 1):
-        d = d + step(t + d)
-    return d
 
 
 def _orthogonalize(b: Tensor, steps: int = 2) -> Tensor:
@@ -380,7 +351,12 @@ class Orthogonal(Parametrization):
         cache, it cannot see writes through ``.data``, after which
         :func:`~manifoldparam.invalidate` drops it (:meth:`forget`). False (the step runs)
         for a batched base under ``torch.func`` transforms and for inference tensors, which
-        keep no version counter."""
+        keep no version counter. Compiled, the last verdict is read as it is (set at registration
+        and assignment, dropped by every change of the base but a write through ``.data``;
+        none: the step runs), since the key cannot be traced."""
+        if torch.compiler.is_compiling():
+            memo = self.__dict__.get(_VERDICT)
+            return memo is not None and memo[1]
         b = self.base
         if is_functorch_wrapped(b) or b.is_inference():
             return False
@@ -439,6 +415,7 @@ class Orthogonal(Parametrization):
             q, _ = torch.linalg.qr(t, mode="complete")
             t = torch.cat([t, q[..., self.k :]], dim=-1)
         self.base = _orthogonalize(t.detach()).to(self.base.dtype).contiguous()
+        self._exact_base()  # (the verdict a compiled map reads; see _exact_base)
         return w.new_zeros(*self.batch_shape, self.matrix_dim)
 
     def project(self, w: Tensor) -> Tensor:

@@ -19,6 +19,11 @@ products: none at a trained weight's or OFT's usual size), rescales ``A`` and ap
 adjoint as eager mode does. No double backward (a compiled backward has none; see
 ``manifoldparam.interop.compile``).
 
+With ``projected`` (``A`` skew, so ``exp(A)`` is orthogonal) the forward adds one
+Newton--Schulz step where the path is off the Taylor floor (Padé, or more squarings than T_8
+is allowed), which the backward does not see: what the orthogonal maps do in eager mode, so a
+compiled map adds no step of its own there.
+
 The names carry a version (``_v2``): compile caches key on op names, so a change of the
 op's semantics gets a new name.
 """
@@ -30,7 +35,14 @@ from torch import Tensor
 
 from manifoldparam._device import autocast_off, may_read_on_host
 from manifoldparam.linalg._frechet import _adjoint
-from manifoldparam.linalg._scheme import _TAYLOR, _expand, _forward, _scale
+from manifoldparam.linalg._scheme import (
+    _TAYLOR,
+    _TAYLOR_MAX_SQUARINGS,
+    _TAYLOR_MAX_SQUARINGS_F32,
+    _expand,
+    _forward,
+    _scale,
+)
 from manifoldparam.linalg.expm import SYNC_FREE_SQUARINGS
 
 __all__ = ["expm_op"]
@@ -68,6 +80,15 @@ def _slots(dtype: torch.dtype) -> int:
     return 6 if dtype in (torch.float32, torch.complex64) else 8
 
 
+def _polished(a: Tensor, m: int, s_max: int, projected: bool) -> bool:
+    """Whether the forward adds one Newton--Schulz step to ``exp(A)``: for a skew ``A``
+    (``projected``, so ``exp(A)`` is orthogonal) off the Taylor path's round-off floor (Padé,
+    or more squarings than ``_scheme`` allows T_8), as the orthogonal maps do in eager mode."""
+    single = a.dtype in (torch.float32, torch.complex64)
+    cap = _TAYLOR_MAX_SQUARINGS_F32 if single else _TAYLOR_MAX_SQUARINGS
+    return projected and (m != _TAYLOR or s_max > cap)
+
+
 def _real(a: Tensor) -> torch.dtype:
     return a.real.dtype if a.is_complex() else a.dtype
 
@@ -84,12 +105,16 @@ def _expm_v2(
         with autocast_off(a):
             x, saved, (m, s_max, uniform) = _forward(a, _choice(a, max_squarings), skew=projected)
             _, a2, a4, a6, w, w1, z1, lu, pv, r, _, s_used = saved
+            polished = _polished(a, m, s_max, projected)
+            if polished:  # (the backward does not see it: the eager maps' detached step)
+                x = x.mul(1.5).sub_(x @ (x.mH @ x), alpha=0.5)
             if m == _TAYLOR:  # (a4, w, w1 hold P₁, Q₁, Q₂: Q₂ goes where A⁶ would)
                 a6, w1 = w1, w1[..., :0, :0]
             extra = (w1, z1) if len(mats) == 8 else ()
-            # R itself when there are squarings (without, R is x, which the backward gets)
-            # The LU factors are column-major: returned transposed (no copy), as the fake says.
-            for i, t in enumerate((a2, a4, a6, w, lu.mT, r if s_max else None, *extra)):
+            # R itself when there are squarings or a polish (else R is x: the backward has it);
+            # the LU factors are column-major: returned transposed (no copy), as the fake says.
+            keep_r = s_max > 0 or polished
+            for i, t in enumerate((a2, a4, a6, w, lu.mT, r if keep_r else None, *extra)):
                 if t is not None and t.shape == a.shape:  # (else unused by this path)
                     mats[i] = t.contiguous()
             if m != _TAYLOR:
@@ -133,7 +158,7 @@ def _expm_backward_v2(
     with autocast_off(a):
         a2, a4, a6, w, lu_t, r, *extra = mats
         lu = lu_t.mT
-        r = r if s_max else x
+        r = r if s_max or _polished(a, m, s_max, projected) else x
         squares = _squares(r, s, s_max, bool(uniform))
         a_s = _scale(a, s, s_max, bool(uniform)) if s_max else a
         empty = a[..., :0, :0]

@@ -199,3 +199,33 @@ def stiefel_map(
     else:
         f = _expm(m, max_squarings, projected=False)[0][..., :k]
     return complement(v, t, c @ (alpha * f[..., k:, :]), out=base @ f[..., :k, :])
+
+
+def _cayley(a: Tensor, k: int) -> Tensor:
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    rhs = (eye + 0.5 * a)[..., :k]
+    # solve_ex: no error check, so no device sync (I - A/2 is nonsingular for skew A).
+    return torch.linalg.solve_ex(eye - 0.5 * a, rhs)[0]
+
+
+def _newton_schulz_correction(t: Tensor, steps: int) -> Tensor:
+    """``NS^steps(t) - t`` for a (detached) nearly orthonormal ``t``.
+
+    Added to the tracked ``t``, the value is ``NS^steps(t)`` (up to one rounding) while the
+    backward (and forward-mode tangent) of the correction is zero: the differential of NS at an
+    orthonormal ``t`` is the identity on tangent vectors, and every variation of ``B·φ(A)`` is
+    tangent, so the gradient equals the one through NS up to ``O(|tᵀt - I|)`` (float round-off)
+    -- and so do all higher derivatives, since NS∘(B·φ) and B·φ are the same function on the
+    manifold. This saves the four products of NS's backward.
+    """
+
+    # NS(y) - y = y/2 - y(yᵀy)/2: one fused product, and no cancellation in the difference.
+    def step(y: Tensor) -> Tensor:
+        if y.dim() == 2:
+            return torch.addmm(y, y, y.mT @ y, beta=0.5, alpha=-0.5)
+        return torch.matmul(y, y.mT @ y).mul_(-0.5).add_(y, alpha=0.5)
+
+    d = step(t)
+    for _ in range(steps - 1):
+        d = d + step(t + d)
+    return d
