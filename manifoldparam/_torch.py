@@ -22,6 +22,7 @@ __all__ = [
     "any_autocast",
     "dispatch_depth",
     "dtensor_of",
+    "forward_ad_active",
     "fsdp_shard_versions",
     "functorch_active",
     "initializing_optimizer_state",
@@ -47,6 +48,13 @@ peek_transform = torch._C._functorch.peek_interpreter_stack
 dispatch_depth = torch._C._len_torch_dispatch_stack
 #: The innermost saved-tensor hooks (activation checkpointing, offloading).
 saved_tensor_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level (``torch.autograd.forward_ad.dual_level``) is open."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
 #: Whether torch.jit.trace is recording.
 is_tracing = torch._C._is_tracing
 #: Whether autocast is on for any device.

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from manifoldparam._device import may_read_on_host
-from manifoldparam._torch import is_functorch_wrapped, is_tracing
+from manifoldparam._torch import forward_ad_active, is_functorch_wrapped, is_tracing
 from manifoldparam.hard.base import LOW_PRECISION, Parametrization, max_abs
 from manifoldparam.hard.orthogonal import _exp
 from manifoldparam.hard.registration import register
@@ -202,9 +202,8 @@ class OrthogonalAdapter(Parametrization):
             return False
         if torch.compiler.is_compiling():  # the op reads the bound on the host when it runs:
             return x.is_cpu  # not inside a captured CUDA graph
-        if is_tracing() or is_functorch_wrapped(x):
-            return False
-        if torch.autograd.forward_ad._current_level >= 0:  # (no forward-mode formula)
+        # (torch.func and forward-mode AD: the general path has their formulas)
+        if is_tracing() or is_functorch_wrapped(x) or forward_ad_active():
             return False
         return may_read_on_host(x)
 

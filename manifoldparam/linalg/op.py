@@ -39,9 +39,9 @@ from manifoldparam.linalg._scheme import (
     _TAYLOR,
     _TAYLOR_MAX_SQUARINGS,
     _TAYLOR_MAX_SQUARINGS_F32,
-    _expand,
     _forward,
     _scale,
+    _squarings,
 )
 from manifoldparam.linalg.expm import SYNC_FREE_SQUARINGS
 
@@ -66,12 +66,12 @@ def _fresh(out: Tensor, *inputs: Tensor) -> Tensor:
 
 def _squares(r: Tensor, s: Tensor, s_max: int, uniform: bool) -> list[Tensor]:
     """The squares ``X_0 = R, …, X_{s_max-1}`` of the forward's squarings again
-    (``X_{j+1} = X_j²`` where ``s > j``): ``s_max - 1`` products, none for ``s_max <= 1``."""
-    squares = [r]
-    for j in range(s_max - 1):
-        xx = squares[-1] @ squares[-1]
-        squares.append(xx if uniform else torch.where(_expand(s > j), xx, squares[-1]))
-    return squares[:s_max]  # (the adjoint indexes them: no stacked copy)
+    (:func:`~._scheme._squarings` one short of the end): ``s_max - 1`` products, none for
+    ``s_max <= 1``."""
+    if s_max == 0:
+        return []
+    last, before = _squarings(r, s, s_max - 1, uniform)
+    return [*before, last]
 
 
 def _slots(dtype: torch.dtype) -> int:

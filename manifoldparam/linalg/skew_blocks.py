@@ -40,15 +40,23 @@ import torch
 from torch import Tensor
 
 from manifoldparam._device import autocast_off
-from manifoldparam.linalg._scheme import _X1, _X2, _X3, _X4, _X5, _X6, _X7, _Y2
+from manifoldparam.linalg._scheme import (
+    _TAYLOR_MAX_SQUARINGS,
+    _TAYLOR_MAX_SQUARINGS_F32,
+    _X1,
+    _X2,
+    _X3,
+    _X4,
+    _X5,
+    _X6,
+    _X7,
+    _Y2,
+)
 
 __all__ = ["SkewIndex", "expm_skew_blocks", "rho_bound", "skew_index"]
 
 # Largest 2^-s ρ at which sum_{q >= 9} ρ^q / q! <= u (float32 2^-24, float64 2^-53).
 _THETA = {torch.float32: 0.645, torch.float64: 0.0699}
-# More squarings than this, and the result gets one Newton--Schulz step (float32: two squarings
-# of T_8 already lose several ulps of orthogonality).
-_POLISH_AFTER = {torch.float32: 1, torch.float64: 2}
 _C1 = _X1 / _X2  # P = A² + _C1·A, so that A²·P·_X2 is the scheme's A₄
 _X6Q = _X6 - _X7 * _X3  # Q₂'s A² coefficient once A₄ is written as Q₁ - x₃A²
 
@@ -126,16 +134,24 @@ def _forward(x: Tensor, index: SkewIndex) -> tuple[Tensor, tuple[Tensor, ...], l
     q2.diagonal(dim1=-2, dim2=-1).add_(_X4)
     torch.add(a, a2, alpha=_Y2, out=r).baddbmm_(q1, q2)
     r.diagonal(dim1=-2, dim2=-1).add_(1.0)
-    squares = []
-    for _ in range(s):
-        squares.append(r)
-        r = torch.bmm(r, r)
-    if s > _POLISH_AFTER[x.dtype]:
-        # Round-off grew like 2^s: one Newton--Schulz step R(3I - RᵀR)/2, as a correction the
-        # backward does not see (its differential at an orthogonal R is the identity on the
-        # tangent space, so the gradient is unchanged to round-off).
+    squares = _squares(r, s)
+    if s:
+        r = torch.bmm(squares[-1], squares[-1])
+    cap = _TAYLOR_MAX_SQUARINGS if x.dtype == torch.float64 else _TAYLOR_MAX_SQUARINGS_F32
+    if s > cap:
+        # Past T_8's squaring cap (_scheme) round-off grew like 2^s: one Newton--Schulz step
+        # R(3I - RᵀR)/2, as a correction the backward does not see (its differential at an
+        # orthogonal R is the identity on the tangent space: the gradient is unchanged).
         r = torch.baddbmm(r, r, torch.bmm(r.mT, r), beta=1.5, alpha=-0.5)
     return r, (a, a2, p, q1, q2), squares, s
+
+
+def _squares(r0: Tensor, s: int) -> list[Tensor]:
+    """``R₀, R₀², …`` (``s`` of them): the squares the squarings start from."""
+    squares = [r0][:s]
+    for _ in range(s - 1):
+        squares.append(torch.bmm(squares[-1], squares[-1]))
+    return squares
 
 
 def _backward(
@@ -213,12 +229,9 @@ def _skew_blocks_backward_op(
 ) -> Tensor:
     a, a2, p, q1, q2, r0 = mats
     steps = int(s)
-    squares = [r0]
-    for _ in range(steps - 1):
-        squares.append(torch.bmm(squares[-1], squares[-1]))
-    with autocast_off(g):
+    with autocast_off(g):  # (the squares too: a backward called inside an autocast block)
         index = SkewIndex(take, sign, low, up)
-        return _backward(g, (a, a2, p, q1, q2), squares[:steps], steps, index)
+        return _backward(g, (a, a2, p, q1, q2), _squares(r0, steps), steps, index)
 
 
 @_skew_blocks_backward_op.register_fake
