@@ -288,7 +288,7 @@ def expm_skew_blocks(x: Tensor, n: int, index: SkewIndex | None = None) -> tuple
         return r.to(x.dtype), s
     if x.shape[-1] != n * (n - 1) // 2 or n < 2:
         raise ValueError(
-            f"expm_skew_blocks: an {n}x{n} skew block has {n * (n - 1) // 2} coordinates; "
+            f"expm_skew_blocks: a {n}x{n} skew block has {n * (n - 1) // 2} coordinates; "
             f"got x of shape {tuple(x.shape)}"
         )
     if index is None:
