@@ -75,7 +75,9 @@ def _recording_backend(graphs: list[str]):  # type: ignore[no-untyped-def]
     from torch._dynamo.backends.common import aot_autograd
 
     def keep(gm, inputs):  # type: ignore[no-untyped-def]
-        graphs.append(str(gm.graph))
+        # (with the branches of torch.cond, which are submodules)
+        mods = [m for m in gm.modules() if isinstance(m, torch.fx.GraphModule)]
+        graphs.append("\n".join(str(m.graph) for m in mods))
         return make_boxed_func(gm.forward)
 
     return aot_autograd(fw_compiler=keep, bw_compiler=keep)
@@ -84,9 +86,9 @@ def _recording_backend(graphs: list[str]):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("which", ["orthogonal", "tall", "adapter"])
 def test_compiled_graph_uses_our_exponential_and_its_backward(which: str) -> None:
     """Under torch.compile (fullgraph) the orthogonal maps call manifoldparam::expm_v2 (the
-    adapter: expm_skew_blocks_v1) in the forward graph and its backward op in the backward
-    graph, never matrix_exp (whose backward costs about ten forwards); the gradient equals the
-    eager one."""
+    adapter: expm_skew_blocks_v1, in the branch of a torch.cond beside the traced Taylor
+    polynomial) in the forward graph and its backward op in the backward graph, never
+    matrix_exp (whose backward costs about ten forwards); the gradient equals the eager one."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     layer = nn.Linear(8, 8).double()
@@ -112,6 +114,8 @@ def test_compiled_graph_uses_our_exponential_and_its_backward(which: str) -> Non
     op = "expm_skew_blocks" if which == "adapter" else "expm"  # (OFT's batched blocks)
     assert f"manifoldparam.{op}_v" in forward and "matrix_exp" not in forward
     assert f"manifoldparam.{op}_backward_v" in backward and "matrix_exp" not in backward
+    if which == "adapter":  # and the traced Taylor branches beside the ops
+        assert "higher_order.cond" in forward and "higher_order.cond" in backward
     torch.testing.assert_close(coords.grad, eager, atol=1e-10, rtol=0)
 
 

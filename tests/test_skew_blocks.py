@@ -203,3 +203,43 @@ def test_a_transposed_incoming_gradient() -> None:
         rt = r.mT.contiguous()
         (expected,) = torch.autograd.grad((rt @ b).square().sum(), x)
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+# (scale, squarings) per dtype: the traced branches (s = 0, 1) and the custom op (s >= 2)
+_BRANCHES = {torch.float32: [(0.05, 0), (0.2, 1), (1.0, 3)], F64: [(0.005, 0), (0.02, 1), (0.3, 5)]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_compiled_matches_eager_on_every_branch(dtype: torch.dtype) -> None:
+    """Under torch.compile (inductor, fullgraph) the choice of s is made in the graph: traced
+    Taylor for s = 0 and 1 (no call of the custom ops: the profiler sees none), the custom ops
+    beyond; each gives the eager value and gradient, with the gradient arriving transposed
+    (Rᵀ·B, as in the adapter's weight), and NaN coordinates give NaN, as eagerly."""
+    pytest.importorskip("torch._inductor")
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(1)
+    b, c = (torch.randn(4, 8, 3, dtype=dtype, generator=gen) for _ in range(2))
+
+    def loss(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = expm_skew_blocks(t, 8)[0]
+        return r, ((r.mT @ b) * c).sum()  # (not ‖RᵀB‖², constant in R)
+
+    compiled = torch.compile(loss, fullgraph=True)
+    compiled(coords(4, 8, 0.1, dtype).requires_grad_())[1].backward()  # (compiles both graphs)
+    eps = 1e-6 if dtype == torch.float32 else 1e-14  # (relative to the largest entry)
+    for scale, squarings in _BRANCHES[dtype]:
+        x = coords(4, 8, scale, dtype).requires_grad_()
+        assert expm_skew_blocks(x, 8)[1] == squarings
+        r, value = loss(x)
+        (g,) = torch.autograd.grad(value, x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            r_c, value_c = compiled(x)
+            (g_c,) = torch.autograd.grad(value_c, x)
+        ops = {e.name for e in prof.events() if e.name.startswith("manifoldparam::")}
+        assert ops == (set() if squarings <= 1 else {
+            "manifoldparam::expm_skew_blocks_v1", "manifoldparam::expm_skew_blocks_backward_v1"
+        })  # fmt: skip
+        torch.testing.assert_close(r_c, r, atol=eps, rtol=0)
+        torch.testing.assert_close(g_c, g, atol=eps * float(g.abs().max()), rtol=0)
+    x = torch.full((4, 28), math.nan, dtype=dtype, requires_grad=True)
+    assert bool(compiled(x)[0].isnan().all())

@@ -179,8 +179,9 @@ class OrthogonalAdapter(Parametrization):
     def rotation(self, x: Tensor) -> Tensor:
         """The blocks ``R_i = exp(A_i)`` (shape ``(k, b, b)``) for coordinates ``x``.
 
-        Eagerly, and under ``torch.compile`` on the CPU (as the custom op
-        ``manifoldparam::expm_skew_blocks_v1``): :func:`~manifoldparam.linalg.expm_skew_blocks`,
+        Eagerly, and under ``torch.compile`` on the CPU (traced where one squaring at most is
+        needed, else the custom op ``manifoldparam::expm_skew_blocks_v1``):
+        :func:`~manifoldparam.linalg.expm_skew_blocks`,
         the Taylor polynomial with one number of squarings for all blocks and its exact
         derivative (8 batched products for forward and backward at OFT's usual angles). Under
         ``torch.func`` transforms, forward-mode AD, a fixed ``max_squarings`` or compiled on an
@@ -200,8 +201,8 @@ class OrthogonalAdapter(Parametrization):
     def _blockwise(self, x: Tensor) -> bool:
         if self.max_squarings is not None:
             return False
-        if torch.compiler.is_compiling():  # the op reads the bound on the host when it runs:
-            return x.is_cpu  # not inside a captured CUDA graph
+        if torch.compiler.is_compiling():  # the choice of s reads the bound on the host when
+            return x.is_cpu  # it runs: not inside a captured CUDA graph
         # (torch.func and forward-mode AD: the general path has their formulas)
         if is_tracing() or is_functorch_wrapped(x) or forward_ad_active():
             return False
