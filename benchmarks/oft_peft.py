@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -41,6 +39,8 @@ from torch import nn
 warnings.filterwarnings("ignore")
 torch.set_num_threads(2)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from _timing import interleaved  # noqa: E402
 
 import manifoldparam as mp  # noqa: E402
 
@@ -79,19 +79,6 @@ def orth_error(r: torch.Tensor) -> float:
     eye = torch.eye(r.shape[-1], dtype=torch.float64)
     r = r.detach().double()
     return float((r.mT @ r - eye).abs().max())
-
-
-def timed(fns: dict, rounds: int) -> dict[str, float]:
-    for f in fns.values():
-        for _ in range(3):
-            f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def aten_ops(fn) -> int:  # type: ignore[no-untyped-def]
@@ -256,7 +243,7 @@ def main() -> None:
 def rotation_table(rounds: int) -> None:
     print("| 128 blocks of 32x32, fwd+bwd | median ms | vs peft |")
     print("|---|---:|---:|")
-    t = timed(rotation_fns(128), rounds)
+    t = interleaved(rotation_fns(128), rounds)
     ref = t["peft OFT (Cayley-Neumann)"]
     for k, v in t.items():
         print(f"| rotation R: {k} | {v * 1e3:.2f} | {v / ref:.2f}x |")
@@ -266,7 +253,7 @@ def layer_table(rounds: int) -> None:
     print("\n| Linear(4096, 256), batch 64, fwd+bwd | median ms | vs peft | saved for backward |")
     print("|---|---:|---:|---:|")
     fns, models = layer_fns()
-    t = timed(fns, rounds)
+    t = interleaved(fns, rounds)
     ref = t["peft OFT (Cayley-Neumann)"]
     for k, v in t.items():
         mb = saved_bytes(fns[k], models[k]) / 2**20

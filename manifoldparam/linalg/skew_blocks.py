@@ -266,11 +266,12 @@ torch.library.register_autograd(
 # two products and the bound are traced, then torch.cond takes the rest of T₈ traced where the
 # bound allows s = 0 or s = 1 (OFT's usual angles: inductor fuses the elementwise work with
 # the products) and the custom op otherwise (more squarings, NaN, overflow); the backward picks
-# the matching branch the same way. The branches are inside one autograd.Function, so no
-# tensor the backward's cond receives is read after it (inductor 2.13 may write into a donated
-# input of a cond branch in a backward graph), and a branch reads its arguments, never
-# attributes taken of them outside (.mT of an argument is lifted as a second input aliasing the
-# first, which cond refuses).
+# the matching branch the same way. Two rules keep torch.cond sound here: the conds sit inside
+# one autograd.Function (not cond's own autograd), so no tensor the backward's cond receives is
+# read after it (inductor 2.13 writes into a donated input of a cond branch in a backward graph:
+# wrong gradients when that input is read again); and the branches transpose with
+# .transpose(-2, -1) (Dynamo lifts an argument's .mT as a second input aliasing the first,
+# which cond refuses).
 def _tail(s: int):  # type: ignore[no-untyped-def]
     """The traced rest of :func:`_forward` for ``s`` = 0 or 1 squarings; returns the op's
     outputs ``(R, A, A², P, Q₁, Q₂, R₀, s)`` (for ``s = 0``: ``Q₂`` and never-read slots)."""
