@@ -55,6 +55,11 @@ def forward_ad_active() -> bool:
     return torch.autograd.forward_ad._current_level >= 0
 
 
+def compiling_all_dynamic() -> bool:
+    """Whether torch.compile traces with every size symbolic (``dynamic=True``)."""
+    return not torch._dynamo.config.assume_static_by_default
+
+
 #: Whether torch.jit.trace is recording.
 is_tracing = torch._C._is_tracing
 #: Whether autocast is on for any device.

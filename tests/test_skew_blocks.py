@@ -120,7 +120,8 @@ def test_oft_angles_take_no_squaring_and_eight_products() -> None:
 def test_huge_and_non_finite_coordinates() -> None:
     """Never a finite wrong value: a finite x whose powers overflow float32 takes the ‖A‖₁
     bound (s ≈ 64 squarings, hopeless in float32: the result is non-finite, or a rotation);
-    a NaN coordinate gives NaN."""
+    a NaN coordinate gives NaN in its block, and the other blocks still get their own
+    exponential (the squarings are chosen from the finite coordinates)."""
     x = coords(4, 6, 1.0, torch.float32)
     x[1] *= 1e18
     r, s = expm_skew_blocks(x, 6)
@@ -130,8 +131,15 @@ def test_huge_and_non_finite_coordinates() -> None:
     assert orthogonal or not bool(torch.isfinite(r).all())
     x = coords(4, 6, 0.1, torch.float32)
     x[2, 0] = float("nan")
-    r, s = expm_skew_blocks(x, 6)
-    assert s == 0 and bool(torch.isnan(r[2]).all())
+    r, _ = expm_skew_blocks(x, 6)
+    assert bool(torch.isnan(r[2]).all()) and bool(r[[0, 1, 3]].isfinite().all())
+    for bad in (float("nan"), float("inf")):  # (at angles that need squarings: s = 6 here)
+        x = coords(2, 8, 0.5)
+        expected = scipy_expm(skew(x[1:], 8))[0]
+        x[0, 0] = bad
+        r, s = expm_skew_blocks(x, 8)
+        assert s > 0 and bool(torch.isnan(r[0]).all())
+        torch.testing.assert_close(r[1], expected, atol=1e-13, rtol=0)
 
 
 def test_half_precision_and_autocast() -> None:
@@ -243,3 +251,19 @@ def test_compiled_matches_eager_on_every_branch(dtype: torch.dtype) -> None:
         torch.testing.assert_close(g_c, g, atol=eps * float(g.abs().max()), rtol=0)
     x = torch.full((4, 28), math.nan, dtype=dtype, requires_grad=True)
     assert bool(compiled(x)[0].isnan().all())
+
+
+def test_compiled_with_dynamic_shapes() -> None:
+    """torch.compile(dynamic=True): the custom ops for every s (torch 2.13 cannot trace the cond
+    inside a Function with symbolic shapes), the eager value and gradient, any batch."""
+    pytest.importorskip("torch._inductor")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: expm_skew_blocks(t, 8)[0], fullgraph=True, dynamic=True)
+    for k, scale in ((3, 0.03), (5, 1.0)):
+        x = coords(k, 8, scale).requires_grad_()
+        g = torch.randn(k, 8, 8, dtype=F64)
+        (grad_c,) = torch.autograd.grad(compiled(x), x, g)
+        r, _ = expm_skew_blocks(x, 8)
+        (grad,) = torch.autograd.grad(r, x, g)
+        torch.testing.assert_close(compiled(x), r, atol=0, rtol=0)
+        torch.testing.assert_close(grad_c, grad, atol=0, rtol=0)

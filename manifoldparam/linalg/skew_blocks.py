@@ -19,7 +19,9 @@ semi-definite, each eigenvalue :math:`\omega_j^2` at least twice, so :math:`2\rh
 t_p = \operatorname{tr} M^p`): :math:`\rho \le \min((t_2/2)^{1/4}, (t_3/2)^{1/6})`, with
 :math:`t_2 = \|A^2\|_F^2` after the first product and :math:`t_3 = -\operatorname{tr}(A^6)`
 from :math:`\langle A^2, Q_1\rangle` after the second (the odd powers of a skew matrix have
-no trace), and :math:`\rho \le \|A\|_1 \le (n-1)\max|x|` where the traces overflow. The
+no trace), and :math:`\rho \le \|A\|_1 \le (n-1)\max|x|` where the traces overflow or are
+NaN (the maximum over the finite coordinates: a block with NaN comes out NaN, the others
+exact). The
 bounds are monotone in the traces, so the batch's largest traces bound every block: two
 floats read on the host per call (a sync on a GPU; ``max|x|`` too where the traces
 overflow), and the second product redone once when :math:`s > 0`. At a trained adapter's size
@@ -30,7 +32,8 @@ overflow), and the second product redone once when :math:`s > 0`. At a trained a
 Under ``torch.compile`` the choice of :math:`s` is made in the graph (``torch.cond`` on the
 same bound): for :math:`s \le 1` the polynomial and its exact derivative are traced, so that
 inductor fuses their elementwise work, and beyond it the same forward and backward run as the
-custom ops ``manifoldparam::expm_skew_blocks_v1`` and ``expm_skew_blocks_backward_v1``.
+custom ops ``manifoldparam::expm_skew_blocks_v1`` and ``expm_skew_blocks_backward_v1`` (for
+every :math:`s` under ``torch.compile(dynamic=True)``).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import torch
 from torch import Tensor
 
 from manifoldparam._device import autocast_off
+from manifoldparam._torch import compiling_all_dynamic
 from manifoldparam.linalg._scheme import (
     _TAYLOR_MAX_SQUARINGS,
     _TAYLOR_MAX_SQUARINGS_F32,
@@ -121,7 +125,9 @@ def _forward(x: Tensor, index: SkewIndex) -> tuple[Tensor, tuple[Tensor, ...], l
     rho = rho_bound(t2_max, t3_max)
     finite = math.isfinite(rho)
     if not finite:  # a power overflowed (or x is not finite): ρ <= ‖A‖₁ <= (n-1)·max|x|
-        rho = (n - 1) * float(x.abs().amax())
+        # over the finite coordinates: a block with NaN or inf comes out NaN whatever s is, and
+        # must not leave the finite blocks at s = 0
+        rho = (n - 1) * float(x.abs().nan_to_num(nan=0.0, posinf=0.0).amax())
     s = _squarings(rho, x.dtype)
     if s > 0:  # scale, and redo the second product in place
         a.mul_(2.0**-s)
@@ -395,7 +401,11 @@ def expm_skew_blocks(x: Tensor, n: int, index: SkewIndex | None = None) -> tuple
     flat = x.reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling():  # (s is not known at trace time: reported as -1)
         with autocast_off(x):
-            r = _Compiled.apply(flat, *index)
+            if compiling_all_dynamic():  # (torch 2.13 cannot trace a cond inside a Function
+                # with every size symbolic: the custom op for every s)
+                r = torch.ops.manifoldparam.expm_skew_blocks_v1(flat, *index)[0]
+            else:
+                r = _Compiled.apply(flat, *index)
         return r.reshape(*x.shape[:-1], n, n), -1
     with autocast_off(x):
         r, s = _ExpSkewBlocks.apply(flat, index)
