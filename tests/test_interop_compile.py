@@ -162,3 +162,21 @@ def test_compiled_orthogonal_weight_matches_eager_and_is_orthogonal(scale: float
     assert float((w.T @ w - eye.double()).abs().max()) < 2e-6
     if scale < 0.1:  # Taylor, exact base: B·exp(A) and the layer's x·Wᵀ, no Newton--Schulz
         assert graphs[0].count("aten.mm") + graphs[0].count("aten.addmm") == 2, graphs[0]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_of_constrained_layers(strict: bool) -> None:
+    """torch.export (strict: Dynamo; non-strict: Python tracing) of an OFT adapter and an
+    orthogonal layer gives the eager output; strict export takes the custom ops (torch 2.13
+    traces no cond inside a Function there)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        mp.orthogonal_adapter(nn.Linear(16, 16), block_size=4), nn.Tanh(),
+        mp.orthogonal(nn.Linear(16, 8)),
+    )  # fmt: skip
+    with torch.no_grad():
+        model[0].parametrizations.weight.original.normal_(0.0, 0.3)
+    x = torch.randn(5, 16)
+    program = torch.export.export(model, (x,), strict=strict)
+    torch.testing.assert_close(program.module()(x), model(x), atol=1e-6, rtol=0)

@@ -33,7 +33,7 @@ Under ``torch.compile`` the choice of :math:`s` is made in the graph (``torch.co
 same bound): for :math:`s \le 1` the polynomial and its exact derivative are traced, so that
 inductor fuses their elementwise work, and beyond it the same forward and backward run as the
 custom ops ``manifoldparam::expm_skew_blocks_v1`` and ``expm_skew_blocks_backward_v1`` (for
-every :math:`s` under ``torch.compile(dynamic=True)``).
+every :math:`s` under ``torch.compile(dynamic=True)`` and ``torch.export(strict=True)``).
 """
 
 from __future__ import annotations
@@ -401,8 +401,9 @@ def expm_skew_blocks(x: Tensor, n: int, index: SkewIndex | None = None) -> tuple
     flat = x.reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling():  # (s is not known at trace time: reported as -1)
         with autocast_off(x):
-            if compiling_all_dynamic():  # (torch 2.13 cannot trace a cond inside a Function
-                # with every size symbolic: the custom op for every s)
+            if compiling_all_dynamic() or torch.compiler.is_exporting():
+                # (torch 2.13 traces no cond inside a Function with every size symbolic, nor
+                # under torch.export(strict=True): the custom op for every s)
                 r = torch.ops.manifoldparam.expm_skew_blocks_v1(flat, *index)[0]
             else:
                 r = _Compiled.apply(flat, *index)
