@@ -179,6 +179,45 @@ def _compiled(rank: int) -> dict[str, float]:  # pragma: no cover - subprocess
     return {"diff": fm.max_diff(w, fm.weights(ref)), "orthogonal": fm.set_errors(w)["orthogonal"]}
 
 
+def _adapter_compiled(rank: int) -> float:  # pragma: no cover - subprocess
+    """An OFT adapter sharded by FSDP2 and compiled (its blocks' exponential chooses the
+    squarings inside the graph, a torch.cond; aot_eager, as in ``_compiled``: inductor's value
+    is tests/test_skew_blocks.py's), against one eager process: the largest weight difference
+    after a few Adam steps."""
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    import manifoldparam as mp
+
+    def build() -> nn.Sequential:
+        torch.manual_seed(0)
+        m = nn.Sequential(
+            mp.orthogonal_adapter(nn.Linear(16, 16), block_size=4), nn.Tanh(), nn.Linear(16, 2)
+        ).to(fm.DT)
+        with torch.no_grad():
+            m[0].parametrizations.weight.original.normal_(0.0, 0.1)
+        return m
+
+    model, ref = build(), build()
+    fully_shard(model[0])
+    fully_shard(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 16, dtype=fm.DT, generator=g)
+    y = torch.randn(16, 2, dtype=fm.DT, generator=g)
+    for _ in range(STEPS):  # (FSDP averages the ranks' gradients: each rank's mean loss)
+        opt.zero_grad()
+        (compiled(fm.local(x, rank)) - fm.local(y, rank)).square().mean().backward()
+        opt.step()
+        ref_opt.zero_grad()
+        (ref(x) - y).square().mean().backward()
+        ref_opt.step()
+    with torch.no_grad():
+        return float((model[0].weight - ref[0].weight).abs().max())  # (whole: a collective)
+
+
 def _worker(rank: int, store: str, out_dir: str) -> None:  # pragma: no cover - subprocess
 
     _ranks.init(rank, store)
@@ -194,6 +233,7 @@ def _worker(rank: int, store: str, out_dir: str) -> None:  # pragma: no cover - 
         report[f"stale_{cache}"] = _stale(rank, cache)
     report["mixed"] = _mixed(rank)
     report["compiled"] = _compiled(rank)
+    report["adapter_compiled"] = _adapter_compiled(rank)
     report["resharded"] = _resharded(rank)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
     _ranks.finish()
@@ -246,6 +286,7 @@ def test_fsdp2_two_cpu_ranks_train_like_one_process(tmp_path: Path) -> None:
         assert mixed["vs_fp32"] < 2e-2  # the bf16 gather of the fp32 shards, mapped in fp32
         assert mixed["losses"][-1] < mixed["losses"][0]
         assert rep["compiled"]["diff"] < 1e-12 and rep["compiled"]["orthogonal"] < 1e-12
+        assert rep["adapter_compiled"] < 1e-12
         resharded = rep["resharded"]
         assert resharded["diff"] < 1e-12
         assert resharded["lambda"][0] == pytest.approx(resharded["lambda"][1], abs=1e-12)
