@@ -164,6 +164,46 @@ def test_compiled_orthogonal_weight_matches_eager_and_is_orthogonal(scale: float
         assert graphs[0].count("aten.mm") + graphs[0].count("aten.addmm") == 2, graphs[0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_orthogonal_chooses_its_squarings_in_the_graph(dtype: torch.dtype) -> None:
+    """Compiled (inductor), the square orthogonal map's exponential is traced where the skew
+    bound allows at most two squarings (the profiler sees no custom op), and the custom op
+    beyond; in each case the weight and the coordinates' gradient are eager mode's to round-off
+    (eagerly the scheme may take Padé where the trace takes T_8: the same function)."""
+    from manifoldparam.linalg._scheme import _THETA
+    from manifoldparam.linalg.skew_blocks import rho_bound
+
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    layer = mp.orthogonal(nn.Linear(16, 16, bias=False)).to(dtype)
+    param = layer.parametrizations.weight
+    x = torch.randn(4, 16, dtype=dtype)
+    c = torch.randn(4, 16, dtype=dtype)
+    compiled = torch.compile(layer, fullgraph=True)
+    compiled(x).sum().backward()  # (compiles both graphs outside the profiler)
+    eps = 2e-6 if dtype == torch.float32 else 1e-13
+    direction = torch.randn_like(param.original)
+    with torch.no_grad():  # (the bound is linear in the scale of the coordinates)
+        a = param[0].skew(direction).double()
+        a2 = a @ a
+        unit = rho_bound(float(a2.square().sum()), float(-(a2 @ a2 @ a2).trace()))
+    for squarings in (0, 1, 2, 3):  # the bound at 0.7 of each branch's limit
+        with torch.no_grad():
+            param.original.copy_(direction * (0.7 * _THETA[dtype] * 2**squarings / unit))
+        param.original.grad = None
+        (layer(x) * c).sum().backward()
+        w, g = layer.weight.detach(), param.original.grad.clone()
+        param.original.grad = None
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = compiled(x)
+            (out * c).sum().backward()
+        ops = {e.name for e in prof.events() if e.name.startswith("manifoldparam::")}
+        assert (not ops) == (squarings <= 2), (squarings, ops)
+        torch.testing.assert_close(layer.weight.detach(), w, atol=eps, rtol=0)
+        scale_g = float(g.abs().max())
+        torch.testing.assert_close(param.original.grad, g, atol=eps * scale_g, rtol=0)
+
+
 @pytest.mark.parametrize("strict", [False, True])
 def test_torch_export_of_constrained_layers(strict: bool) -> None:
     """torch.export (strict: Dynamo; non-strict: Python tracing) of an OFT adapter and an

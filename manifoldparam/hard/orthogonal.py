@@ -70,6 +70,7 @@ from manifoldparam.hard.base import (
     max_abs,
 )
 from manifoldparam.hard.registration import register
+from manifoldparam.linalg._traced import traced_exp, traced_ok
 from manifoldparam.linalg.expm import _expm
 from manifoldparam.linalg.op import expm_op
 from manifoldparam.linalg.stiefel import _cayley, _newton_schulz_correction, polar
@@ -116,7 +117,10 @@ def _exp(a: Tensor, max_squarings: int | None) -> tuple[Tensor, bool]:
     backward, opaque to Dynamo, which cannot trace the Function in a parametrization; it adds
     the Newton--Schulz step off the Taylor floor itself, so ``taylor`` is True); under
     ``torch.jit.trace`` (no Functions with non-tensor outputs) ``torch.linalg.matrix_exp``."""
-    if torch.compiler.is_compiling():  # (the op polishes what is off the Taylor floor)
+    if torch.compiler.is_compiling():  # (both polish what is off the Taylor floor)
+        if max_squarings is None and traced_ok(a):  # the squarings chosen in the graph
+            n = a.shape[-1]
+            return traced_exp(a.reshape(-1, n, n)).reshape(a.shape), True
         return expm_op(a, max_squarings, projected=True), True
     if is_tracing():
         return torch.linalg.matrix_exp(a), False

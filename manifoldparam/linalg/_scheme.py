@@ -54,6 +54,12 @@ _X5 = (-11.0 + 11.0 * _SQRT177) / (1260.0 * _X3)
 _X6 = (-99.0 + 11.0 * _SQRT177) / (5040.0 * _X3)
 _X7 = (89.0 - _SQRT177) / (5040.0 * _X3 * _X3)
 _Y2 = (857.0 - 58.0 * _SQRT177) / 630.0
+# For skew A (expm_skew_blocks and the compiled path): the largest 2^-s ρ at which
+# sum_{q >= 9} ρ^q / q! <= u (float32 2^-24, float64 2^-53); T_8 written with P = A² + _C1·A
+# (so that A²·P·_X2 is A₄) and _X6Q, Q₂'s A² coefficient once A₄ is written as Q₁ - x₃A².
+_THETA = {torch.float32: 0.645, torch.float64: 0.0699}
+_C1 = _X1 / _X2
+_X6Q = _X6 - _X7 * _X3
 # ell_8 (the Frechet-derivative threshold of T_8, computed from the series of
 # log(e^-x T_8(x)) as for the Pade thresholds; the forward ones are 0.580 / 0.0499, torch's):
 # 0.4451 (u = 2^-24), 0.03796 (u = 2^-53), less a small margin.

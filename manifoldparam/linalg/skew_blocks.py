@@ -45,27 +45,23 @@ import torch
 from torch import Tensor
 
 from manifoldparam._device import autocast_off
-from manifoldparam._torch import compiling_all_dynamic
 from manifoldparam.linalg._scheme import (
+    _C1,
     _TAYLOR_MAX_SQUARINGS,
     _TAYLOR_MAX_SQUARINGS_F32,
+    _THETA,
     _X1,
     _X2,
     _X3,
     _X4,
     _X5,
-    _X6,
+    _X6Q,
     _X7,
     _Y2,
 )
+from manifoldparam.linalg._traced import traced_exp, traced_ok
 
 __all__ = ["SkewIndex", "expm_skew_blocks", "rho_bound", "skew_index"]
-
-# Largest 2^-s ρ at which sum_{q >= 9} ρ^q / q! <= u (float32 2^-24, float64 2^-53).
-_THETA = {torch.float32: 0.645, torch.float64: 0.0699}
-_C1 = _X1 / _X2  # P = A² + _C1·A, so that A²·P·_X2 is the scheme's A₄
-_X6Q = _X6 - _X7 * _X3  # Q₂'s A² coefficient once A₄ is written as Q₁ - x₃A²
-
 
 def rho_bound(t2: float, t3: float) -> float:
     """An upper bound of ``ρ(A)`` for a real skew ``A`` from ``t_p = tr((AᵀA)^p)``, p = 2, 3
@@ -268,103 +264,6 @@ torch.library.register_autograd(
 )
 
 
-# Under torch.compile, the same computation with the choice of s made in the graph: the first
-# two products and the bound are traced, then torch.cond takes the rest of T₈ traced where the
-# bound allows s = 0 or s = 1 (OFT's usual angles: inductor fuses the elementwise work with
-# the products) and the custom op otherwise (more squarings, NaN, overflow); the backward picks
-# the matching branch the same way. Two rules keep torch.cond sound here: the conds sit inside
-# one autograd.Function (not cond's own autograd), so no tensor the backward's cond receives is
-# read after it (inductor 2.13 writes into a donated input of a cond branch in a backward graph:
-# wrong gradients when that input is read again); and the branches transpose with
-# .transpose(-2, -1) (Dynamo lifts an argument's .mT as a second input aliasing the first,
-# which cond refuses).
-def _tail(s: int):  # type: ignore[no-untyped-def]
-    """The traced rest of :func:`_forward` for ``s`` = 0 or 1 squarings; returns the op's
-    outputs ``(R, A, A², P, Q₁, Q₂, R₀, s)`` (for ``s = 0``: ``Q₂`` and never-read slots)."""
-
-    def tail(x: Tensor, a: Tensor, a2: Tensor, p: Tensor, q1: Tensor, *index: Tensor):  # type: ignore[no-untyped-def]
-        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-        if s:  # (A/2: A² is rescaled, the second product redone)
-            a, a2 = a * 0.5, a2 * 0.25
-            p = a2 + _C1 * a
-            q1 = torch.baddbmm(a2, a2, p, beta=_X3, alpha=_X2)
-        q2 = a * _X5 + a2 * _X6Q + q1 * _X7 + _X4 * eye
-        r0 = torch.baddbmm(a + _Y2 * a2 + eye, q1, q2)
-        steps = x.new_full((), s, dtype=torch.int64)
-        if s:
-            return torch.bmm(r0, r0), a, a2, p, q1, q2, r0, steps
-        unused = [torch.empty_like(r0) for _ in range(5)]
-        return r0, *unused[:4], q2, unused[4], steps
-
-    return tail
-
-
-def _op_tail(x: Tensor, a: Tensor, a2: Tensor, p: Tensor, q1: Tensor, *index: Tensor):  # type: ignore[no-untyped-def]
-    return tuple(torch.ops.manifoldparam.expm_skew_blocks_v1(x, *index))
-
-
-def _taylor_grad(g: Tensor, saved: tuple[Tensor, ...], low: Tensor, up: Tensor) -> Tensor:
-    """:func:`_backward` with ``s = 0`` in out-of-place ops (traced)."""
-    a, a2, p, q1, q2 = saved
-    gq2 = torch.bmm(q1.transpose(-2, -1), g)
-    gq1 = torch.baddbmm(gq2 * _X7, g, q2.transpose(-2, -1))
-    gp = torch.bmm(a2.transpose(-2, -1), gq1)
-    ga2 = torch.baddbmm(gp, gq1, p.transpose(-2, -1)) * _X2 + gq1 * _X3 + gq2 * _X6Q + g * _Y2
-    ga = torch.baddbmm(g + gq2 * _X5 + gp * _X1, ga2 + ga2.transpose(-2, -1), a, alpha=-1.0)
-    flat = ga.flatten(1)
-    return flat.index_select(1, low) - flat.index_select(1, up)
-
-
-# saved: the outer A, A², P, Q₁ (s = 0), then the op's A, A², P, Q₁, Q₂, R₀, s
-def _grad0(g: Tensor, saved: list[Tensor], *index: Tensor) -> Tensor:
-    return _taylor_grad(g, (*saved[:4], saved[8]), index[2], index[3])
-
-
-def _grad1(g: Tensor, saved: list[Tensor], *index: Tensor) -> Tensor:
-    r0t = saved[9].transpose(-2, -1)  # R = R₀R₀
-    g0 = torch.baddbmm(torch.bmm(r0t, g), g, r0t)
-    return _taylor_grad(g0, tuple(saved[4:9]), index[2], index[3]) * 0.5
-
-
-def _op_grad(g: Tensor, saved: list[Tensor], *index: Tensor) -> Tensor:
-    return torch.ops.manifoldparam.expm_skew_blocks_backward_v1(g, saved[4:10], saved[10], *index)
-
-
-class _Compiled(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, *index: Tensor) -> Tensor:  # type: ignore[override]
-        take, sign = index[0], index[1]
-        k, n = x.shape[0], math.isqrt(take.numel())
-        a = x.index_select(1, take).view(k, n, n) * sign.to(x.dtype).view(n, n)
-        a2 = torch.bmm(a, a)
-        p = a2 + _C1 * a
-        q1 = torch.baddbmm(a2, a2, p, beta=_X3, alpha=_X2)
-        t2 = a2.square().sum((-2, -1))
-        t3 = (t2 * _X3 - (a2 * q1).sum((-2, -1))) / _X2
-        t2m, t3m = t2.amax().double().clamp_min(0.0), t3.amax().double().clamp_min(0.0)
-        rho = torch.minimum((t2m / 2).sqrt(), (t3m / 2) ** (1 / 3)).sqrt()  # rho_bound
-        s0, s1 = rho <= _THETA[x.dtype], rho <= 2 * _THETA[x.dtype]  # (NaN: False, the op)
-
-        def rest(*operands: Tensor):  # type: ignore[no-untyped-def]
-            return torch.cond(s1, _tail(1), _op_tail, operands)
-
-        r, *op_saved = torch.cond(s0, _tail(0), rest, (x, a, a2, p, q1, *index))
-        ctx.save_for_backward(s0, s1, a, a2, p, q1, *op_saved, *index)
-        return r
-
-    @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
-        s0, s1, *rest = ctx.saved_tensors
-        saved, index = rest[:11], rest[11:]
-
-        def larger(g: Tensor, saved: list[Tensor], *index: Tensor) -> Tensor:
-            return torch.cond(s1, _grad1, _op_grad, (g, saved, *index))
-
-        with autocast_off(g):
-            gx = torch.cond(s0, _grad0, larger, (g, saved, *index))
-        return gx, *(None for _ in index)
-
-
 def expm_skew_blocks(x: Tensor, n: int, index: SkewIndex | None = None) -> tuple[Tensor, int]:
     """``(R, s)``: the rotations ``R_i = exp(A_i)``, shape ``(*batch, n, n)``, for the
     coordinates ``x`` (shape ``(*batch, n(n-1)/2)``: the strictly lower entries of ``A_i`` in
@@ -401,12 +300,10 @@ def expm_skew_blocks(x: Tensor, n: int, index: SkewIndex | None = None) -> tuple
     flat = x.reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling():  # (s is not known at trace time: reported as -1)
         with autocast_off(x):
-            if compiling_all_dynamic() or torch.compiler.is_exporting():
-                # (torch 2.13 traces no cond inside a Function with every size symbolic, nor
-                # under torch.export(strict=True): the custom op for every s)
-                r = torch.ops.manifoldparam.expm_skew_blocks_v1(flat, *index)[0]
+            if traced_ok(flat):  # (s chosen in the graph: linalg/_traced.py)
+                r = traced_exp(flat, *index)
             else:
-                r = _Compiled.apply(flat, *index)
+                r = torch.ops.manifoldparam.expm_skew_blocks_v1(flat, *index)[0]
         return r.reshape(*x.shape[:-1], n, n), -1
     with autocast_off(x):
         r, s = _ExpSkewBlocks.apply(flat, index)
