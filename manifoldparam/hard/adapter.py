@@ -179,8 +179,8 @@ class OrthogonalAdapter(Parametrization):
     def rotation(self, x: Tensor) -> Tensor:
         """The blocks ``R_i = exp(A_i)`` (shape ``(k, b, b)``) for coordinates ``x``.
 
-        Eagerly, and under ``torch.compile`` on the CPU (traced where one squaring at most is
-        needed, else the custom op ``manifoldparam::expm_skew_blocks_v1``):
+        Eagerly, and under ``torch.compile`` on the CPU (traced where two squarings at most
+        are needed, else the custom op ``manifoldparam::expm_skew_blocks_v1``):
         :func:`~manifoldparam.linalg.expm_skew_blocks`,
         the Taylor polynomial with one number of squarings for all blocks and its exact
         derivative (8 batched products for forward and backward at OFT's usual angles). Under

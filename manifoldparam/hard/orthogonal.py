@@ -113,10 +113,12 @@ def _exp(a: Tensor, max_squarings: int | None) -> tuple[Tensor, bool]:
     whenever ``max_squarings`` is given, a fixed, masked number of squarings is used instead
     (``expm.SYNC_FREE_SQUARINGS`` while capturing), so nothing syncs; it costs that many
     products in the forward and twice as many in the backward, used or not. Under
-    ``torch.compile`` it is the custom op :mod:`manifoldparam.linalg.op` (same scheme and
-    backward, opaque to Dynamo, which cannot trace the Function in a parametrization; it adds
-    the Newton--Schulz step off the Taylor floor itself, so ``taylor`` is True); under
-    ``torch.jit.trace`` (no Functions with non-tensor outputs) ``torch.linalg.matrix_exp``."""
+    ``torch.compile`` on the CPU the squarings are chosen inside the graph
+    (:mod:`manifoldparam.linalg._traced`: T_8 traced where the skew bound allows at most two,
+    so inductor fuses it), else the custom op :mod:`manifoldparam.linalg.op` (same scheme and
+    backward as eagerly); both add the Newton--Schulz step off the Taylor floor themselves, so
+    ``taylor`` is True. Under ``torch.jit.trace`` (no Functions with non-tensor outputs):
+    ``torch.linalg.matrix_exp``."""
     if torch.compiler.is_compiling():  # (both polish what is off the Taylor floor)
         if max_squarings is None and traced_ok(a):  # the squarings chosen in the graph
             n = a.shape[-1]

@@ -1,4 +1,6 @@
-r"""The matrix exponential as a ``torch.library`` custom op, for ``torch.compile``.
+r"""The matrix exponential as a ``torch.library`` custom op, for ``torch.compile`` (where the
+traced path of :mod:`._traced` does not apply: squarings beyond two, accelerators, dynamic
+shapes, export, a general matrix).
 
 ``torch.ops.manifoldparam.expm_v2(a, max_squarings, projected)`` is :func:`~.expm.expm`
 (``projected=False``) or :func:`~.expm.expm_projected` (``projected=True``) as one opaque

@@ -30,10 +30,11 @@ overflow), and the second product redone once when :math:`s > 0`. At a trained a
 (two in float64) the result gets one Newton--Schulz step, which the backward does not see.
 
 Under ``torch.compile`` the choice of :math:`s` is made in the graph (``torch.cond`` on the
-same bound): for :math:`s \le 1` the polynomial and its exact derivative are traced, so that
-inductor fuses their elementwise work, and beyond it the same forward and backward run as the
-custom ops ``manifoldparam::expm_skew_blocks_v1`` and ``expm_skew_blocks_backward_v1`` (for
-every :math:`s` under ``torch.compile(dynamic=True)`` and ``torch.export(strict=True)``).
+same bound, :mod:`._traced`): for :math:`s \le 2` the polynomial and its exact derivative are
+traced, so that inductor fuses their elementwise work, and beyond it the same forward and
+backward run as the custom ops ``manifoldparam::expm_skew_blocks_v1`` and
+``expm_skew_blocks_backward_v1`` (for every :math:`s` on an accelerator, under
+``torch.compile(dynamic=True)`` and ``torch.export(strict=True)``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from manifoldparam.linalg._scheme import (
 from manifoldparam.linalg._traced import traced_exp, traced_ok
 
 __all__ = ["SkewIndex", "expm_skew_blocks", "rho_bound", "skew_index"]
+
 
 def rho_bound(t2: float, t3: float) -> float:
     """An upper bound of ``ρ(A)`` for a real skew ``A`` from ``t_p = tr((AᵀA)^p)``, p = 2, 3
