@@ -120,8 +120,8 @@ def _exp(a: Tensor, max_squarings: int | None) -> tuple[Tensor, bool]:
     ``taylor`` is True. Under ``torch.jit.trace`` (no Functions with non-tensor outputs):
     ``torch.linalg.matrix_exp``."""
     if torch.compiler.is_compiling():  # (both polish what is off the Taylor floor)
-        if max_squarings is None and traced_ok(a):  # the squarings chosen in the graph
-            n = a.shape[-1]
+        n = a.shape[-1]
+        if max_squarings is None and n > 0 and traced_ok(a):  # squarings chosen in the graph
             return traced_exp(a.reshape(-1, n, n)).reshape(a.shape), True
         return expm_op(a, max_squarings, projected=True), True
     if is_tracing():
