@@ -3,6 +3,8 @@ with a message that says what to do."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -170,7 +172,7 @@ def test_compiled_orthogonal_chooses_its_squarings_in_the_graph(dtype: torch.dty
     bound allows at most two squarings (the profiler sees no custom op), and the custom op
     beyond; in each case the weight and the coordinates' gradient are eager mode's to round-off
     (eagerly the scheme may take Padé where the trace takes T_8: the same function)."""
-    from manifoldparam.linalg._scheme import _THETA
+    from manifoldparam.linalg._scheme import _ELL8_F64, _THETA
     from manifoldparam.linalg.skew_blocks import rho_bound
 
     torch._dynamo.reset()
@@ -181,15 +183,23 @@ def test_compiled_orthogonal_chooses_its_squarings_in_the_graph(dtype: torch.dty
     c = torch.randn(4, 16, dtype=dtype)
     compiled = torch.compile(layer, fullgraph=True)
     compiled(x).sum().backward()  # (compiles both graphs outside the profiler)
-    eps = 2e-6 if dtype == torch.float32 else 1e-13
+    # (float64: T_8's derivative within round-off of exp's, as eagerly; 16 ulps of max|g|)
+    eps = 2e-6 if dtype == torch.float32 else 16 * torch.finfo(dtype).eps
+    theta = _ELL8_F64 if dtype == torch.float64 else _THETA[dtype]
     direction = torch.randn_like(param.original)
     with torch.no_grad():  # (the bound is linear in the scale of the coordinates)
         a = param[0].skew(direction).double()
         a2 = a @ a
         unit = rho_bound(float(a2.square().sum()), float(-(a2 @ a2 @ a2).trace()))
-    for squarings in (0, 1, 2, 3):  # the bound at 0.7 of each branch's limit
+    # the bound just below each branch's limit (and, in float64, where T_8 alone would be
+    # accurate but its derivative 60 ulps off: one squaring)
+    bounds = [0.99 * theta * 2**s for s in range(4)]
+    if dtype == torch.float64:
+        bounds.append(0.99 * _THETA[dtype])
+    for bound in bounds:
+        squarings = max(math.ceil(math.log2(bound / theta)), 0)
         with torch.no_grad():
-            param.original.copy_(direction * (0.7 * _THETA[dtype] * 2**squarings / unit))
+            param.original.copy_(direction * (bound / unit))
         param.original.grad = None
         (layer(x) * c).sum().backward()
         w, g = layer.weight.detach(), param.original.grad.clone()
@@ -202,6 +212,31 @@ def test_compiled_orthogonal_chooses_its_squarings_in_the_graph(dtype: torch.dty
         torch.testing.assert_close(layer.weight.detach(), w, atol=eps, rtol=0)
         scale_g = float(g.abs().max())
         torch.testing.assert_close(param.original.grad, g, atol=eps * scale_g, rtol=0)
+
+
+def test_compiled_orthogonal_gradient_is_exps_to_round_off_in_float64() -> None:
+    """A 2×2 rotation by w, whose derivative is known in closed form: at w just below T_8's
+    value threshold (where T_8's own derivative is ρ⁸/8! = 63 ulps off exp's), the compiled map
+    takes a squaring, as eager expm does, and its gradient is exp's to a few ulps."""
+    from manifoldparam.linalg._scheme import _THETA
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = mp.orthogonal(nn.Linear(2, 2, bias=False)).double()
+    param = layer.parametrizations.weight
+    w = 0.999 * _THETA[torch.float64]
+    with torch.no_grad():
+        param.original.fill_(w)
+        sign = float(param[0].skew(param.original)[1, 0]) / w  # A = sign·[[0, -w], [w, 0]]
+        base = param[0].base.double()
+    c = torch.tensor([[0.3, -1.1], [0.7, 0.5]], dtype=torch.float64)
+    d_exp = sign * torch.tensor(
+        [[-math.sin(w), -math.cos(w)], [math.cos(w), -math.sin(w)]], dtype=torch.float64
+    )
+    exact = float(((base @ d_exp).T * c).sum())  # d/dw of sum((x·Wᵀ) ∘ c) at x = I
+    (torch.compile(layer, fullgraph=True)(torch.eye(2, dtype=torch.float64)) * c).sum().backward()
+    error = abs(float(param.original.grad) - exact) / abs(exact)
+    assert error < 8 * torch.finfo(torch.float64).eps, error
 
 
 @pytest.mark.parametrize("strict", [False, True])

@@ -31,6 +31,7 @@ from manifoldparam._device import autocast_off
 from manifoldparam._torch import compiling_all_dynamic
 from manifoldparam.linalg._scheme import (
     _C1,
+    _ELL8_F64,
     _TAYLOR_MAX_SQUARINGS,
     _TAYLOR_MAX_SQUARINGS_F32,
     _THETA,
@@ -160,8 +161,14 @@ class _TracedExp(torch.autograd.Function):
         t3 = (t2 * _X3 - (a2 * q1).sum((-2, -1))) / _X2
         t2m, t3m = t2.amax().double().clamp_min(0.0), t3.amax().double().clamp_min(0.0)
         rho = torch.minimum((t2m / 2).sqrt(), (t3m / 2) ** (1 / 3)).sqrt()  # rho_bound
-        # (NaN compares False: the op)
-        preds = [rho <= _THETA[x.dtype] * 2**s for s in range(TRACED_SQUARINGS + 1)]
+        # (NaN compares False: the op). The blocks take expm_skew_blocks' thresholds; the dense
+        # map in float64 eager expm's for T_8's derivative, whose gap to exp's (ρ⁸/8!) is 60
+        # ulps at _THETA there (in float32 it is 6, below what a further squaring costs).
+        if not index and x.dtype == torch.float64:
+            theta = _ELL8_F64
+        else:
+            theta = _THETA[x.dtype]
+        preds = [rho <= theta * 2**s for s in range(TRACED_SQUARINGS + 1)]
         tails = [_tail(s) for s in range(TRACED_SQUARINGS + 1)]
         op = _blocks_op if index else _dense_op
         r, *branch_saved = _chain(preds, [*tails, op], (x, a, a2, p, q1, *index))
