@@ -71,6 +71,14 @@ _ELL8_F64 = 0.0375
 # rounding than Pade 7 without squarings (measured, n = 256..1024, skew and general A).
 _TAYLOR_MAX_SQUARINGS = 2
 _TAYLOR_MAX_SQUARINGS_F32 = 1
+
+
+def _taylor_cap(single: bool) -> int:
+    """T_8's squaring cap (single precision: float32, complex64); past it the orthogonal paths
+    add one Newton--Schulz step."""
+    return _TAYLOR_MAX_SQUARINGS_F32 if single else _TAYLOR_MAX_SQUARINGS
+
+
 _TAYLOR = 8  # the value of m that marks the Taylor path
 
 
@@ -306,7 +314,7 @@ def _taylor_choice(
     if not rows:
         return None
     ell = _ELL8_F32 if single else _ELL8_F64
-    cap = _TAYLOR_MAX_SQUARINGS_F32 if single else _TAYLOR_MAX_SQUARINGS
+    cap = _taylor_cap(single)
     s_list = []
     for i, (n1, n2, skew) in enumerate(rows):
         d4 = n2**0.5 if n4 is None else min(n2**0.5, n4[i] ** 0.25)

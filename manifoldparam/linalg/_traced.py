@@ -32,8 +32,6 @@ from manifoldparam._torch import compiling_all_dynamic
 from manifoldparam.linalg._scheme import (
     _C1,
     _ELL8_F64,
-    _TAYLOR_MAX_SQUARINGS,
-    _TAYLOR_MAX_SQUARINGS_F32,
     _THETA,
     _X1,
     _X2,
@@ -43,15 +41,11 @@ from manifoldparam.linalg._scheme import (
     _X6Q,
     _X7,
     _Y2,
+    _taylor_cap,
 )
 
 #: Squarings computed in the traced branches; beyond them, the custom ops.
 TRACED_SQUARINGS = 2
-
-
-def _polished(s: int, dtype: torch.dtype) -> bool:
-    """Where the eager paths add one Newton--Schulz step: past T_8's squaring cap."""
-    return s > (_TAYLOR_MAX_SQUARINGS if dtype == torch.float64 else _TAYLOR_MAX_SQUARINGS_F32)
 
 
 def _tail(s: int):  # type: ignore[no-untyped-def]
@@ -73,7 +67,7 @@ def _tail(s: int):  # type: ignore[no-untyped-def]
         r = r0
         for _ in range(s):
             r = torch.bmm(r, r)
-        if _polished(s, a.dtype):  # R(3I - RᵀR)/2 (the backward does not see it)
+        if s > _taylor_cap(a.dtype != torch.float64):  # R(3I - RᵀR)/2, unseen by the backward
             r = torch.baddbmm(r, r, torch.bmm(r.transpose(-2, -1), r), beta=1.5, alpha=-0.5)
         return r, a, a2, p, q1, q2, r0, steps
 

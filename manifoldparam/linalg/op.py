@@ -39,11 +39,10 @@ from manifoldparam._device import autocast_off, may_read_on_host
 from manifoldparam.linalg._frechet import _adjoint
 from manifoldparam.linalg._scheme import (
     _TAYLOR,
-    _TAYLOR_MAX_SQUARINGS,
-    _TAYLOR_MAX_SQUARINGS_F32,
     _forward,
     _scale,
     _squarings,
+    _taylor_cap,
 )
 from manifoldparam.linalg.expm import SYNC_FREE_SQUARINGS
 
@@ -87,8 +86,7 @@ def _polished(a: Tensor, m: int, s_max: int, projected: bool) -> bool:
     (``projected``, so ``exp(A)`` is orthogonal) off the Taylor path's round-off floor (Padé,
     or more squarings than ``_scheme`` allows T_8), as the orthogonal maps do in eager mode."""
     single = a.dtype in (torch.float32, torch.complex64)
-    cap = _TAYLOR_MAX_SQUARINGS_F32 if single else _TAYLOR_MAX_SQUARINGS
-    return projected and (m != _TAYLOR or s_max > cap)
+    return projected and (m != _TAYLOR or s_max > _taylor_cap(single))
 
 
 def _real(a: Tensor) -> torch.dtype:

@@ -48,8 +48,6 @@ from torch import Tensor
 from manifoldparam._device import autocast_off
 from manifoldparam.linalg._scheme import (
     _C1,
-    _TAYLOR_MAX_SQUARINGS,
-    _TAYLOR_MAX_SQUARINGS_F32,
     _THETA,
     _X1,
     _X2,
@@ -59,6 +57,7 @@ from manifoldparam.linalg._scheme import (
     _X6Q,
     _X7,
     _Y2,
+    _taylor_cap,
 )
 from manifoldparam.linalg._traced import traced_exp, traced_ok
 
@@ -143,8 +142,7 @@ def _forward(x: Tensor, index: SkewIndex) -> tuple[Tensor, tuple[Tensor, ...], l
     squares = _squares(r, s)
     if s:
         r = torch.bmm(squares[-1], squares[-1])
-    cap = _TAYLOR_MAX_SQUARINGS if x.dtype == torch.float64 else _TAYLOR_MAX_SQUARINGS_F32
-    if s > cap:
+    if s > _taylor_cap(x.dtype != torch.float64):
         # Past T_8's squaring cap (_scheme) round-off grew like 2^s: one Newton--Schulz step
         # R(3I - RᵀR)/2, as a correction the backward does not see (its differential at an
         # orthogonal R is the identity on the tangent space: the gradient is unchanged).
@@ -301,11 +299,10 @@ def expm_skew_blocks(x: Tensor, n: int, index: SkewIndex | None = None) -> tuple
         index = skew_index(n, x.device)
     flat = x.reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling():  # (s is not known at trace time: reported as -1)
-        with autocast_off(x):
-            if traced_ok(flat):  # (s chosen in the graph: linalg/_traced.py)
-                r = traced_exp(flat, *index)
-            else:
-                r = torch.ops.manifoldparam.expm_skew_blocks_v1(flat, *index)[0]
+        if traced_ok(flat):  # (s chosen in the graph: linalg/_traced.py)
+            r = traced_exp(flat, *index)
+        else:  # (autocast off inside)
+            r = torch.ops.manifoldparam.expm_skew_blocks_v1(flat, *index)[0]
         return r.reshape(*x.shape[:-1], n, n), -1
     with autocast_off(x):
         r, s = _ExpSkewBlocks.apply(flat, index)
